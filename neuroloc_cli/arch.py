@@ -1,0 +1,39 @@
+"""What a tensor name says about its place in a decoder: layer index, kind, pre/post weights.
+
+Works from names alone so that Llama, Mistral, Qwen2 (`model.layers.N.…`), GPT-2
+(`transformer.h.N.…` or `h.N.…`) and most other decoders need no per-architecture table.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_PRE = re.compile(r"embed|wte|wpe|word_embeddings")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to, or None (embeddings, final norm, head)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def tensor_kind(name: str) -> str:
+    """The name with the block prefix removed: `mlp.down_proj.weight` for every layer's
+    down projection; the whole name for tensors outside the blocks."""
+    m = _LAYER.search(name)
+    return name[m.end():] if m else name
+
+
+def layer_position(name: str, num_layers: int | None) -> float:
+    """Where a tensor sits in depth, in [0, 1], for per-layer parameter lists.
+
+    Block `i` of `n` sits at `i / (n - 1)`; tensors before the blocks (embeddings) at 0 and
+    after them (final norm, LM head) at 1, as mergekit does.
+    """
+    i = layer_index(name)
+    if i is None:
+        return 0.0 if _PRE.search(name) else 1.0
+    if not num_layers or num_layers <= 1:
+        return 0.0
+    return min(1.0, i / (num_layers - 1))

@@ -1,0 +1,74 @@
+"""`neuroloc inspect` and `neuroloc delta`: commands on single checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neuroloc_cli.cli import render
+from neuroloc_cli.cli.app import app
+from neuroloc_cli.cli.merge_cmds import JsonOpt, _render_result
+
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint folder (safetensors, config.json).", show_default=False)]
+
+
+@app.command()
+def inspect(model: ModelArg, as_json: JsonOpt = False) -> None:
+    """Show a checkpoint's architecture, parameter count, dtypes, shards and tensors."""
+    from rich.table import Table
+
+    from neuroloc_cli.io.checkpoint import Checkpoint
+
+    doc = Checkpoint.open(model, spec=str(model)).summary()
+    if as_json:
+        render.print_json(doc)
+        return
+    console = render.out()
+    console.print(
+        f"[bold]{doc['path']}[/bold]: {doc['kind']}, {doc['architecture'] or 'unknown architecture'}, "
+        f"{doc['num_layers']} layers, {render.human_count(doc['parameters'])} parameters "
+        f"({', '.join(f'{k} {render.human_count(v)}' for k, v in doc['dtypes'].items())})"
+    )
+    shards = Table(title="shards")
+    for col in ("file", "tensors", "size"):
+        shards.add_column(col)
+    for s in doc["shards"]:
+        shards.add_row(s["file"], str(s["tensors"]), render.human_bytes(s["bytes"]))
+    console.print(shards)
+    tensors = Table(title="tensors")
+    for col in ("name", "shape", "dtype", "shard"):
+        tensors.add_column(col)
+    for t in doc["tensors"]:
+        tensors.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], t["shard"])
+    console.print(tensors)
+
+
+@app.command()
+def delta(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint folder.", show_default=False)],
+    tuned: Annotated[Path, typer.Argument(help="Fine-tuned checkpoint folder.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
+    out_dtype: Annotated[Optional[str], typer.Option("--out-dtype", help="float32 (default), bfloat16, float16.")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the weight delta TUNED − BASE of every tensor as a delta checkpoint."""
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.io.format import DTYPE_NAMES
+    from neuroloc_cli.io.writer import parse_size
+    from neuroloc_cli.merge.plan import plan_delta
+    from neuroloc_cli.merge.run import run_merge
+
+    if out_dtype is not None and out_dtype not in DTYPE_NAMES:
+        raise UsageError(f"--out-dtype: unknown dtype {out_dtype!r}", hint=f"use one of {', '.join(DTYPE_NAMES)}")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
+    plan = plan_delta(base, tuned, out_dtype)
+    with render.progress("delta", len(plan.steps)) as advance:
+        result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance(), command="delta")
+    _render_result(result, as_json)

@@ -1,0 +1,122 @@
+"""`neuroloc merge`, `neuroloc recipe validate`, `neuroloc methods`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neuroloc_cli.cli import render
+from neuroloc_cli.cli.app import app
+
+recipe_app = typer.Typer(help="Check and explain merge recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Merge recipe (YAML, mergekit's shape).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
+
+def _load_plan(recipe: Path):
+    from neuroloc_cli.merge.plan import build_plan
+    from neuroloc_cli.recipe.schema import read_recipe_file
+
+    parsed = read_recipe_file(recipe)
+    return build_plan(parsed, recipe.resolve().parent, str(recipe))
+
+
+def _render_plan(plan, as_json: bool) -> None:
+    from rich.table import Table
+
+    from neuroloc_cli.merge.plan import describe_plan
+
+    doc = describe_plan(plan)
+    if as_json:
+        render.print_json({"valid": True, **doc})
+        return
+    table = Table(title=f"{doc['method']} merge: {doc['tensors']} tensors, {render.human_bytes(doc['out_bytes'])} out, compute {doc['compute_dtype']}")
+    for col in ("role", "path", "tensors", "parameters"):
+        table.add_column(col)
+    for i in doc["inputs"]:
+        table.add_row(i["role"], i["path"], str(i["tensors"]), render.human_count(i["parameters"]))
+    render.out().print(table)
+    for note in doc["notes"]:
+        render.err().print(f"note: {note}")
+    render.err().print("[green]recipe is valid[/green]: no tensor data was read, nothing was written")
+
+
+@recipe_app.command("validate")
+def validate(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
+    """Check a recipe and its checkpoints' headers; print the plan; read no tensor data."""
+    _render_plan(_load_plan(recipe), as_json)
+
+
+@app.command()
+def merge(
+    recipe: RecipeArg,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (appears atomically).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for random methods (overrides random_seed).")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge checkpoints as a YAML recipe says, streaming tensor by tensor."""
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.io.writer import parse_size
+    from neuroloc_cli.merge.run import run_merge
+
+    plan = _load_plan(recipe)
+    if dry_run:
+        _render_plan(plan, as_json)
+        return
+    if output is None:
+        raise UsageError("merge needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the recipe")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
+    with render.progress(f"{plan.method.name}", len(plan.steps)) as advance:
+        result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance())
+    _render_result(result, as_json)
+
+
+def _render_result(result, as_json: bool) -> None:
+    doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3)}
+    if as_json:
+        render.print_json(doc)
+    else:
+        render.out().print(
+            f"wrote [bold]{result.path}[/bold]: {result.tensors} tensors, {render.human_bytes(result.bytes)} in {len(result.shards)} shard(s), {result.seconds:.1f}s"
+        )
+
+
+@app.command()
+def methods(as_json: JsonOpt = False) -> None:
+    """List merge methods with their parameters, defaults and papers."""
+    from rich.table import Table
+
+    from neuroloc_cli.methods import METHODS
+
+    docs = [
+        {
+            "name": name,
+            "summary": m.summary,
+            "needs_base": m.needs_base,
+            "paper": m.paper,
+            "parameters": [
+                {"name": p.name, "default": p.default, "per_model": p.per_model, "required": p.required, "help": p.help} for p in m.params
+            ],
+        }
+        for name, m in METHODS.items()
+    ]
+    if as_json:
+        render.print_json(docs)
+        return
+    table = Table(title="merge methods")
+    for col in ("method", "parameters (default)", "base", "paper"):
+        table.add_column(col)
+    for d in docs:
+        params = ", ".join(f"{p['name']}{'' if p['required'] else '=' + str(p['default'])}{' (per model)' if p['per_model'] else ''}" for p in d["parameters"])
+        table.add_row(f"[bold]{d['name']}[/bold]\n{d['summary']}", params or "-", "yes" if d["needs_base"] else "no", d["paper"])
+    render.out().print(table)

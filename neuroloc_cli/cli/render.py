@@ -1,0 +1,66 @@
+"""Output helpers shared by commands: one JSON document on stdout, Rich for people on stderr.
+
+Results go to stdout (a Rich table, or exactly one JSON document with `--json`); progress,
+notes and errors go to stderr, without animation when stderr is not a terminal. Rich honours
+`NO_COLOR`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# Created lazily so that tests which swap sys.stdout/sys.stderr (CliRunner) see their output.
+
+
+def out() -> Console:
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def err() -> Console:
+    return Console(file=sys.stderr, soft_wrap=True)
+
+
+def print_json(doc: Any) -> None:
+    """Write exactly one JSON document to stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator[Any]:
+    """A progress bar on stderr; yields `advance(n=1)`. Silent when stderr is not a terminal."""
+    console = err()
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: headers, lazy tensor reads, streaming shard writes, atomic outputs."""

@@ -1,0 +1,233 @@
+"""A Hugging Face checkpoint folder, opened lazily.
+
+Opening reads `config.json`, the shard index and every shard's header; tensor data is read
+one tensor at a time, on request, through `safetensors.safe_open`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from neuroloc_cli.errors import InputError
+from neuroloc_cli.io.format import Header, TensorInfo, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PROVENANCE_FILE = "neuroloc.json"
+KIND_KEY = "neuroloc.kind"  # safetensors metadata key: "model" or "delta"
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAMPLE = 64 * 1024  # bytes sampled at three places of each shard for the fingerprint
+
+
+def resolve_model_path(spec: str, relative_to: Path | None = None) -> Path:
+    """Turn a path written by a user (absolute, or relative to a recipe) into a Path."""
+    p = Path(spec).expanduser()
+    if not p.is_absolute() and relative_to is not None:
+        p = relative_to / p
+    return p
+
+
+def check_model_folder(path: Path, spec: str | None = None) -> None:
+    """Raise a clear error when `path` is not an existing folder.
+
+    Args:
+        path: the resolved path.
+        spec: what the user wrote, to recognise hub names such as `org/name`.
+    """
+    if path.is_dir():
+        return
+    spec = spec or str(path)
+    if not path.exists() and _HUB_NAME.match(spec) and not spec.startswith("."):
+        raise InputError(
+            f"{spec}: no such folder, and neuroloc does not download from a model hub",
+            hint=f"download it elsewhere (e.g. `huggingface-cli download {spec} --local-dir ./{spec.split('/')[-1]}`) and give the local path",
+        )
+    if path.exists():
+        raise InputError(f"{path}: not a folder", hint="give the checkpoint folder, not a file in it")
+    raise InputError(f"{path}: no such folder")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: its tensors (from headers), config and metadata.
+
+    Use `Checkpoint.open(path)`; read a tensor with `read(name)`.
+    """
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    headers: dict[str, Header]  # shard file name -> header
+    config: dict[str, Any] | None
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: Path | str, spec: str | None = None) -> Checkpoint:
+        """Open a checkpoint folder, reading its index and every shard header.
+
+        Raises:
+            InputError: the folder, a shard or the index is missing or invalid.
+        """
+        path = Path(path)
+        check_model_folder(path, spec)
+        shard_of = _weight_map(path)
+        if shard_of is None:  # single file: every tensor of its header
+            header = read_header(path / SINGLE_FILE)
+            return cls(path=path, tensors=dict(header.tensors), headers={SINGLE_FILE: header}, config=_read_config(path))
+        headers: dict[str, Header] = {}
+        for shard in sorted(set(shard_of.values())):
+            file = path / shard
+            if not file.is_file():
+                raise InputError(f"{file}: shard listed in {INDEX_FILE} is missing")
+            headers[shard] = read_header(file)
+        tensors: dict[str, TensorInfo] = {}
+        for name, shard in shard_of.items():
+            info = headers[shard].tensors.get(name)
+            if info is None:
+                raise InputError(f"{path / shard}: tensor {name!r} is listed in {INDEX_FILE} but not in the shard")
+            tensors[name] = info
+        return cls(path=path, tensors=tensors, headers=headers, config=_read_config(path))
+
+    # -- what the checkpoint is -------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The `__metadata__` of the first shard (neuroloc writes the same into every shard)."""
+        first = next(iter(self.headers.values()), None)
+        return first.metadata if first else {}
+
+    @property
+    def kind(self) -> str:
+        """"delta" for a delta checkpoint written by `neuroloc delta`, else "model"."""
+        return self.metadata.get(KIND_KEY, "model")
+
+    @property
+    def architecture(self) -> str | None:
+        archs = (self.config or {}).get("architectures") or []
+        return archs[0] if archs else None
+
+    @property
+    def num_layers(self) -> int | None:
+        """The number of transformer blocks, from config.json or, failing that, tensor names."""
+        cfg = self.config or {}
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        from neuroloc_cli.arch import layer_index
+
+        indices = [i for i in (layer_index(n) for n in self.tensors) if i is not None]
+        return max(indices) + 1 if indices else None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A cheap content fingerprint: sha256 of every header, file size and three 64 KiB
+        samples of each shard's data. Distinguishes fine-tunes of one base (their headers are
+        identical) without reading gigabytes; it is not a full-content hash."""
+        h = hashlib.sha256()
+        for shard, header in sorted(self.headers.items()):
+            file = self.path / shard
+            size = file.stat().st_size
+            h.update(f"{shard}\0{size}\0".encode())
+            h.update(header.raw)
+            data_len = size - header.data_start
+            with open(file, "rb") as f:
+                for start in {0, max(0, data_len // 2 - _SAMPLE // 2), max(0, data_len - _SAMPLE)}:
+                    f.seek(header.data_start + start)
+                    h.update(f.read(_SAMPLE))
+        return h.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """What `neuroloc inspect --json` prints: architecture, counts, dtypes, shards, tensors."""
+        dtypes: dict[str, int] = {}
+        for t in self.tensors.values():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+        shards = [
+            {"file": f, "bytes": (self.path / f).stat().st_size, "tensors": sum(t.file == f for t in self.tensors.values())}
+            for f in self.headers
+        ]
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "model_type": (self.config or {}).get("model_type"),
+            "num_layers": self.num_layers,
+            "parameters": self.num_parameters,
+            "dtypes": dtypes,
+            "shards": shards,
+            "fingerprint": self.fingerprint,
+            "tensors": [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "shard": t.file, "numel": t.numel}
+                for t in self.tensors.values()
+            ],
+        }
+
+    # -- reading tensors --------------------------------------------------------------------
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard (the shard is opened on first use)."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(self.path / info.file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise InputError(f"{self.path / info.file}: cannot open ({e})") from None
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise InputError(f"{self.path / info.file}: cannot read tensor {name!r} ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _weight_map(path: Path) -> dict[str, str] | None:
+    """Tensor name -> shard file from the index; None for a single-file checkpoint."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            doc = json.loads(index.read_text())
+            weight_map = doc["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{index}: invalid index (expected a JSON object with a 'weight_map')") from None
+        return {str(k): str(v) for k, v in weight_map.items()}
+    if (path / SINGLE_FILE).is_file():
+        return None
+    if any(path.glob("*.bin")) or any(path.glob("*.pth")):
+        raise InputError(
+            f"{path}: holds only PyTorch .bin weights; neuroloc reads safetensors",
+            hint="convert once with `AutoModelForCausalLM.from_pretrained(p).save_pretrained(p2)`",
+        )
+    raise InputError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} in this folder")
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    file = path / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise InputError(f"{file}: invalid JSON ({e})") from None

@@ -1,0 +1,114 @@
+"""Output folders that appear atomically, and the files copied beside the weights.
+
+Everything is written into a hidden temporary folder beside the target and renamed into
+place at the very end, so an error, Ctrl-C or `kill -9` leaves nothing at the target path
+(a killed run may leave a `.NAME.neuroloc-tmp-*` folder beside it, which is safe to delete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from neuroloc_cli.errors import OutputError
+
+# Files of a HF checkpoint that are not weights and that a merged model needs to load.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def check_output_path(target: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output that is, contains or lies inside an input, or that exists already.
+
+    Raises:
+        OutputError: naming the input that clashes, or the existing target.
+    """
+    out = target.resolve()
+    for p in inputs:
+        inp = p.resolve()
+        if out == inp or inp in out.parents or out in inp.parents:
+            raise OutputError(f"{target}: output path overlaps input {p}", hint="choose an output folder outside every input")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists", hint="pass --overwrite to replace it, or choose another path")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+
+
+@contextmanager
+def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `target` only if the block succeeds.
+
+    Raises:
+        OutputError: see `check_output_path`, or the parent folder cannot be created.
+    """
+    check_output_path(target, inputs, overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.neuroloc-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"{target}: cannot create output folder ({e.strerror})") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.neuroloc-old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = None) -> list[str]:
+    """Copy config, tokenizer and generation files from `source` to `dest`.
+
+    Args:
+        out_dtype: when all output tensors share one dtype, recorded in config.json so that
+            `from_pretrained(..., dtype="auto")` picks it.
+
+    Returns:
+        The names of the files copied.
+    """
+    copied = []
+    for name in HF_SIDE_FILES:
+        src = source / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+            copied.append(name)
+    config = dest / "config.json"
+    if out_dtype is not None and config.is_file():
+        doc = json.loads(config.read_text())
+        keys = [k for k in ("torch_dtype", "dtype") if k in doc] or ["torch_dtype"]
+        for k in keys:
+            doc[k] = str(out_dtype).removeprefix("torch.")
+        config.write_text(json.dumps(doc, indent=2) + "\n")
+    return copied
+
+
+def write_provenance(folder: Path, provenance: dict) -> None:
+    """Write `neuroloc.json`: how this output was made (recipe, inputs, version)."""
+    from neuroloc_cli.io.checkpoint import PROVENANCE_FILE
+
+    (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")

@@ -1,0 +1,130 @@
+"""A streaming, size-capped safetensors writer.
+
+The `safetensors` library writes a file from a dict of tensors held in memory, which for a
+5 GB shard means 5 GB of private memory. Since a merge knows every output tensor's name,
+shape and dtype before it computes any of them, we lay the shards out up front, write each
+header first and then stream tensor bytes as they are produced: memory stays at one tensor.
+The format is the one `neuroloc_cli.io.format` reads; tests read our files back with
+`safetensors.safe_open` and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from neuroloc_cli.io.checkpoint import INDEX_FILE, SINGLE_FILE
+from neuroloc_cli.io.format import TORCH_TO_ST
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """An output tensor as planned: name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(text: str) -> int:
+    """Parse '5GB', '500MB', '2GiB' or a plain byte count."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGIB")
+    unit = s[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"invalid size {text!r} (use e.g. 5GB, 500MB or a byte count)")
+    return int(float(num) * units[unit])
+
+
+def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor
+    gets a shard of its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+class ShardedWriter:
+    """Writes planned tensors, in plan order, into `folder` as HF-style shards + index.
+
+    Args:
+        folder: an existing (temporary) folder to write into.
+        tensors: every output tensor, in the order `write` will be called.
+        max_shard_bytes: shard size cap.
+        metadata: string metadata stored in every shard (`format: pt` is added, as
+            transformers requires it).
+    """
+
+    def __init__(self, folder: Path, tensors: Sequence[OutTensor], max_shard_bytes: int, metadata: dict[str, str]):
+        self.folder = folder
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        self.metadata = {"format": "pt", **metadata}
+        n = len(self.shards)
+        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
+        self._next = 0
+        self._file: BinaryIO | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must be the next one planned, with the planned shape and dtype."""
+        shard, planned = self._order[self._next]
+        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(
+                f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if self._file is None:
+            self._file = self._open_shard(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Check every planned tensor was written and write the index (sharded output)."""
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise RuntimeError(f"writer closed before tensor {missing} was written")
+        if len(self.files) > 1:
+            weight_map = {t.name: self.files[s] for s, t in self._order}
+            total = sum(t.nbytes for _, t in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open_shard(self, shard: int) -> BinaryIO:
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for t in self.shards[shard]:
+            header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        f = open(self.folder / self.files[shard], "wb")
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        return f

@@ -1,0 +1,257 @@
+"""Planning a merge from a recipe and the inputs' headers, reading no tensor data.
+
+`build_plan` opens every checkpoint's index and headers, checks the recipe against the
+method and the tensors against each other, and collects every problem before raising, so
+`neuroloc recipe validate` and `merge --dry-run` report them all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neuroloc_cli.arch import layer_position
+from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
+from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
+from neuroloc_cli.io.format import DTYPE_NAMES
+from neuroloc_cli.io.writer import OutTensor
+from neuroloc_cli.methods import METHODS, MergeMethod
+from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
+from neuroloc_cli.recipe.schema import MergeRecipe
+
+# mergekit parameters that change how it computes, not what: accepted and ignored.
+NO_OP_PARAMETERS = frozenset({"int8_mask"})
+_MAX_LISTED = 5  # mismatched tensors listed per model before "and N more"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input checkpoint and where the recipe names it (`base_model`, `models[1]`)."""
+
+    role: str
+    spec: str
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True)
+class Step:
+    """One output tensor: how to make it and what it will be written as.
+
+    `present[i]` is False when model i lacks the tensor and the recipe says
+    `on_missing: base` (the base tensor stands in). `merge` is False for tensors that are
+    copied from the reference model unchanged (integer and boolean buffers).
+    """
+
+    name: str
+    out: OutTensor
+    t: float
+    merge: bool
+    present: tuple[bool, ...]
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs, checked; `steps` are in output order."""
+
+    recipe: MergeRecipe
+    source: str
+    method: MergeMethod
+    base: Source | None
+    models: list[Source]
+    steps: list[Step]
+    compute_dtype: torch.dtype
+    num_layers: int | None
+    resolver: ParameterResolver
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> Source:
+        """The model whose tensor list, config and tokenizer the output takes."""
+        return self.base or self.models[0]
+
+    @property
+    def sources(self) -> list[Source]:
+        return ([self.base] if self.base else []) + self.models
+
+    def input_paths(self) -> list[Path]:
+        return [s.checkpoint.path for s in self.sources]
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(s.out.nbytes for s in self.steps)
+
+
+def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
+    """Check a recipe against its method and its inputs' headers, and plan the merge.
+
+    Args:
+        recipe: the parsed recipe.
+        base_dir: folder that relative model paths are relative to (the recipe's folder).
+        source: the recipe's name, for messages.
+
+    Raises:
+        RecipeError: every problem found, at once (exit code 3 when all are input problems).
+    """
+    problems: list[str] = []
+    input_problems = 0
+
+    method: MergeMethod | None = None
+    try:
+        method = METHODS.get(recipe.merge_method)
+    except NeurolocError as e:
+        problems.append(f"merge_method: {e}")
+    if method is not None:
+        problems += _check_method_shape(recipe, method)
+        problems += check_parameters(
+            method.params, recipe.parameters, [m.parameters for m in recipe.models], method.name, NO_OP_PARAMETERS
+        )
+
+    sources: list[Source | None] = []
+    for role, spec in _inputs(recipe):
+        try:
+            sources.append(_open(role, spec, base_dir))
+        except NeurolocError as e:
+            problems.append(f"{role}: {e}")
+            input_problems += 1
+            sources.append(None)
+
+    base = sources[0] if recipe.base_model is not None else None
+    models = sources[1:] if recipe.base_model is not None else sources
+    plan = None
+    if method is not None and all(sources) and models:
+        opened = [s for s in models if s is not None]
+        reference = base or opened[0]
+        tensor_problems = _check_tensors(reference, opened, recipe.on_missing)
+        input_problems += len(tensor_problems)
+        problems += tensor_problems
+        if not tensor_problems:
+            plan = _plan(recipe, source, method, base, opened)
+            problems += _check_resolution(plan)
+
+    if problems:
+        raise RecipeError(source, problems, exit_code=3 if input_problems == len(problems) else 2)
+    assert plan is not None
+    return plan
+
+
+def _inputs(recipe: MergeRecipe) -> list[tuple[str, str]]:
+    pairs = [("base_model", recipe.base_model)] if recipe.base_model is not None else []
+    return pairs + [(f"models[{i}].model", m.model) for i, m in enumerate(recipe.models)]
+
+
+def _check_method_shape(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+    problems = []
+    if method.needs_base and recipe.base_model is None:
+        problems.append(f"base_model: {method.name} needs a base model")
+    n = len(recipe.models)
+    if n < method.min_models:
+        problems.append(f"models: {method.name} needs at least {method.min_models} model(s), got {n}")
+    if method.max_models is not None and n > method.max_models:
+        problems.append(f"models: {method.name} takes at most {method.max_models} model(s), got {n}")
+    return problems
+
+
+def _open(role: str, spec: str, base_dir: Path) -> Source:
+    if "+" in spec and not Path(spec).exists():
+        raise InputError(f"{spec}: LoRA adapters ('model+lora') are not supported", hint="merge the adapter into its model first")
+    ckpt = Checkpoint.open(resolve_model_path(spec, base_dir), spec=spec)
+    if ckpt.kind == "delta":
+        raise InputError(f"{ckpt.path}: is a delta checkpoint, not a model", hint="give the fine-tuned model itself")
+    return Source(role=role, spec=spec, checkpoint=ckpt)
+
+
+def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> list[str]:
+    """Missing, extra and mismatched tensors of each model against the reference."""
+    problems: list[str] = []
+    ref = reference.checkpoint.tensors
+    for src in models:
+        if src is reference:
+            continue
+        theirs = src.checkpoint.tensors
+        issues = [
+            f"tensor {n} has shape {list(theirs[n].shape)}, {reference.role} has {list(ref[n].shape)}"
+            for n in ref
+            if n in theirs and theirs[n].shape != ref[n].shape
+        ]
+        if on_missing == "error":
+            issues += [f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in ref if n not in theirs]
+        issues += [f"tensor {n} is not in {reference.role} (it would be dropped)" for n in theirs if n not in ref]
+        for text in issues[:_MAX_LISTED]:
+            problems.append(f"{src.role} ({src.checkpoint.path}): {text}")
+        if len(issues) > _MAX_LISTED:
+            problems.append(f"{src.role} ({src.checkpoint.path}): ... and {len(issues) - _MAX_LISTED} more tensor problem(s)")
+    return problems
+
+
+def _plan(recipe: MergeRecipe, source: str, method: MergeMethod, base: Source | None, models: list[Source]) -> MergePlan:
+    reference = base or models[0]
+    compute = DTYPE_NAMES[recipe.dtype or "float32"]
+    out_name = recipe.out_dtype or recipe.dtype
+    if out_name is None and method.output_kind == "delta":
+        out_name = "float32"  # a delta in bf16 would lose most of its bits
+    fixed_out = DTYPE_NAMES[out_name] if out_name else None
+    num_layers = reference.checkpoint.num_layers
+    steps = []
+    for name, info in reference.checkpoint.tensors.items():
+        floating = info.torch_dtype.is_floating_point
+        dtype = (fixed_out or info.torch_dtype) if floating else info.torch_dtype
+        present = tuple(name in m.checkpoint.tensors for m in models)
+        steps.append(Step(name, OutTensor(name, info.shape, dtype), layer_position(name, num_layers), floating, present))
+    resolver = ParameterResolver(method.params, recipe.parameters, [m.parameters for m in recipe.models])
+    return MergePlan(recipe, source, method, base, models, steps, compute, num_layers, resolver)
+
+
+def _check_resolution(plan: MergePlan) -> list[str]:
+    """Every tensor must get a value for every required parameter (filters can miss)."""
+    problems = []
+    for step in plan.steps:
+        if not step.merge:
+            continue
+        try:
+            plan.resolver.at(step.name, step.t)
+        except ValueError as e:
+            problems.append(f"parameters: {e} (add an entry without 'filter' as the default)")
+            break
+    return problems
+
+
+def plan_delta(base: Path, tuned: Path, out_dtype: str | None = None) -> MergePlan:
+    """Plan `tuned − base` for every tensor, written as a delta checkpoint (float32 unless
+    `out_dtype` says otherwise)."""
+    from neuroloc_cli.recipe.schema import InputModel
+
+    recipe = MergeRecipe(merge_method="delta", base_model=str(base), models=[InputModel(model=str(tuned))], out_dtype=out_dtype)
+    return build_plan(recipe, Path.cwd(), "delta")
+
+
+def describe_plan(plan: MergePlan) -> dict:
+    """The plan as a JSON-able document (what `recipe validate` and `--dry-run` print)."""
+    steps = []
+    for step in plan.steps:
+        whole, per_model = plan.resolver.at(step.name, step.t) if step.merge else ({}, [])
+        steps.append(
+            {
+                "tensor": step.name,
+                "shape": list(step.out.shape),
+                "out_dtype": str(step.out.dtype).removeprefix("torch."),
+                "merge": step.merge,
+                "parameters": whole,
+                "model_parameters": per_model,
+            }
+        )
+    return {
+        "method": plan.method.name,
+        "output_kind": plan.method.output_kind,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "num_layers": plan.num_layers,
+        "inputs": [
+            {"role": s.role, "path": str(s.checkpoint.path), "tensors": len(s.checkpoint.tensors), "parameters": s.checkpoint.num_parameters}
+            for s in plan.sources
+        ],
+        "tensors": len(plan.steps),
+        "out_bytes": plan.out_bytes,
+        "notes": plan.notes,
+        "steps": steps,
+    }

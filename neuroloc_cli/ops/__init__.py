@@ -1,0 +1,1 @@
+"""Pure tensor maths shared by merge methods, locators and ranking."""

@@ -1,0 +1,1 @@
+"""Recipes: YAML → validated, frozen models; parameter forms and precedence."""

@@ -1,0 +1,118 @@
+"""The merge recipe: YAML in mergekit's shape, validated into frozen pydantic models.
+
+    merge_method: task_arithmetic
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 0.7}
+    parameters: {lambda: 1.0, normalize: false}
+    dtype: float32          # compute dtype
+    out_dtype: bfloat16     # output dtype (default: dtype if set, else each base tensor's)
+
+Parameter values stay untyped here (`Any`): their forms (scalar, per-layer list,
+`{filter, value}` list) and ranges are checked by `neuroloc_cli.recipe.params`, which can
+name the method's parameters and give better messages than a union type would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from neuroloc_cli.errors import RecipeError, did_you_mean
+
+DtypeName = Literal["float32", "bfloat16", "float16", "float64"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputModel(_Frozen):
+    """One entry of `models:`."""
+
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergeRecipe(_Frozen):
+    """A validated merge recipe (structure only; see `recipe.load` for the rest)."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
+    random_seed: int | None = None
+    on_missing: Literal["error", "base"] = "error"
+    """What a tensor of the base that a model lacks means: an error (default), or "base",
+    i.e. that model leaves the tensor unchanged (a zero delta)."""
+
+
+def parse_recipe(text: str, source: str) -> MergeRecipe:
+    """Parse YAML text into a `MergeRecipe`, reporting every structural problem at once.
+
+    Args:
+        text: the YAML document.
+        source: the file name, for messages.
+
+    Raises:
+        RecipeError: invalid YAML, unknown or missing keys, wrong types.
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(source, [f"{where}invalid YAML ({getattr(e, 'problem', None) or e})"]) from None
+    if not isinstance(doc, dict):
+        raise RecipeError(source, ["a recipe is a mapping with at least 'merge_method'"])
+    try:
+        return MergeRecipe.model_validate(doc)
+    except ValidationError as e:
+        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def _describe(err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        hint = did_you_mean(loc[-1], parent.model_fields) if parent else ""
+        return f"unknown key {key!r}{hint}"
+    if err["type"] == "missing":
+        return f"missing required key {key!r}"
+    return f"{key}: {err['msg']}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model class that a location inside a recipe refers to."""
+    model: type[BaseModel] = MergeRecipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        inner = getattr(field, "annotation", None) if field else None
+        args = getattr(inner, "__args__", ())
+        nested = next((a for a in (inner, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def read_recipe_file(path: Path) -> MergeRecipe:
+    """Read and parse a recipe file.
+
+    Raises:
+        RecipeError: the file cannot be read or parsed.
+    """
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
+    return parse_recipe(text, str(path))
