@@ -1,0 +1,22 @@
+"""Helpers for tests: read whole checkpoints (tiny ones only) for independent computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from neuroloc_cli.io.checkpoint import Checkpoint
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (tiny) checkpoint, as stored, read with safetensors directly."""
+    from safetensors import safe_open
+
+    ckpt = Checkpoint.open(path)
+    out = {}
+    for shard in ckpt.headers:
+        with safe_open(str(path / shard), framework="pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    return out
