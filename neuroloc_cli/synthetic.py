@@ -41,7 +41,7 @@ def tiny_config(arch: str, *, layers: int = 2, hidden: int = 64, vocab: int = 51
     from transformers import AutoConfig
 
     if arch == "gpt2":
-        cfg = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=256)
+        cfg = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=256, bos_token_id=0, eos_token_id=1)
     else:
         cfg = AutoConfig.for_model(
             arch,

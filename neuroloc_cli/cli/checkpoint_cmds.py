@@ -39,7 +39,7 @@ def inspect(model: ModelArg, as_json: JsonOpt = False) -> None:
     console.print(shards)
     tensors = Table(title="tensors")
     for col in ("name", "shape", "dtype", "shard"):
-        tensors.add_column(col)
+        tensors.add_column(col, overflow="fold")
     for t in doc["tensors"]:
         tensors.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], t["shard"])
     console.print(tensors)

@@ -20,7 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def out() -> Console:
-    return Console(file=sys.stdout, soft_wrap=True)
+    console = Console(file=sys.stdout, soft_wrap=True)
+    if not console.is_terminal:  # piped or redirected: keep long tensor names on one line
+        console.width = max(console.width, 160)
+    return console
 
 
 def err() -> Console:

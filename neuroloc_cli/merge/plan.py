@@ -126,7 +126,7 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
         tensor_problems = _check_tensors(reference, opened, recipe.on_missing)
         input_problems += len(tensor_problems)
         problems += tensor_problems
-        if not tensor_problems:
+        if not problems:  # parameters are well-formed: check they resolve at every tensor
             plan = _plan(recipe, source, method, base, opened)
             problems += _check_resolution(plan)
 
