@@ -54,7 +54,20 @@ def test_writer_output_reads_back_with_safetensors(tmp_path, max_bytes):
 def test_writer_refuses_out_of_plan_tensor(tmp_path):
     writer = ShardedWriter(tmp_path, [OutTensor("a", (2,), torch.float32)], 100, {})
     with pytest.raises(RuntimeError, match="writer expected a"):
+        writer.write("a", torch.zeros(2, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="writer got more rows than planned for a"):
         writer.write("a", torch.zeros(3))
+
+
+def test_writer_accepts_a_tensor_in_row_blocks(tmp_path):
+    t = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    writer = ShardedWriter(tmp_path, [OutTensor("a", (4, 3), torch.float32), OutTensor("b", (1,), torch.float32)], 10**6, {})
+    writer.write("a", t[:1])
+    writer.write("a", t[1:4])
+    writer.write("b", torch.ones(1))
+    writer.close()
+    back = load_all(tmp_path)
+    assert torch.equal(back["a"], t) and torch.equal(back["b"], torch.ones(1))
 
 
 def test_plan_shards_caps_size_and_keeps_order():

@@ -176,8 +176,9 @@ class Checkpoint:
 
     # -- reading tensors --------------------------------------------------------------------
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard (the shard is opened on first use)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or only its rows `[start, stop)`, from its shard (the shard is
+        opened on first use; a row range reads only those bytes)."""
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
@@ -187,7 +188,9 @@ class Checkpoint:
                 raise InputError(f"{self.path / info.file}: cannot open ({e})") from None
             self._handles[info.file] = handle
         try:
-            return handle.get_tensor(name)
+            if rows is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[rows[0] : rows[1]]
         except Exception as e:
             raise InputError(f"{self.path / info.file}: cannot read tensor {name!r} ({e})") from None
 

@@ -82,19 +82,32 @@ class ShardedWriter:
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
         self._next = 0
+        self._written = 0  # bytes of the current tensor written so far
         self._file: BinaryIO | None = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor; it must be the next one planned, with the planned shape and dtype."""
+        """Write the next planned tensor, whole or as consecutive blocks of leading rows.
+
+        The tensor must be the next one planned, with its dtype; a block must have the
+        planned trailing dimensions, and the blocks of a tensor must add up to its shape.
+        """
         shard, planned = self._order[self._next]
-        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        whole = tuple(tensor.shape) == planned.shape
+        block = tensor.dim() == len(planned.shape) > 0 and tuple(tensor.shape[1:]) == planned.shape[1:]
+        if name != planned.name or tensor.dtype != planned.dtype or not (whole or block):
             raise RuntimeError(
                 f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if self._written + data.numel() > planned.nbytes:
+            raise RuntimeError(f"writer got more rows than planned for {planned.name}")
         if self._file is None:
             self._file = self._open_shard(shard)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
+        self._written += data.numel()
+        if self._written < planned.nbytes:
+            return
+        self._written = 0
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard:
             self._file.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,32 +86,52 @@ def run_merge(
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
 
 
+# Elementwise methods process tensors larger than this in blocks of rows (32 MB in float32).
+BLOCK_ELEMENTS = 8 * 2**20
+
+_Rows = tuple[int, int] | None
+
+
+def _units(plan: MergePlan) -> list[tuple[Step, _Rows]]:
+    """The work units of a merge: whole tensors, or blocks of rows of large tensors when the
+    method is elementwise."""
+    units: list[tuple[Step, _Rows]] = []
+    for step in plan.steps:
+        shape = step.out.shape
+        if not (plan.method.elementwise and step.merge) or not shape or math.prod(shape) <= BLOCK_ELEMENTS:
+            units.append((step, None))
+            continue
+        rows = max(1, BLOCK_ELEMENTS // math.prod(shape[1:]))
+        units += [(step, (a, min(a + rows, shape[0]))) for a in range(0, shape[0], rows)]
+    return units
+
+
 def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None) -> None:
-    """Read step i+1 on a worker thread while step i is computed and written."""
-    steps = plan.steps
-    if not steps:
+    """Read unit i+1 on a worker thread while unit i is computed and written."""
+    units = _units(plan)
+    if not units:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroloc-read") as pool:
-        pending = pool.submit(_load, plan, steps[0])
-        for i, step in enumerate(steps):
+        pending = pool.submit(_load, plan, *units[0])
+        for i, (step, rows) in enumerate(units):
             inputs = pending.result()
-            if i + 1 < len(steps):
-                pending = pool.submit(_load, plan, steps[i + 1])
+            if i + 1 < len(units):
+                pending = pool.submit(_load, plan, *units[i + 1])
             writer.write(step.name, _compute(plan, step, inputs, seed).to(step.out.dtype))
-            if on_tensor is not None:
+            if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
                 on_tensor(step)
 
 
-def _load(plan: MergePlan, step: Step) -> _Inputs:
-    """Read one tensor of every input, converted to the compute dtype."""
+def _load(plan: MergePlan, step: Step, rows: _Rows) -> _Inputs:
+    """Read one tensor (or block of rows) of every input, converted to the compute dtype."""
     if not step.merge:
         return plan.reference.checkpoint.read(step.name), []
     dtype = plan.compute_dtype
-    base = plan.base.checkpoint.read(step.name).to(dtype) if plan.base else None
+    base = plan.base.checkpoint.read(step.name, rows).to(dtype) if plan.base else None
     tensors = []
     for src, present in zip(plan.models, step.present):
         if present:
-            tensors.append(src.checkpoint.read(step.name).to(dtype))
+            tensors.append(src.checkpoint.read(step.name, rows).to(dtype))
         else:
             assert base is not None  # on_missing: base is only planned with a base model
             tensors.append(base)

@@ -37,6 +37,9 @@ class MergeMethod:
         needs_base: whether `base_model:` is required.
         min_models / max_models: how many `models:` it takes.
         random: whether it draws random numbers (then it gets a seeded generator).
+        elementwise: whether each output element depends only on the inputs' elements at the
+            same position (no per-tensor statistics); the engine then streams large tensors
+            in blocks of rows, so memory stays bounded whatever a tensor's size.
         output_kind: "model", or "delta" for methods whose output is a weight delta.
         paper: the reference, for docstrings and `neuroloc methods`.
     """
@@ -48,6 +51,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    elementwise: bool = False
     output_kind: str = "model"
     paper: str = ""
 
@@ -89,6 +93,7 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     random: bool = False,
+    elementwise: bool = False,
     output_kind: str = "model",
     paper: str = "",
 ) -> Callable[[MethodFn], MergeMethod]:
@@ -103,6 +108,6 @@ def merge_method(
         expected = {_pyname(p.name) for p in params} | ({"generator"} if random else set())
         if accepted != expected:
             raise TypeError(f"merge method {name}: function takes {sorted(accepted)}, declared {sorted(expected)}")
-        return MergeMethod(name, fn, tuple(params), needs_base, min_models, max_models, random, output_kind, paper)
+        return MergeMethod(name, fn, tuple(params), needs_base, min_models, max_models, random, elementwise, output_kind, paper)
 
     return METHODS.decorator(name, wrap)

@@ -14,6 +14,7 @@ from neuroloc_cli.recipe.params import Param
 @merge_method(
     "linear",
     needs_base=False,
+    elementwise=True,
     params=(
         Param("weight", per_model=True, help="weight of each model"),
         Param("normalize", default=True, boolean=True, help="divide by the sum of the weights"),

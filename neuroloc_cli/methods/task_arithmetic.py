@@ -14,6 +14,7 @@ from neuroloc_cli.recipe.params import Param
 @merge_method(
     "task_arithmetic",
     needs_base=True,
+    elementwise=True,
     params=(
         Param("weight", per_model=True, help="weight of each model's task vector"),
         Param("lambda", default=1.0, help="scale of the summed task vectors"),

@@ -1,0 +1,143 @@
+"""Benchmark: `neuroloc merge` task_arithmetic against a minimal streaming reference merge.
+
+Builds synthetic Llama checkpoints (bf16, sharded) of a preset size, a base and three
+"fine-tunes", then times, in the same run and interleaved:
+
+- neuroloc:  `python -m neuroloc_cli merge recipe.yaml -o OUT`
+- reference: this script's `--reference` mode: per input shard, `safe_open` every model,
+  `base + Σ (model_i − base)` in float32, cast to bf16, `save_file` one output shard.
+
+Each is a separate process; wall time is measured around the process, and peak private
+memory is the highest `RssAnon` (anonymous resident memory: tensors and heap, not the page
+cache that memory-mapped shards occupy) seen by sampling /proc every 5 ms.
+
+    python benchmarks/bench_merge.py --preset 125m --runs 3
+    python benchmarks/bench_merge.py --preset 1.1b --runs 1 --workdir /big/disk/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N_MODELS = 3
+INPUT_SHARD = 200 * 1024**2
+
+
+def build_inputs(workdir: Path, preset: str) -> Path:
+    import torch
+
+    from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, preset_config
+
+    folder = workdir / preset
+    if (folder / "recipe.yaml").exists():
+        return folder
+    print(f"building {preset} checkpoints in {folder} ...", file=sys.stderr)
+    build_checkpoint(preset_config(preset), folder / "base", seed=0, dtype=torch.bfloat16, max_shard_bytes=INPUT_SHARD, tokenizer=False)
+    for i in range(N_MODELS):
+        derive_finetune(folder / "base", folder / f"ft{i}", seed=i + 1, scale=0.002, max_shard_bytes=INPUT_SHARD)
+    models = "\n".join(f"  - model: ./ft{i}\n    parameters: {{weight: 1.0}}" for i in range(N_MODELS))
+    (folder / "recipe.yaml").write_text(
+        f"merge_method: task_arithmetic\nbase_model: ./base\nmodels:\n{models}\ndtype: float32\nout_dtype: bfloat16\n"
+    )
+    return folder
+
+
+def reference_merge(folder: Path, out: Path) -> None:
+    """The minimal streaming merge: one input shard at a time, float32 sum, save_file."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    index = json.loads((folder / "base" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for shard in shards:
+        handles = [safe_open(str(folder / m / shard), framework="pt") for m in ["base"] + [f"ft{i}" for i in range(N_MODELS)]]
+        base, models = handles[0], handles[1:]
+        merged = {}
+        for name in base.keys():
+            b = base.get_tensor(name).float()
+            acc = b.clone()
+            for m in models:
+                acc += m.get_tensor(name).float() - b
+            merged[name] = acc.to(torch.bfloat16)
+        save_file(merged, str(out / shard), metadata={"format": "pt"})
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """Run a command; return (wall seconds, peak RssAnon bytes)."""
+    peak = 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        status = Path(f"/proc/{proc.pid}/status")
+        while not done.is_set():
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = proc.wait()
+    elapsed = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}")
+    return elapsed, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="125m", choices=["tiny", "125m", "1.1b"])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-out")
+    ap.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # internal: run the reference into this folder
+    args = ap.parse_args()
+
+    folder = build_inputs(args.workdir, args.preset)
+    if args.reference:
+        reference_merge(folder, args.reference)
+        return
+
+    import shutil
+
+    results: dict[str, list[tuple[float, int]]] = {"neuroloc": [], "reference": []}
+    for run in range(args.runs):
+        for name in ("reference", "neuroloc"):
+            out = folder / f"out-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            if name == "neuroloc":
+                cmd = [sys.executable, "-m", "neuroloc_cli", "merge", str(folder / "recipe.yaml"), "-o", str(out)]
+            else:
+                cmd = [sys.executable, __file__, "--preset", args.preset, "--workdir", str(args.workdir), "--reference", str(out)]
+            results[name].append(measure(cmd))
+            print(f"run {run + 1} {name:9s} {results[name][-1][0]:7.2f} s  {results[name][-1][1] / 2**20:8.0f} MiB", file=sys.stderr)
+    summary = {
+        name: {"median_seconds": statistics.median(t for t, _ in r), "peak_private_mib": max(m for _, m in r) / 2**20}
+        for name, r in results.items()
+    }
+    summary["time_ratio"] = summary["neuroloc"]["median_seconds"] / summary["reference"]["median_seconds"]
+    summary["memory_ratio"] = summary["neuroloc"]["peak_private_mib"] / summary["reference"]["peak_private_mib"]
+    print(json.dumps({"preset": args.preset, "runs": args.runs, **summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
