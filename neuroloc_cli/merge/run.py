@@ -86,8 +86,8 @@ def run_merge(
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
 
 
-# Elementwise methods process tensors larger than this in blocks of rows (32 MB in float32).
-BLOCK_ELEMENTS = 8 * 2**20
+# Elementwise methods process tensors larger than this in blocks of rows (8 MB in float32).
+BLOCK_ELEMENTS = 2 * 2**20
 
 _Rows = tuple[int, int] | None
 
