@@ -261,3 +261,21 @@ def test_console_script_exit_code(zoo, tmp_path):
     p = subprocess.run([sys.executable, "-m", "neuroloc_cli", "inspect", str(tmp_path / "nope")], capture_output=True, text=True, env=env)
     assert p.returncode == 3 and p.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder"
     assert time.perf_counter() - start < 60
+
+
+def test_truncated_shard_in_a_merge_is_refused_before_writing(zoo, cli, tmp_path):
+    fam = zoo.get("llama")
+    broken = tmp_path / "broken"
+    shutil.copytree(fam.ft1, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    text = f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {broken}, parameters: {{weight: 1}}}}]\n"
+    r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
+    assert r.exit_code == 3
+    assert f"models[0].model: {shard}: invalid safetensors header" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_delta_with_missing_folder(zoo, cli, tmp_path):
+    r = cli("delta", zoo.get("llama").base, tmp_path / "nope", "-o", tmp_path / "d")
+    assert r.exit_code == 3 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder"

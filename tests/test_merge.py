@@ -303,3 +303,18 @@ def _plan_for(recipe_path):
     from neuroloc_cli.recipe.schema import read_recipe_file
 
     return build_plan(read_recipe_file(recipe_path), recipe_path.parent, str(recipe_path))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tied_embeddings_merge_and_load(zoo, cli, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    fam = zoo.get(arch, tie=True, sharded=False)
+    assert "lm_head.weight" not in load_all(fam.base)
+    out, merged = _merge(
+        cli, tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 0.5}}}}]\n"
+    )
+    assert "lm_head.weight" not in merged
+    model = AutoModelForCausalLM.from_pretrained(out)
+    emb = merged["model.embed_tokens.weight"]
+    assert torch.equal(model.get_output_embeddings().weight.to(emb.dtype), emb)

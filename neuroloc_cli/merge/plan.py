@@ -220,8 +220,11 @@ def _check_resolution(plan: MergePlan) -> list[str]:
 def plan_delta(base: Path, tuned: Path, out_dtype: str | None = None) -> MergePlan:
     """Plan `tuned − base` for every tensor, written as a delta checkpoint (float32 unless
     `out_dtype` says otherwise)."""
+    from neuroloc_cli.io.checkpoint import check_model_folder
     from neuroloc_cli.recipe.schema import InputModel
 
+    for folder in (base, tuned):  # a plain message for a plain command line, not recipe roles
+        check_model_folder(folder)
     recipe = MergeRecipe(merge_method="delta", base_model=str(base), models=[InputModel(model=str(tuned))], out_dtype=out_dtype)
     return build_plan(recipe, Path.cwd(), "delta")
 
