@@ -9,7 +9,7 @@ import typer
 
 from neuroloc_cli.cli import render
 from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt, _render_result
+from neuroloc_cli.cli.merge_cmds import JsonOpt, render_result, shard_size_option
 
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint folder (safetensors, config.json).", show_default=False)]
 
@@ -58,17 +58,13 @@ def delta(
     """Write the weight delta TUNED − BASE of every tensor as a delta checkpoint."""
     from neuroloc_cli.errors import UsageError
     from neuroloc_cli.io.format import DTYPE_NAMES
-    from neuroloc_cli.io.writer import parse_size
     from neuroloc_cli.merge.plan import plan_delta
     from neuroloc_cli.merge.run import run_merge
 
     if out_dtype is not None and out_dtype not in DTYPE_NAMES:
         raise UsageError(f"--out-dtype: unknown dtype {out_dtype!r}", hint=f"use one of {', '.join(DTYPE_NAMES)}")
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as e:
-        raise UsageError(f"--max-shard-size: {e}") from None
+    shard_bytes = shard_size_option(max_shard_size)
     plan = plan_delta(base, tuned, out_dtype)
     with render.progress("delta", len(plan.steps)) as advance:
         result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance(), command="delta")
-    _render_result(result, as_json)
+    render_result(result, as_json)

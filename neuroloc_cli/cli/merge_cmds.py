@@ -63,7 +63,6 @@ def merge(
 ) -> None:
     """Merge checkpoints as a YAML recipe says, streaming tensor by tensor."""
     from neuroloc_cli.errors import UsageError
-    from neuroloc_cli.io.writer import parse_size
     from neuroloc_cli.merge.run import run_merge
 
     plan = _load_plan(recipe)
@@ -72,16 +71,24 @@ def merge(
         return
     if output is None:
         raise UsageError("merge needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the recipe")
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as e:
-        raise UsageError(f"--max-shard-size: {e}") from None
+    shard_bytes = shard_size_option(max_shard_size)
     with render.progress(f"{plan.method.name}", len(plan.steps)) as advance:
         result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance())
-    _render_result(result, as_json)
+    render_result(result, as_json)
 
 
-def _render_result(result, as_json: bool) -> None:
+def shard_size_option(text: str) -> int:
+    """Parse `--max-shard-size`, naming the option in the error."""
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.io.writer import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
+
+
+def render_result(result, as_json: bool) -> None:
     doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3)}
     if as_json:
         render.print_json(doc)
