@@ -1,0 +1,138 @@
+"""lm-eval tasks through its Python API: `simple_evaluate` on an already loaded model.
+
+The task index is built once per command; tasks are loaded here, one spec at a time, so
+that a dataset that cannot be loaded becomes one error naming its task (lm-eval would raise
+a bare `ConnectionError` from deep inside `simple_evaluate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuroloc_cli.errors import UsageError, did_you_mean
+from neuroloc_cli.eval.offline import is_missing_dataset, missing_dataset_error
+from neuroloc_cli.eval.specs import TaskRequest
+
+# lm-eval's defaults, restated so that results can record them.
+DEFAULT_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    """The lm-eval settings that change numbers; all are recorded in the results.
+
+    Attributes:
+        limit: at most this many documents per task (None: all).
+        num_fewshot: override of every task's few-shot count (None: the tasks' own).
+        max_gen_toks: override of generate-until tasks' generation length (None: the tasks' own).
+        bootstrap_iters: bootstrap resamples for stderrs of non-mean metrics (lm-eval's default).
+        seeds: lm-eval's four seeds.
+    """
+
+    limit: int | None = None
+    num_fewshot: int | None = None
+    max_gen_toks: int | None = None
+    bootstrap_iters: int = 100000
+    seeds: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SEEDS))
+
+
+@dataclass
+class TaskResults:
+    """lm-eval's output for one model: per-task metrics, per-task samples, n-shot, versions."""
+
+    metrics: dict[str, dict[str, dict[str, Any]]]
+    samples: dict[str, list[dict[str, Any]]]
+    n_samples: dict[str, int]
+
+
+def task_manager(request: TaskRequest, include_paths: list[Path]):
+    """An lm-eval TaskManager that knows every name `request` uses.
+
+    Indexing lm-eval's thousands of built-in YAMLs takes about ten seconds, so it is only
+    done when a name is not found in the --include-path folders.
+
+    Raises:
+        UsageError: an --include-path folder is missing, or a name is no task, group or tag.
+    """
+    from lm_eval.tasks import TaskManager
+
+    for p in include_paths:
+        if not p.is_dir():
+            raise UsageError(f"--include-path {p}: not a folder")
+    paths = [str(p) for p in include_paths]
+    manager = TaskManager(include_defaults=False, include_path=paths or None)
+    if all(n in manager.all_tasks for n in request.named):
+        return manager
+    manager = TaskManager(include_defaults=True, include_path=paths or None)
+    for name in request.named:
+        if name not in manager.all_tasks and not manager.match_tasks([name]):
+            raise UsageError(f"--tasks: unknown task {name!r}{did_you_mean(name, manager.all_tasks)}", hint="--include-path DIR adds your own task YAMLs")
+    return manager
+
+
+def load_tasks(manager, request: TaskRequest, online: bool) -> list:
+    """Build the lm-eval Task/Group objects (this loads their datasets).
+
+    Raises:
+        InputError: a task's dataset cannot be loaded (offline, or not found).
+    """
+    specs: list[tuple[str, Any]] = [(t.name, t.config()) for t in request.local]
+    for name in request.named:
+        specs.extend((n, n) for n in (manager.match_tasks([name]) if "*" in name else [name]))
+    built = []
+    for name, spec in specs:
+        try:
+            loaded = manager.load([spec])
+        except Exception as e:  # lm-eval wraps nothing; classify by type
+            if is_missing_dataset(e):
+                raise missing_dataset_error(name, e, online) from None
+            raise
+        built.extend(loaded["groups"].values() if loaded.get("groups") else loaded["tasks"].values())
+    return built
+
+
+def run_tasks(lm, tasks: list, manager, settings: HarnessSettings) -> TaskResults:
+    """Run `simple_evaluate` on `lm` (an lm-eval LM) for the loaded `tasks`."""
+    import lm_eval
+
+    gen_kwargs = {"max_gen_toks": settings.max_gen_toks} if settings.max_gen_toks else None
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        bootstrap_iters=settings.bootstrap_iters,
+        gen_kwargs=gen_kwargs,
+        log_samples=True,
+        **settings.seeds,
+    )
+    metrics = {task: metrics_of(entry) for task, entry in out["results"].items()}
+    n_samples = {task: int(v.get("effective", v.get("original", 0))) for task, v in out.get("n-samples", {}).items()}
+    return TaskResults(metrics=metrics, samples=out.get("samples", {}), n_samples=n_samples)
+
+
+def metrics_of(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Turn lm-eval's flat `{"acc,none": v, "acc_stderr,none": s}` into `{"acc": {value, stderr}}`.
+
+    The filter name is kept when it is not `none` (`exact_match,flexible-extract`), as lm-eval
+    prints it; a stderr of "N/A" (perplexities) becomes None.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in entry.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filt = key.split(",", 1)
+        name = metric if filt == "none" else f"{metric},{filt}"
+        stderr = entry.get(f"{metric}_stderr,{filt}")
+        out[name] = {"value": _number(value), "stderr": _number(stderr)}
+    return out
+
+
+def _number(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
