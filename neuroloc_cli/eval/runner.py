@@ -17,6 +17,8 @@ from neuroloc_cli.eval.results import EvalResult, ModelArtifacts, ModelResult
 from neuroloc_cli.eval.specs import TaskRequest
 from neuroloc_cli.eval.translate import TranslationSettings, check_settings, resolve_template, translate
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class EvalRequest:
@@ -75,6 +77,8 @@ def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None
     if not request.tasks.names and request.translation is None:
         raise UsageError("nothing to evaluate", hint="pass --tasks, --ppl or --translate")
     _check_device(request.device)
+    if request.dtype not in DTYPES:
+        raise UsageError(f"--dtype {request.dtype!r}: use one of {', '.join(DTYPES)}")
     fingerprints = [_fingerprint(p) for p in request.models]
     labels = _labels(request.models)
     records = check_settings(request.translation) if request.translation else None
@@ -83,10 +87,10 @@ def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None
         _quiet_libraries()
         manager = task_manager(request.tasks, request.include_paths) if request.tasks.names else None
         for path, label, fingerprint in zip(request.models, labels, fingerprints):
-            if on_model:
-                on_model(label)
             # Tasks first: a dataset that cannot be loaded fails before a big model loads.
             tasks = load_tasks(manager, request.tasks, request.online) if manager else []
+            if on_model:
+                on_model(label)
             lm = load_lm(path, request.device, request.dtype, request.batch_size)
             model, art = ModelResult(label, str(path.resolve()), fingerprint), ModelArtifacts()
             if tasks:

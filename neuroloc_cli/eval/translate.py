@@ -108,15 +108,22 @@ def build_prompts(records: list[dict[str, Any]], s: TranslationSettings) -> list
     return [template.format(source=str(r["source"]), **names) for r in records]
 
 
-def generate(lm, prompts: list[str], max_gen_toks: int) -> list[str]:
+def generate(lm, prompts: list[str], max_gen_toks: int, docs: list[dict[str, Any]] | None = None) -> list[str]:
     """Greedy generation through the lm-eval LM (batched by its batch size); one line each.
 
     Stops at the first newline, so each hypothesis is one line of `hypotheses.txt`.
+
+    Args:
+        docs: the records, attached to the requests as lm-eval attaches task documents.
     """
     from lm_eval.api.instance import Instance
 
     kwargs = {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
-    requests = [Instance(request_type="generate_until", doc={}, arguments=(p, dict(kwargs)), idx=0, metadata=("translate", i, 1)) for i, p in enumerate(prompts)]
+    docs = docs or [{} for _ in prompts]
+    requests = [
+        Instance(request_type="generate_until", doc=d, arguments=(p, dict(kwargs)), idx=0, metadata=("translate", i, 1))
+        for i, (p, d) in enumerate(zip(prompts, docs))
+    ]
     outputs = lm.generate_until(requests)
     return [" ".join(str(o).split("\n", 1)[0].split()) for o in outputs]
 
@@ -146,6 +153,6 @@ def _scorers(s: TranslationSettings):
 def translate(lm, records: list[dict[str, Any]], s: TranslationSettings) -> Translations:
     """Translate every record with `lm` and score the result."""
     prompts = build_prompts(records, s)
-    hypotheses = generate(lm, prompts, s.max_gen_toks)
+    hypotheses = generate(lm, prompts, s.max_gen_toks, records)
     metrics = score(hypotheses, [str(r["target"]) for r in records], s)
     return Translations(records=records, prompts=prompts, hypotheses=hypotheses, metrics=metrics)
