@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
+pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
+
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.eval.harness import metrics_of
 from neuroloc_cli.eval.specs import SAMPLES_DIR, LocalTask, parse_ppl, parse_tasks
@@ -81,3 +84,19 @@ def test_local_task_configs_load_in_lm_eval():
     doc = next(iter(built.eval_docs))
     assert built.doc_to_choice(doc) == ["A", "B", "C", "D"]
     assert built.doc_to_text(doc).endswith("\nD. El aparato de Golgi\nAnswer:")
+
+
+@pytest.mark.parametrize(
+    "shape, record, problem",
+    [
+        ("neuroloc_choice", '{"question": "?", "choices": ["a", "b"], "answer": 2}', "'answer' must be the 0-based index of the right choice (0 to 1), not 2"),
+        ("neuroloc_choice", '{"question": "?", "choices": "ab", "answer": 0}', "'choices' must be a list of 2 to 10 options"),
+        ("neuroloc_math", '{"question": "?", "answer_number": "five"}', "'answer_number' must be a number, not 'five'"),
+    ],
+)
+def test_record_values_are_checked(tmp_path, shape, record, problem):
+    f = tmp_path / "data.jsonl"
+    f.write_text('\n' + record + '\n')
+    with pytest.raises(InputError) as e:
+        parse_tasks(f"{shape}={f}")
+    assert str(e.value) == f"{f}: record 1: {problem}"

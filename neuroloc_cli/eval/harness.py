@@ -42,11 +42,12 @@ class HarnessSettings:
 
 @dataclass
 class TaskResults:
-    """lm-eval's output for one model: per-task metrics, per-task samples, n-shot, versions."""
+    """lm-eval's output for one model: per-task metrics, samples, document counts, few-shot counts."""
 
     metrics: dict[str, dict[str, dict[str, Any]]]
     samples: dict[str, list[dict[str, Any]]]
     n_samples: dict[str, int]
+    n_shot: dict[str, int]
 
 
 def task_manager(request: TaskRequest, include_paths: list[Path]):
@@ -142,7 +143,8 @@ def run_tasks(lm, tasks: list, manager, settings: HarnessSettings) -> TaskResult
     )
     metrics = {task: metrics_of(entry) for task, entry in out["results"].items()}
     n_samples = {task: int(v.get("effective", v.get("original", 0))) for task, v in out.get("n-samples", {}).items()}
-    return TaskResults(metrics=metrics, samples=out.get("samples", {}), n_samples=n_samples)
+    n_shot = {task: int(v) for task, v in out.get("n-shot", {}).items() if isinstance(v, int)}
+    return TaskResults(metrics=metrics, samples=out.get("samples", {}), n_samples=n_samples, n_shot=n_shot)
 
 
 def metrics_of(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:

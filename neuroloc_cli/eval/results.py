@@ -22,6 +22,7 @@ class ModelResult:
         fingerprint: `Checkpoint.fingerprint` of the weights evaluated.
         tasks: task → metric → {"value", "stderr" (None where not meaningful), "signature" (sacrebleu)}.
         n_samples: task → documents scored.
+        n_shot: task → few-shot examples per prompt (lm-eval tasks).
     """
 
     label: str
@@ -29,6 +30,7 @@ class ModelResult:
     fingerprint: str
     tasks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     n_samples: dict[str, int] = field(default_factory=dict)
+    n_shot: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

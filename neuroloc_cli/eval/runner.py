@@ -97,6 +97,7 @@ def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None
                 out = run_tasks(lm, tasks, manager, request.harness)
                 model.tasks.update(out.metrics)
                 model.n_samples.update(out.n_samples)
+                model.n_shot.update(out.n_shot)
                 art.samples = out.samples
             if request.translation and records is not None:
                 tr = translate(lm, records, request.translation)
@@ -143,7 +144,7 @@ def _config(r: EvalRequest) -> dict[str, Any]:
     if r.translation:
         t = r.translation
         doc["translation"] = {
-            "data": str(t.data), "src": t.src, "tgt": t.tgt, "template": resolve_template(t.template),
+            "data": str(t.data.resolve()), "src": t.src, "tgt": t.tgt, "template": resolve_template(t.template),
             "max_gen_toks": t.max_gen_toks, "decoding": "greedy", "bleu_tokenize": t.tokenize, "bleu_smooth": t.bleu_smooth,
         }
     return doc

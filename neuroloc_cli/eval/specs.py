@@ -94,7 +94,10 @@ def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
     for spec in ppl or []:
         local.append(parse_ppl(spec))
     for task in local:
-        check_jsonl(task.data, SHAPES[task.shape])
+        for number, record in enumerate(read_jsonl(task.data, SHAPES[task.shape]), 1):
+            problem = _record_problem(task.shape, record)
+            if problem:
+                raise InputError(f"{task.data}: record {number}: {problem}")
     request = TaskRequest(tuple(local), tuple(named))
     seen: set[str] = set()
     for name in request.names:
@@ -112,6 +115,22 @@ def parse_ppl(spec: str) -> LocalTask:
         file, lang = head, tail
     data = Path(file)
     return LocalTask("neuroloc_ppl", f"ppl_{_slug(lang or data.stem)}", data.resolve())
+
+
+def _record_problem(shape: str, record: dict[str, Any]) -> str | None:
+    # Values lm-eval would otherwise trip over deep inside a run, with a traceback.
+    if shape == "neuroloc_choice":
+        choices, answer = record["choices"], record["answer"]
+        if not isinstance(choices, list) or not 2 <= len(choices) <= 10:
+            return "'choices' must be a list of 2 to 10 options"
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            return f"'answer' must be the 0-based index of the right choice (0 to {len(choices) - 1}), not {answer!r}"
+    elif shape == "neuroloc_math":
+        if not isinstance(record["answer_number"], (int, float)) or isinstance(record["answer_number"], bool):
+            return f"'answer_number' must be a number, not {record['answer_number']!r}"
+    elif not isinstance(record["text"], str) or not record["text"]:
+        return "'text' must be a non-empty string"
+    return None
 
 
 def _sample(shape: str) -> Path:
@@ -155,8 +174,3 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     if not records:
         raise InputError(f"{path}: no records")
     return records
-
-
-def check_jsonl(path: Path, keys: tuple[str, ...]) -> int:
-    """Check a data file up front (see `read_jsonl`); return its number of records."""
-    return len(read_jsonl(path, keys))
