@@ -61,7 +61,7 @@ def eval_(
         from neuroloc_cli.io.output import check_output_path
 
         check_output_path(output, request.models, overwrite)  # fail before hours of evaluation
-    result, artifacts = evaluate(request, on_model=lambda label: render.err().print(f"evaluating {label}"))
+    result, artifacts = evaluate(request, on_model=lambda label: render.err().print(f"evaluating {label}", markup=False))
     if output is not None:
         from neuroloc_cli.eval.results import save
         from neuroloc_cli.io.output import atomic_output_dir
@@ -73,4 +73,4 @@ def eval_(
         return
     render.out().print(result.table())
     for line in result.signatures():
-        render.out().print(line, highlight=False)
+        render.out().print(line, highlight=False, markup=False)

@@ -66,15 +66,16 @@ class EvalResult:
 
     def table(self):
         """A Rich table: one row per task and metric, one column per model."""
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title="evaluation")
         table.add_column("task")
         table.add_column("metric")
         for m in self.models:
-            table.add_column(m.label, justify="right")
+            table.add_column(escape(m.label), justify="right")
         for task, metric, cells in self.rows():
-            table.add_row(task, metric, *cells)
+            table.add_row(escape(task), escape(metric), *cells)
         return table
 
     def signatures(self) -> list[str]:
