@@ -1,0 +1,76 @@
+"""`neuroloc eval`: lm-eval tasks, per-language perplexity and sacreBLEU, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neuroloc_cli.cli import render
+from neuroloc_cli.cli.app import app
+from neuroloc_cli.cli.merge_cmds import JsonOpt
+
+_TASKS, _MT, _RUN = "Tasks", "Translation", "Running"
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[Path], typer.Argument(help="Checkpoint folders to compare.", show_default=False)],
+    tasks: Annotated[Optional[str], typer.Option("--tasks", "-t", help="Comma-separated lm-eval tasks (mgsm_direct_es, m_mmlu_es, …) or shipped ones: neuroloc_math, neuroloc_choice, neuroloc_ppl, each optionally =FILE.jsonl.", rich_help_panel=_TASKS)] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs (repeatable).", rich_help_panel=_TASKS)] = None,
+    ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="FILE.jsonl[:LANG] of {\"text\": …} records: perplexity task ppl_LANG (repeatable).", rich_help_panel=_TASKS)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N documents per task (and translations).", rich_help_panel=_TASKS)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0, help="Override every task's few-shot count.", rich_help_panel=_TASKS)] = None,
+    max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks", min=1, help="Cap on generated tokens (tasks' own setting; 256 for translation).", rich_help_panel=_TASKS)] = None,
+    translate_file: Annotated[Optional[Path], typer.Option("--translate", help="jsonl of {\"source\", \"target\"} records to translate.", rich_help_panel=_MT)] = None,
+    src: Annotated[Optional[str], typer.Option("--src", help="Source language code (en, de, zh, …).", rich_help_panel=_MT)] = None,
+    tgt: Annotated[Optional[str], typer.Option("--tgt", help="Target language code.", rich_help_panel=_MT)] = None,
+    template: Annotated[str, typer.Option("--template", help="flan-following, flan-sentence, flan-translate-to, flan-how-is, or a template with {source}, {src_lang}, {tgt_lang}.", rich_help_panel=_MT)] = "flan-following",
+    bleu_tokenize: Annotated[Optional[str], typer.Option("--bleu-tokenize", help="sacrebleu tokenizer (default: zh for Chinese targets, else 13a).", rich_help_panel=_MT)] = None,
+    bleu_smooth: Annotated[str, typer.Option("--bleu-smooth", help="sacrebleu BLEU smoothing: none, floor, add-k, exp.", rich_help_panel=_MT)] = "none",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel=_RUN)] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (as stored), float32, bfloat16, float16.", rich_help_panel=_RUN)] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per forward pass.", rich_help_panel=_RUN)] = 8,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Set lm-eval's four seeds (default: its own, 0/1234/1234/1234).", rich_help_panel=_RUN)] = None,
+    bootstrap_iters: Annotated[int, typer.Option("--bootstrap-iters", min=0, help="Bootstrap resamples for stderrs (0: none).", rich_help_panel=_RUN)] = 100000,
+    online: Annotated[bool, typer.Option("--online", help="Allow dataset downloads (offline by default).", rich_help_panel=_RUN)] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder for results.json, samples and hypotheses.txt (appears atomically).", rich_help_panel=_RUN)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.", rich_help_panel=_RUN)] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate checkpoints on lm-eval tasks, perplexity and translation; print them side by side."""
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.eval.harness import DEFAULT_SEEDS, HarnessSettings
+    from neuroloc_cli.eval.runner import EvalRequest, evaluate
+    from neuroloc_cli.eval.specs import parse_tasks
+    from neuroloc_cli.eval.translate import TranslationSettings
+
+    translation = None
+    if translate_file is not None:
+        if not src or not tgt:
+            raise UsageError("--translate needs --src and --tgt language codes")
+        translation = TranslationSettings(translate_file, src, tgt, template, max_gen_toks or 256, bleu_tokenize, bleu_smooth, limit)
+    seeds = dict.fromkeys(DEFAULT_SEEDS, seed) if seed is not None else dict(DEFAULT_SEEDS)
+    request = EvalRequest(
+        models=list(models), tasks=parse_tasks(tasks, ppl), include_paths=list(include_path or []), translation=translation,
+        harness=HarnessSettings(limit, num_fewshot, max_gen_toks, bootstrap_iters, seeds),
+        device=device, dtype=dtype, batch_size=batch_size, online=online,
+    )
+    if output is not None:
+        from neuroloc_cli.io.output import check_output_path
+
+        check_output_path(output, request.models, overwrite)  # fail before hours of evaluation
+    result, artifacts = evaluate(request, on_model=lambda label: render.err().print(f"evaluating {label}", markup=False))
+    if output is not None:
+        from neuroloc_cli.eval.results import save
+        from neuroloc_cli.io.output import atomic_output_dir
+
+        with atomic_output_dir(output, request.models, overwrite) as tmp:
+            save(tmp, result, artifacts)
+    if as_json:
+        render.print_json(result.to_json())
+        return
+    render.out().print(result.table())
+    for line in result.signatures():
+        render.out().print(line, highlight=False, markup=False)

@@ -1,0 +1,102 @@
+"""Parsing of --tasks and --ppl, checks of users' jsonl files, lm-eval metric keys."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
+pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
+
+from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.eval.harness import metrics_of
+from neuroloc_cli.eval.specs import SAMPLES_DIR, LocalTask, parse_ppl, parse_tasks
+
+
+def test_shipped_names_builtin_names_and_user_files(tmp_path):
+    mine = tmp_path / "mgsm bn.jsonl"
+    mine.write_text('{"question": "?", "answer_number": 3}\n')
+    req = parse_tasks(f"neuroloc_math, mgsm_direct_es,neuroloc_math={mine},", [str(SAMPLES_DIR / "ppl" / "en.jsonl")])
+    assert req.named == ("mgsm_direct_es",)
+    assert [(t.shape, t.name, t.data) for t in req.local] == [
+        ("neuroloc_math", "neuroloc_math", SAMPLES_DIR / "math_es.jsonl"),
+        ("neuroloc_math", "neuroloc_math_mgsm_bn", mine),
+        ("neuroloc_ppl", "ppl_en", SAMPLES_DIR / "ppl" / "en.jsonl"),
+    ]
+    cfg = req.local[1].config()
+    assert cfg["task"] == "neuroloc_math_mgsm_bn" and cfg["dataset_kwargs"] == {"data_files": {"test": str(mine)}}
+    assert cfg["dataset_path"] == "json" and cfg["output_type"] == "generate_until"
+
+
+@pytest.mark.parametrize(
+    "spec, name, file",
+    [("data/es.jsonl", "ppl_es", "data/es.jsonl"), ("data/spanish.jsonl:es", "ppl_es", "data/spanish.jsonl"), ("c:/x/y.jsonl", "ppl_y", "c:/x/y.jsonl")],
+)
+def test_ppl_spec(spec, name, file):
+    task = parse_ppl(spec)
+    assert task.name == name and task.data.name == file.rsplit("/", 1)[-1] and task.shape == "neuroloc_ppl"
+
+
+def test_duplicate_task_names_are_refused():
+    en = SAMPLES_DIR / "ppl" / "en.jsonl"
+    with pytest.raises(UsageError) as e:
+        parse_tasks(None, [str(en), f"{SAMPLES_DIR / 'ppl' / 'es.jsonl'}:en"])
+    assert str(e.value).startswith("task 'ppl_en' is asked for twice")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "{f}: no such data file"),
+        ("", "{f}: no records"),
+        ('{"question": "?", "answer_number": 1}\n{"question": "?"\n', "{f}:2: not a JSON record"),
+        ('[1, 2]\n', "{f}:1: a record must be a JSON object"),
+        ('\n{"question": "?"}\n', "{f}:2: record lacks key(s) 'answer_number' (each record needs question, answer_number)"),
+    ],
+)
+def test_bad_data_files_name_file_and_line(tmp_path, content, message):
+    f = tmp_path / "math.jsonl"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(InputError) as e:
+        parse_tasks(f"neuroloc_math={f}")
+    assert str(e.value).startswith(message.format(f=f))
+
+
+def test_metrics_of_lm_eval_keys():
+    entry = {
+        "alias": "x", "sample_len": 3,
+        "acc,none": 0.5, "acc_stderr,none": 0.25,
+        "exact_match,flexible-extract": 1.0, "exact_match_stderr,flexible-extract": 0.0,
+        "word_perplexity,none": 12.5, "word_perplexity_stderr,none": "N/A",
+    }
+    assert metrics_of(entry) == {
+        "acc": {"value": 0.5, "stderr": 0.25},
+        "exact_match,flexible-extract": {"value": 1.0, "stderr": 0.0},
+        "word_perplexity": {"value": 12.5, "stderr": None},
+    }
+
+
+def test_local_task_configs_load_in_lm_eval():
+    from lm_eval.tasks import TaskManager
+
+    task = LocalTask("neuroloc_choice", "c", SAMPLES_DIR / "choice_es.jsonl")
+    built = TaskManager(include_defaults=False).load([task.config()])["tasks"]["c"]
+    doc = next(iter(built.eval_docs))
+    assert built.doc_to_choice(doc) == ["A", "B", "C", "D"]
+    assert built.doc_to_text(doc).endswith("\nD. El aparato de Golgi\nAnswer:")
+
+
+@pytest.mark.parametrize(
+    "shape, record, problem",
+    [
+        ("neuroloc_choice", '{"question": "?", "choices": ["a", "b"], "answer": 2}', "'answer' must be the 0-based index of the right choice (0 to 1), not 2"),
+        ("neuroloc_choice", '{"question": "?", "choices": "ab", "answer": 0}', "'choices' must be a list of 2 to 10 options"),
+        ("neuroloc_math", '{"question": "?", "answer_number": "five"}', "'answer_number' must be a number, not 'five'"),
+    ],
+)
+def test_record_values_are_checked(tmp_path, shape, record, problem):
+    f = tmp_path / "data.jsonl"
+    f.write_text('\n' + record + '\n')
+    with pytest.raises(InputError) as e:
+        parse_tasks(f"{shape}={f}")
+    assert str(e.value) == f"{f}: record 1: {problem}"
