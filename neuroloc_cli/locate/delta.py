@@ -20,7 +20,7 @@ from neuroloc_cli.locate.units import UnitGroup, element_tensors, ffn_groups, ro
 from neuroloc_cli.masks.format import GRANULARITIES, Mask, MaskEntry
 
 SCOPES = ("global", "tensor")
-PAPER = "Zhang et al. 2024, MAET: multi-lingual ability extraction and transfer (Eq. 1)"
+PAPER = "Chen et al. 2024, MAET (arXiv:2409.14162), Eq. 1"
 
 
 class _Deltas:

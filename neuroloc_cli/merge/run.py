@@ -1,5 +1,9 @@
 """Executing a merge plan: stream tensors in, compute, stream shards out, atomically.
 
+Methods with a statistics pass (`MergeMethod.prepare`, e.g. MAET's tensor ranking) get it
+first, streaming the inputs once more; its findings go into the provenance. Masks
+(`merge.masking`) are applied last, to the output-dtype tensor.
+
 Memory: the reader thread holds the next tensor's inputs while the main thread computes the
 current one, so private memory stays at a few copies of the largest tensor (inputs in the
 compute dtype, the result and one scratch buffer), whatever the model size.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,8 +28,10 @@ from neuroloc_cli.io.checkpoint import KIND_KEY
 from neuroloc_cli.io.output import atomic_output_dir, copy_side_files, write_provenance
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from neuroloc_cli.merge.plan import MergePlan, Step
+from neuroloc_cli.methods.base import Prepared
 
-_Inputs = tuple[torch.Tensor | None, list[torch.Tensor]]
+# (base in the compute dtype, each model's tensor in the compute dtype, base as stored)
+_Inputs = tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,9 @@ def run_merge(
     start = time.perf_counter()
     seed = seed if seed is not None else plan.recipe.random_seed
     provenance = _provenance(plan, seed, command)
+    prepared = _prepare(plan)
+    if prepared is not None:
+        provenance[plan.method.name] = prepared.provenance
     metadata = {
         KIND_KEY: plan.method.output_kind,
         "neuroloc.version": __version__,
@@ -75,7 +84,7 @@ def run_merge(
     with atomic_output_dir(out_dir, plan.input_paths(), overwrite) as tmp:
         writer = ShardedWriter(tmp, [s.out for s in plan.steps], max_shard_bytes, metadata)
         try:
-            _stream(plan, writer, seed, on_tensor)
+            _stream(plan, writer, seed, on_tensor, prepared)
         finally:
             writer.abort()
         writer.close()
@@ -85,9 +94,21 @@ def run_merge(
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
 
 
-def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None) -> None:
-    """Read step i+1 on a worker thread while step i is computed and written."""
-    steps = plan.steps
+def _prepare(plan: MergePlan) -> Prepared | None:
+    """Run the method's statistics pass, if it has one."""
+    if plan.method.prepare is None:
+        return None
+    try:
+        return plan.method.prepare(plan)
+    except ValueError as e:
+        raise UsageError(f"{plan.method.name}: {e}") from None
+
+
+def stream_inputs(plan: MergePlan, steps: Sequence[Step]) -> Iterator[tuple[Step, _Inputs]]:
+    """Yield each step with its inputs, reading step i+1 on a worker thread meanwhile.
+
+    The inputs are (base, models' tensors) in the compute dtype, and the base as stored.
+    """
     if not steps:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroloc-read") as pool:
@@ -96,17 +117,30 @@ def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor:
             inputs = pending.result()
             if i + 1 < len(steps):
                 pending = pool.submit(_load, plan, steps[i + 1])
-            writer.write(step.name, _compute(plan, step, inputs, seed).to(step.out.dtype))
-            if on_tensor is not None:
-                on_tensor(step)
+            yield step, inputs
+
+
+def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None, prepared: Prepared | None = None) -> None:
+    """Compute and write each step while the next one is read."""
+    for step, inputs in stream_inputs(plan, plan.steps):
+        context = prepared.per_tensor.get(step.name) if prepared is not None else None
+        out = _compute(plan, step, inputs, seed, context).to(step.out.dtype)
+        if plan.masks is not None and step.merge:
+            raw = inputs[2]
+            assert raw is not None  # masks are only planned with a base model
+            out = plan.masks.apply(step.name, out, raw.to(step.out.dtype))
+        writer.write(step.name, out)
+        if on_tensor is not None:
+            on_tensor(step)
 
 
 def _load(plan: MergePlan, step: Step) -> _Inputs:
     """Read one tensor of every input, converted to the compute dtype."""
     if not step.merge:
-        return plan.reference.checkpoint.read(step.name), []
+        return plan.reference.checkpoint.read(step.name), [], None
     dtype = plan.compute_dtype
-    base = plan.base.checkpoint.read(step.name).to(dtype) if plan.base else None
+    raw = plan.base.checkpoint.read(step.name) if plan.base else None
+    base = raw.to(dtype) if raw is not None else None
     tensors = []
     for src, present in zip(plan.models, step.present):
         if present:
@@ -114,18 +148,21 @@ def _load(plan: MergePlan, step: Step) -> _Inputs:
         else:
             assert base is not None  # on_missing: base is only planned with a base model
             tensors.append(base)
-    return base, tensors
+    return base, tensors, raw
 
 
-def _compute(plan: MergePlan, step: Step, inputs: _Inputs, seed: int | None) -> torch.Tensor:
-    base, tensors = inputs
+def _compute(plan: MergePlan, step: Step, inputs: _Inputs, seed: int | None, context: dict | None = None) -> torch.Tensor:
+    base, tensors, _ = inputs
     if not step.merge:
         assert base is not None
         return base
+    if plan.masks is not None:
+        assert base is not None
+        tensors = plan.masks.restrict_inputs(step.name, base, tensors)
     whole, per_model = plan.resolver.at(step.name, step.t)
     generator = _generator(seed, step.name) if plan.method.random else None
     try:
-        return plan.method(base, tensors, whole, per_model, generator)
+        return plan.method(base, tensors, whole, per_model, generator, context)
     except ValueError as e:
         raise UsageError(f"tensor {step.name}: {e}") from None
 
