@@ -35,11 +35,13 @@ def delta(
         raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it, or choose another path")
     mask = LOCATORS.get("delta").fn(base, tuned, top=top, granularity=granularity, scope=scope)
     mask.save(output)
-    _render_saved(output, mask_stats(mask), as_json)
+    _render_saved(output, mask_stats(mask), mask.provenance, as_json)
 
 
-def _render_saved(path: Path, stats: dict, as_json: bool) -> None:
-    doc = {"output": str(path), **{k: stats[k] for k in ("granularity", "selected", "total", "share", "units", "selected_units")}}
+def _render_saved(path: Path, stats: dict, provenance: dict, as_json: bool) -> None:
+    # units: the locator's neurons (a bias entry shares its weight row's unit), not mask entries
+    doc = {"output": str(path), **{k: stats[k] for k in ("granularity", "selected", "total", "share")}}
+    doc.update(units=provenance.get("units", stats["units"]), selected_units=provenance.get("selected_units", stats["selected_units"]))
     if as_json:
         render.print_json(doc)
         return

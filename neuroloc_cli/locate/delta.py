@@ -132,7 +132,7 @@ def _element_mask(deltas: _Deltas, top: float, scope: str, cap: int) -> tuple[di
         for n in names:
             a = deltas.read(n).abs_()
             entries[n] = MaskEntry(shapes[n], None, top_units([a], top, "tensor")[0])
-        return entries, {"units": sum(e.units for e in entries.values())}
+        return entries, {"units": sum(e.units for e in entries.values()), "selected_units": sum(e.selected_units for e in entries.values())}
 
     def stream() -> Iterator[torch.Tensor]:
         for n in names:
@@ -142,10 +142,10 @@ def _element_mask(deltas: _Deltas, top: float, scope: str, cap: int) -> tuple[di
     k = top_count(top, total)
     entries = {}
     if k == 0:
-        return {n: MaskEntry(shapes[n], None, torch.zeros(shapes[n], dtype=torch.bool)) for n in names}, {"units": total, "k": 0}
+        return {n: MaskEntry(shapes[n], None, torch.zeros(shapes[n], dtype=torch.bool)) for n in names}, {"units": total, "selected_units": 0, "k": 0}
     t = global_threshold(stream, k, cap)
     ties = k - t.greater
     for n, a in zip(names, stream()):
         sel, ties = threshold_select(a, t, ties)
         entries[n] = MaskEntry(shapes[n], None, sel)
-    return entries, {"units": total, "k": k, "threshold": t.value, "passes": t.passes + 1}
+    return entries, {"units": total, "selected_units": k, "k": k, "threshold": t.value, "passes": t.passes + 1}
