@@ -63,15 +63,15 @@ def select_tensors(plan) -> Prepared:
     """
     from neuroloc_cli.merge.run import stream_inputs  # the engine imports the methods
 
-    scores, transfer = [], {}
+    scores, transfer, k2 = [], {}, 0.0
     for step, (base, tensors, _) in stream_inputs(plan, [s for s in plan.steps if s.merge]):
         whole, per_model = plan.resolver.at(step.name, step.t)
         r_a = ability_vector(base, tensors[0], tensors[1], whole["alpha"], whole["beta"])
         r_lang = language_vector(base, tensors[2:], [p["weight"] for p in per_model[2:]])
         scores.append(TensorScore(step.name, dot(r_a, r_lang), base.numel()))
         transfer[step.name] = bool(whole["transfer"])
+        k2 = float(whole["k2"])  # one number for the whole merge (check_maet_recipe)
     ranked = sort_scores(scores)
-    k2 = float(plan.recipe.parameters.get("k2", 0.8))
     by_rank = {s.tensor for s in ranked[len(ranked) - math.floor(k2 * len(ranked)):]} if k2 > 0 else set()
     chosen = [s.tensor for s in ranked if s.tensor in by_rank and transfer[s.tensor]]
     in_t = set(chosen)
