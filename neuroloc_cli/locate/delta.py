@@ -12,39 +12,30 @@ from pathlib import Path
 
 import torch
 
-from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_count, top_units
 from neuroloc_cli.locate.units import UnitGroup, element_tensors, ffn_groups, row_groups
 from neuroloc_cli.masks.format import GRANULARITIES, Mask, MaskEntry
+from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
 
 SCOPES = ("global", "tensor")
 PAPER = "Chen et al. 2024, MAET (arXiv:2409.14162), Eq. 1"
 
 
 class _Deltas:
-    """Reads `tuned − base` of one tensor at a time, in float32 (exact for bf16/fp16 inputs).
-
-    A delta checkpoint (written by `neuroloc delta`) may stand in for the tuned model.
-    """
+    """The base (whose tensors are ranked) and the deltas of the tuned model against it."""
 
     def __init__(self, base: Path, tuned: Path):
         self.base = Checkpoint.open(base, spec=str(base))
-        self.tuned = Checkpoint.open(tuned, spec=str(tuned))
-        self.is_delta = self.tuned.kind == "delta"
+        self.tuned = DeltaReader(tuned, self.base, "TUNED")
 
     def check(self, names: list[str]) -> None:
-        for n in names:
-            theirs = self.tuned.tensors.get(n)
-            if theirs is None:
-                raise InputError(f"{self.tuned.path}: tensor {n} is missing (present in {self.base.path})")
-            if theirs.shape != self.base.tensors[n].shape:
-                raise InputError(f"{self.tuned.path}: tensor {n} has shape {list(theirs.shape)}, {self.base.path} has {list(self.base.tensors[n].shape)}")
+        check_same_tensors(names, self.base, [self.tuned.ckpt])
 
     def read(self, name: str) -> torch.Tensor:
-        tuned = self.tuned.read(name).float()
-        return tuned if self.is_delta else tuned.sub_(self.base.read(name).float())
+        return self.tuned.read(name)
 
 
 @locator("delta", paper=PAPER)
@@ -88,7 +79,7 @@ def locate_delta(
         "base": str(Path(base).resolve()),
         "tuned": str(Path(tuned).resolve()),
         "base_fingerprint": deltas.base.fingerprint,
-        "tuned_fingerprint": deltas.tuned.fingerprint,
+        "tuned_fingerprint": deltas.tuned.ckpt.fingerprint,
         "top": top,
         "granularity": granularity,
         "scope": scope,
@@ -107,7 +98,8 @@ def group_importance(deltas: _Deltas, group: UnitGroup) -> torch.Tensor:
     for part in group.parts:
         d = deltas.read(part.name)
         dims = [i for i in range(d.dim()) if i != part.axis]
-        sq += d.double().square().sum(dim=dims) if dims else d.double().square()
+        # squares in float32 are exact enough; the float64 sum keeps millions of them apart
+        sq += d.square_().sum(dim=dims, dtype=torch.float64) if dims else d.square_().double()
     return sq.sqrt()
 
 

@@ -9,6 +9,7 @@ naming the tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -115,7 +116,7 @@ def _overlap_entry(name: str, ea: MaskEntry | None, eb: MaskEntry | None) -> Ove
         return Overlap(name, n if ea is not None else 0, n if eb is not None else 0, 0, n)
     if ea.axis == eb.axis and ea.axis is not None:
         # Same unit axis: count units, then scale by the elements each unit spans.
-        span = _numel(ea.shape) // ea.shape[ea.axis]
+        span = math.prod(ea.shape) // ea.shape[ea.axis]
         inter = int((ea.selected & eb.selected).sum()) * span
         union = int((ea.selected | eb.selected).sum()) * span
         return Overlap(name, ea.selected_units * span, eb.selected_units * span, inter, union)
@@ -132,11 +133,4 @@ def selected_elements(entry: MaskEntry) -> int:
     """Selected elements of one entry, without expanding row/FFN entries."""
     if entry.axis is None:
         return int(entry.selected.sum())
-    return entry.selected_units * (_numel(entry.shape) // entry.shape[entry.axis])
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return entry.selected_units * (math.prod(entry.shape) // entry.shape[entry.axis])

@@ -13,6 +13,7 @@ floats at once.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def layer_kind_grid(mask: Mask) -> Grid:
         key = ("-" if layer is None else str(layer), tensor_kind(name))
         c = cells.setdefault(key, [0, 0])
         c[0] += selected_elements(e)
-        c[1] += _numel(e.shape)
+        c[1] += math.prod(e.shape)
     rows = sorted({r for r, _ in cells}, key=lambda r: (r == "-", int(r) if r != "-" else 0))
     cols = sorted({k for _, k in cells if _is_block_kind(k, mask)}) + sorted({k for r, k in cells if r == "-"})
     cols = list(dict.fromkeys(cols))
@@ -90,7 +91,7 @@ def density_map(entry: MaskEntry, max_side: int = MAX_SIDE) -> tuple[torch.Tenso
     Returns:
         (map [≤max_side, ≤max_side], row shares [rows], column shares [cols]).
     """
-    shape = entry.shape if len(entry.shape) == 2 else ((1, entry.shape[0]) if len(entry.shape) == 1 else (entry.shape[0], _numel(entry.shape[1:])))
+    shape = entry.shape if len(entry.shape) == 2 else ((1, entry.shape[0]) if len(entry.shape) == 1 else (entry.shape[0], math.prod(entry.shape[1:])))
     rows, cols = shape
     if entry.axis is not None:
         unit = entry.selected.float()
@@ -243,10 +244,3 @@ def _tensor_panel(name: str, entry: MaskEntry):
         draw.rectangle([j * scale, top + gh + 4, (j + 1) * scale - 1, top + gh + 4 + strip], fill=_color(v, vmax))
     _legend(draw, 0, top + gh + strip + 14, "share selected", vmax)
     return img
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -7,6 +7,7 @@ tensors of the model it leaves out (locators list every tensor they considered).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from neuroloc_cli.arch import layer_index, tensor_kind
@@ -41,7 +42,7 @@ def mask_stats(mask: Mask) -> dict:
     tensors, layers, kinds = [], {}, {}
     units = selected_units = 0
     for name, e in mask.entries.items():
-        c = Count(name, selected_elements(e), _numel(e.shape))
+        c = Count(name, selected_elements(e), math.prod(e.shape))
         layer, kind = layer_index(name), tensor_kind(name)
         tensors.append({**c.as_dict("tensor"), "layer": layer, "kind": kind, "shape": list(e.shape), "axis": e.axis,
                         "units": e.units, "selected_units": e.selected_units})
@@ -67,10 +68,3 @@ def mask_stats(mask: Mask) -> dict:
 def _add(groups: dict[str, Count], key: str, c: Count) -> None:
     old = groups.get(key)
     groups[key] = Count(key, c.selected + (old.selected if old else 0), c.total + (old.total if old else 0))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

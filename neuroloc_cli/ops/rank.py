@@ -13,22 +13,34 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli.arch import layer_index, tensor_kind
-from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
 
 METRICS = ("dot", "cosine")
 
 
+_CHUNK = 1 << 22  # elements converted to float64 at a time, so the sums cost no whole-tensor copy
+
+
+def _chunks(a: torch.Tensor, b: torch.Tensor):
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for i in range(0, fa.numel(), _CHUNK):
+        yield fa[i : i + _CHUNK].double(), fb[i : i + _CHUNK].double()
+
+
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """⟨a, b⟩ of the flattened tensors, accumulated in float64."""
-    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+    return float(sum(torch.dot(x, y) for x, y in _chunks(a, b)))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """⟨a, b⟩ / (‖a‖·‖b‖); 0 when either is all zeros (no direction to compare)."""
-    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
-    norms = float(a64.norm() * b64.norm())
-    return float(torch.dot(a64, b64)) / norms if norms else 0.0
+    ab = aa = bb = 0.0
+    for x, y in _chunks(a, b):
+        ab, aa, bb = ab + float(torch.dot(x, y)), aa + float(torch.dot(x, x)), bb + float(torch.dot(y, y))
+    norms = (aa * bb) ** 0.5
+    return ab / norms if norms else 0.0
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, metric: str = "dot") -> float:
@@ -53,27 +65,6 @@ def sort_scores(scores: list[TensorScore]) -> list[TensorScore]:
     return sorted(scores, key=lambda s: -s.score)
 
 
-class DeltaReader:
-    """One tensor at a time of `Δ = X − base` for a model X, or of a delta checkpoint as is.
-
-    Args:
-        path: a model or a delta checkpoint folder.
-        base: the base model; required when `path` is a model.
-        role: its name in messages ("A", "B").
-    """
-
-    def __init__(self, path: Path, base: Checkpoint | None, role: str):
-        self.ckpt = Checkpoint.open(path, spec=str(path))
-        self.role = role
-        self.base = None if self.ckpt.kind == "delta" else base
-        if self.ckpt.kind != "delta" and base is None:
-            raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
-
-    def read(self, name: str) -> torch.Tensor:
-        x = self.ckpt.read(name).float()
-        return x if self.base is None else x.sub_(self.base.read(name).float())
-
-
 def rank_deltas(a: Path, b: Path, base: Path | None = None, metric: str = "dot") -> list[TensorScore]:
     """Every floating tensor of A, with its similarity between Δ_A and Δ_B, sorted descending.
 
@@ -91,17 +82,6 @@ def rank_deltas(a: Path, b: Path, base: Path | None = None, metric: str = "dot")
     base_ckpt = Checkpoint.open(base, spec=str(base)) if base is not None else None
     ra, rb = DeltaReader(a, base_ckpt, "A"), DeltaReader(b, base_ckpt, "B")
     names = [n for n, i in ra.ckpt.tensors.items() if i.torch_dtype.is_floating_point]
-    _check_same(names, ra, [rb] + ([] if base_ckpt is None else [base_ckpt]))
+    check_same_tensors(names, ra.ckpt, [rb.ckpt] + ([] if base_ckpt is None else [base_ckpt]))
     scores = [TensorScore(n, similarity(ra.read(n), rb.read(n), metric), ra.ckpt.tensors[n].numel) for n in names]
     return sort_scores(scores)
-
-
-def _check_same(names: list[str], ref: DeltaReader, others: list) -> None:
-    for other in others:
-        ckpt = other.ckpt if isinstance(other, DeltaReader) else other
-        for n in names:
-            info = ckpt.tensors.get(n)
-            if info is None:
-                raise InputError(f"{ckpt.path}: tensor {n} is missing (present in {ref.ckpt.path})")
-            if info.shape != ref.ckpt.tensors[n].shape:
-                raise InputError(f"{ckpt.path}: tensor {n} has shape {list(info.shape)}, {ref.ckpt.path} has {list(ref.ckpt.tensors[n].shape)}")
