@@ -222,3 +222,20 @@ def test_shipped_recipes_validate_and_run(zoo, langs, cli, tmp_path, name, k2):
     assert r.exit_code == 0, r.stderr
     prov = __import__("json").loads((tmp_path / "out" / "neuroloc.json").read_text())["maet"]
     assert prov["T_size"] == math.floor(k2 * prov["tensors_ranked"])
+
+
+def test_vectors_written_as_deltas_rank_like_maet_pass_1(zoo, langs, cli, tmp_path):
+    fam = zoo.get("llama")
+    ability = f"merge_method: ability_vector\nbase_model: {fam.base}\nability: {{model: {fam.ft1}, language_model: {fam.ft2}}}\nparameters: {{alpha: 0.8, beta: 0.2}}\n"
+    languages = f"merge_method: language_vector\nbase_model: {fam.base}\nlanguages: [{{model: {langs['llama'][0]}, weight: 0.5}}, {{model: {langs['llama'][1]}, weight: 0.25}}]\n"
+    assert cli("merge", write_recipe(tmp_path, ability, "a.yaml"), "-o", tmp_path / "ra").exit_code == 0
+    assert cli("merge", write_recipe(tmp_path, languages, "l.yaml"), "-o", tmp_path / "rl").exit_code == 0
+    base = load_all(fam.base)
+    _, ranking, scores, _ = _expected_maet(base, load_all(fam.ft1), load_all(fam.ft2), [load_all(p) for p in langs["llama"]], [0.5, 0.25], 0.8)
+    ra, a, l0 = load_all(tmp_path / "ra"), load_all(fam.ft1), load_all(fam.ft2)
+    for name, b in base.items():
+        expected = 0.8 * (a[name].double() - b.double()) - 0.2 * (l0[name].double() - b.double())
+        assert ra[name].dtype == torch.float32 and torch.allclose(ra[name].double(), expected, rtol=0, atol=1e-7), name
+    rows = cli("rank", tmp_path / "ra", tmp_path / "rl", "--json").json()
+    assert [r["tensor"] for r in rows] == ranking
+    assert [r["score"] for r in rows] == pytest.approx([scores[n] for n in ranking], rel=1e-4)

@@ -129,3 +129,49 @@ def maet(
         return r_lang.add_(base)
     r_a = ability_vector(base, tensors[0], tensors[1], alpha, beta)
     return r_a.mul_(gamma).add_(r_lang, alpha=eta).add_(base)
+
+
+# -- the vectors themselves, written only when asked ------------------------------------------
+
+
+def _check_ability_only(recipe) -> list[str]:
+    problems = [] if recipe.ability is not None else ["ability: ability_vector needs 'ability: {model: ..., language_model: ...}'"]
+    return problems + (["languages: ability_vector takes no 'languages:' (see language_vector)"] if recipe.languages else [])
+
+
+def _check_languages_only(recipe) -> list[str]:
+    problems = [] if recipe.languages else ["languages: language_vector needs at least one '{model: ..., weight: ...}'"]
+    return problems + (["ability: language_vector takes no 'ability:' (see ability_vector)"] if recipe.ability is not None else [])
+
+
+@merge_method(
+    "ability_vector",
+    needs_base=True,
+    min_models=0,
+    inputs="ability",
+    output_kind="delta",
+    check=_check_ability_only,
+    params=(
+        Param("alpha", default=0.8, help="weight of Δ(ability.model) (Eq. 2)"),
+        Param("beta", default=0.2, help="weight subtracted of Δ(ability.language_model) (Eq. 2)"),
+    ),
+    paper=PAPER,
+)
+def ability_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, alpha: float, beta: float) -> torch.Tensor:
+    """Eq. 2, R(A), written as a delta checkpoint (for `neuroloc rank` or inspection)."""
+    return ability_vector(base, tensors[0], tensors[1], alpha, beta)
+
+
+@merge_method(
+    "language_vector",
+    needs_base=True,
+    min_models=0,
+    inputs="ability",
+    output_kind="delta",
+    check=_check_languages_only,
+    params=(Param("weight", default=1.0, per_model=True, help="μ_i of each language (set in languages[i].weight)"),),
+    paper=PAPER,
+)
+def language_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float]) -> torch.Tensor:
+    """Eq. 3, R_Lang, written as a delta checkpoint (for `neuroloc rank` or inspection)."""
+    return language_vector(base, tensors, weight)
