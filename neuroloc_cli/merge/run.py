@@ -25,7 +25,7 @@ import torch
 from neuroloc_cli import __version__
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import KIND_KEY
-from neuroloc_cli.io.output import atomic_output_dir, copy_side_files, write_provenance
+from neuroloc_cli.io.output import atomic_output_dir, check_output_path, copy_side_files, write_provenance
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.methods.base import Prepared
@@ -73,6 +73,8 @@ def run_merge(
     start = time.perf_counter()
     seed = seed if seed is not None else plan.recipe.random_seed
     provenance = _provenance(plan, seed, command)
+    if plan.method.prepare is not None:  # refuse a bad output before a whole statistics pass
+        check_output_path(out_dir, plan.input_paths(), overwrite)
     prepared = _prepare(plan)
     if prepared is not None:
         provenance[plan.method.name] = prepared.provenance
