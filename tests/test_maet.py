@@ -129,6 +129,9 @@ def test_mask_restricted_merge_keeps_unselected_elements_bit_identical(zoo, cli,
         f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels:\n  - {{model: {fam.ft1}, parameters: {{weight: 0.7}}}}\n"
         f"  - {{model: {fam.ft2}, parameters: {{weight: 0.5}}}}\nmask: {mask_path}\n",
     )
+    plan = cli("recipe", "validate", recipe, "--json").json()
+    selected = Mask.load(mask_path).selected
+    assert plan["notes"] == [f"mask {mask_path}: ffn mask over 6 tensors, {selected} elements selected; outside it the base is kept"]
     r = cli("merge", recipe, "-o", tmp_path / "out")
     assert r.exit_code == 0, r.stderr
     mask, base, a, b, out = Mask.load(mask_path), load_all(fam.base), load_all(fam.ft1), load_all(fam.ft2), load_all(tmp_path / "out")

@@ -58,6 +58,22 @@ class MergeMasks:
         return merged if region is None else torch.where(region, merged, base)
 
 
+def describe_masks(masks: MergeMasks | None, recipe: MergeRecipe) -> list[str]:
+    """One note per mask of a plan (what `recipe validate` and `--dry-run` show)."""
+    if masks is None:
+        return []
+    from neuroloc_cli.masks.stats import mask_stats
+
+    keys = [("mask", recipe.mask, masks.global_mask)]
+    keys += [(f"{role.removesuffix('.model')}.mask", m.mask, mask) for (role, m), mask in zip(input_models(recipe), masks.per_model)]
+    notes = []
+    for key, spec, mask in keys:
+        if mask is not None:
+            doc = mask_stats(mask)
+            notes.append(f"{key} {spec}: {doc['granularity']} mask over {len(mask.entries)} tensors, {doc['selected']} elements selected; outside it the base is kept")
+    return notes
+
+
 def mask_recipe_problems(recipe: MergeRecipe) -> list[str]:
     """Problems of a recipe's `mask:` keys that need no file: a mask needs a base model."""
     uses = (["mask"] if recipe.mask else []) + [f"{role.removesuffix('.model')}.mask" for role, m in input_models(recipe) if m.mask]

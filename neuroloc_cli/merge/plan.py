@@ -17,7 +17,7 @@ from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
 from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
 from neuroloc_cli.io.format import DTYPE_NAMES
 from neuroloc_cli.io.writer import OutTensor
-from neuroloc_cli.merge.masking import MergeMasks, load_masks, mask_recipe_problems
+from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
 from neuroloc_cli.recipe.schema import MergeRecipe, input_models
@@ -136,6 +136,7 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
                 plan.masks, mask_problems = load_masks(recipe, base_dir, reference)
                 input_problems += len(mask_problems)
                 problems += mask_problems
+                plan.notes += describe_masks(plan.masks, recipe)
 
     if problems:
         raise RecipeError(source, problems, exit_code=3 if input_problems == len(problems) else 2)
