@@ -292,7 +292,8 @@ out_dtype: bfloat16
 """
     whole_dir, whole = _merge(cli, tmp_path / "whole", text)
     monkeypatch.setattr(run, "BLOCK_ELEMENTS", 1000)  # embeddings (512×64) now go in ~33 blocks
-    assert any(rows is not None for _, rows in run._units(_plan_for(tmp_path / "whole" / "recipe.yaml")))
+    plan = _plan_for(tmp_path / "whole" / "recipe.yaml")
+    assert any(rows is not None for _, rows in run._units(plan.steps, blocks=plan.method.elementwise))
     _, blocked = _merge(cli, tmp_path / "blocked", text)
     for name in whole:
         assert torch.equal(whole[name], blocked[name]), name

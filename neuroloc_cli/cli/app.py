@@ -73,7 +73,15 @@ def _root(
 
 def _register() -> None:
     # Each module adds its commands to `app`; imports stay light so `--help` is instant.
-    from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, eval_cmd, merge_cmds  # noqa: F401
+    from neuroloc_cli.cli import (  # noqa: F401
+        checkpoint_cmds,
+        demo_cmd,
+        eval_cmd,
+        locate_cmds,
+        mask_cmds,
+        merge_cmds,
+        rank_cmd,
+    )
 
 
 _register()

@@ -17,9 +17,10 @@ from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
 from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
 from neuroloc_cli.io.format import DTYPE_NAMES
 from neuroloc_cli.io.writer import OutTensor
+from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
-from neuroloc_cli.recipe.schema import MergeRecipe
+from neuroloc_cli.recipe.schema import MergeRecipe, input_models
 
 # mergekit parameters that change how it computes, not what: accepted and ignored.
 NO_OP_PARAMETERS = frozenset({"int8_mask"})
@@ -65,6 +66,7 @@ class MergePlan:
     num_layers: int | None
     resolver: ParameterResolver
     notes: list[str] = field(default_factory=list)
+    masks: MergeMasks | None = None
 
     @property
     def reference(self) -> Source:
@@ -105,8 +107,9 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     if method is not None:
         problems += _check_method_shape(recipe, method)
         problems += check_parameters(
-            method.params, recipe.parameters, [m.parameters for m in recipe.models], method.name, NO_OP_PARAMETERS
+            method.params, recipe.parameters, [m.parameters for _, m in input_models(recipe)], method.name, NO_OP_PARAMETERS
         )
+    problems += mask_recipe_problems(recipe)
 
     sources: list[Source | None] = []
     for role, spec in _inputs(recipe):
@@ -129,6 +132,11 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
         if not problems:  # parameters are well-formed: check they resolve at every tensor
             plan = _plan(recipe, source, method, base, opened)
             problems += _check_resolution(plan)
+            if not problems:
+                plan.masks, mask_problems = load_masks(recipe, base_dir, reference)
+                input_problems += len(mask_problems)
+                problems += mask_problems
+                plan.notes += describe_masks(plan.masks, recipe)
 
     if problems:
         raise RecipeError(source, problems, exit_code=3 if input_problems == len(problems) else 2)
@@ -138,14 +146,20 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
 
 def _inputs(recipe: MergeRecipe) -> list[tuple[str, str]]:
     pairs = [("base_model", recipe.base_model)] if recipe.base_model is not None else []
-    return pairs + [(f"models[{i}].model", m.model) for i, m in enumerate(recipe.models)]
+    return pairs + [(role, m.model) for role, m in input_models(recipe)]
 
 
 def _check_method_shape(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
     problems = []
     if method.needs_base and recipe.base_model is None:
         problems.append(f"base_model: {method.name} needs a base model")
-    n = len(recipe.models)
+    if method.inputs == "models" and (recipe.ability is not None or recipe.languages):
+        problems.append(f"ability/languages: {method.name} takes 'models:'; 'ability:' and 'languages:' are for merge_method: maet")
+    if method.inputs == "ability" and recipe.models:
+        problems.append(f"models: {method.name} takes 'ability:' and 'languages:' instead of 'models:'")
+    if method.check is not None:
+        problems += method.check(recipe)
+    n = len(input_models(recipe))
     if n < method.min_models:
         problems.append(f"models: {method.name} needs at least {method.min_models} model(s), got {n}")
     if method.max_models is not None and n > method.max_models:
@@ -199,7 +213,7 @@ def _plan(recipe: MergeRecipe, source: str, method: MergeMethod, base: Source | 
         dtype = (fixed_out or info.torch_dtype) if floating else info.torch_dtype
         present = tuple(name in m.checkpoint.tensors for m in models)
         steps.append(Step(name, OutTensor(name, info.shape, dtype), layer_position(name, num_layers), floating, present))
-    resolver = ParameterResolver(method.params, recipe.parameters, [m.parameters for m in recipe.models])
+    resolver = ParameterResolver(method.params, recipe.parameters, [m.parameters for _, m in input_models(recipe)])
     return MergePlan(recipe, source, method, base, models, steps, compute, num_layers, resolver)
 
 

@@ -1,5 +1,9 @@
 """Executing a merge plan: stream tensors in, compute, stream shards out, atomically.
 
+Methods with a statistics pass (`MergeMethod.prepare`, e.g. MAET's tensor ranking) get it
+first, streaming the inputs once more; its findings go into the provenance. Masks
+(`merge.masking`) are applied last, to the output-dtype tensor.
+
 Memory: the reader thread holds the next tensor's inputs while the main thread computes the
 current one, so private memory stays at a few copies of the largest tensor (inputs in the
 compute dtype, the result and one scratch buffer), whatever the model size.
@@ -11,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,11 +26,13 @@ import torch
 from neuroloc_cli import __version__
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import KIND_KEY
-from neuroloc_cli.io.output import atomic_output_dir, copy_side_files, write_provenance
+from neuroloc_cli.io.output import atomic_output_dir, check_output_path, copy_side_files, write_provenance
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from neuroloc_cli.merge.plan import MergePlan, Step
+from neuroloc_cli.methods.base import Prepared
 
-_Inputs = tuple[torch.Tensor | None, list[torch.Tensor]]
+# (base in the compute dtype, each model's tensor in the compute dtype, base as stored)
+_Inputs = tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,11 @@ def run_merge(
     start = time.perf_counter()
     seed = seed if seed is not None else plan.recipe.random_seed
     provenance = _provenance(plan, seed, command)
+    if plan.method.prepare is not None:  # refuse a bad output before a whole statistics pass
+        check_output_path(out_dir, plan.input_paths(), overwrite)
+    prepared = _prepare(plan)
+    if prepared is not None:
+        provenance[plan.method.name] = prepared.provenance
     metadata = {
         KIND_KEY: plan.method.output_kind,
         "neuroloc.version": __version__,
@@ -76,7 +87,7 @@ def run_merge(
     with atomic_output_dir(out_dir, plan.input_paths(), overwrite) as tmp:
         writer = ShardedWriter(tmp, [s.out for s in plan.steps], max_shard_bytes, metadata)
         try:
-            _stream(plan, writer, seed, on_tensor)
+            _stream(plan, writer, seed, on_tensor, prepared)
         finally:
             writer.abort()
         writer.close()
@@ -86,19 +97,28 @@ def run_merge(
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
 
 
-# Elementwise methods process tensors larger than this in blocks of rows (8 MB in float32).
+# Elementwise work processes tensors larger than this in blocks of rows (8 MB in float32).
 BLOCK_ELEMENTS = 2 * 2**20
 
-_Rows = tuple[int, int] | None
+Rows = tuple[int, int] | None
 
 
-def _units(plan: MergePlan) -> list[tuple[Step, _Rows]]:
-    """The work units of a merge: whole tensors, or blocks of rows of large tensors when the
-    method is elementwise."""
-    units: list[tuple[Step, _Rows]] = []
-    for step in plan.steps:
+def _prepare(plan: MergePlan) -> Prepared | None:
+    """Run the method's statistics pass, if it has one."""
+    if plan.method.prepare is None:
+        return None
+    try:
+        return plan.method.prepare(plan)
+    except ValueError as e:
+        raise UsageError(f"{plan.method.name}: {e}") from None
+
+
+def _units(steps: Sequence[Step], blocks: bool) -> list[tuple[Step, Rows]]:
+    """Work units: whole tensors, or, when `blocks`, blocks of rows of the large merged ones."""
+    units: list[tuple[Step, Rows]] = []
+    for step in steps:
         shape = step.out.shape
-        if not (plan.method.elementwise and step.merge) or not shape or math.prod(shape) <= BLOCK_ELEMENTS:
+        if not (blocks and step.merge) or not shape or math.prod(shape) <= BLOCK_ELEMENTS:
             units.append((step, None))
             continue
         rows = max(1, BLOCK_ELEMENTS // math.prod(shape[1:]))
@@ -106,9 +126,14 @@ def _units(plan: MergePlan) -> list[tuple[Step, _Rows]]:
     return units
 
 
-def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None) -> None:
-    """Read unit i+1 on a worker thread while unit i is computed and written."""
-    units = _units(plan)
+def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = False) -> Iterator[tuple[Step, Rows, _Inputs]]:
+    """Yield each step (or, with `blocks`, each block of rows of a large step) with its
+    inputs, reading the next unit on a worker thread meanwhile.
+
+    The inputs are (base, models' tensors) in the compute dtype, and the base as stored.
+    Use `blocks` only for work that is elementwise or additive over rows.
+    """
+    units = _units(steps, blocks)
     if not units:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroloc-read") as pool:
@@ -117,17 +142,31 @@ def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor:
             inputs = pending.result()
             if i + 1 < len(units):
                 pending = pool.submit(_load, plan, *units[i + 1])
-            writer.write(step.name, _compute(plan, step, inputs, seed).to(step.out.dtype))
-            if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
-                on_tensor(step)
+            yield step, rows, inputs
 
 
-def _load(plan: MergePlan, step: Step, rows: _Rows) -> _Inputs:
-    """Read one tensor (or block of rows) of every input, converted to the compute dtype."""
+def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None, prepared: Prepared | None = None) -> None:
+    """Compute and write each unit while the next one is read."""
+    for step, rows, inputs in stream_inputs(plan, plan.steps, blocks=plan.method.elementwise):
+        context = prepared.per_tensor.get(step.name) if prepared is not None else None
+        out = _compute(plan, step, rows, inputs, seed, context).to(step.out.dtype)
+        if plan.masks is not None and step.merge:
+            raw = inputs[2]
+            assert raw is not None  # masks are only planned with a base model
+            out = plan.masks.apply(step.name, out, raw.to(step.out.dtype), rows)
+        writer.write(step.name, out)
+        if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
+            on_tensor(step)
+
+
+def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
+    """Read one tensor (or block of rows) of every input, in the compute dtype; and the base
+    as stored."""
     if not step.merge:
-        return plan.reference.checkpoint.read(step.name), []
+        return plan.reference.checkpoint.read(step.name), [], None
     dtype = plan.compute_dtype
-    base = plan.base.checkpoint.read(step.name, rows).to(dtype) if plan.base else None
+    raw = plan.base.checkpoint.read(step.name, rows) if plan.base else None
+    base = raw.to(dtype) if raw is not None else None
     tensors = []
     for src, present in zip(plan.models, step.present):
         if present:
@@ -135,18 +174,21 @@ def _load(plan: MergePlan, step: Step, rows: _Rows) -> _Inputs:
         else:
             assert base is not None  # on_missing: base is only planned with a base model
             tensors.append(base)
-    return base, tensors
+    return base, tensors, raw
 
 
-def _compute(plan: MergePlan, step: Step, inputs: _Inputs, seed: int | None) -> torch.Tensor:
-    base, tensors = inputs
+def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: _Inputs, seed: int | None, context: dict | None = None) -> torch.Tensor:
+    base, tensors, _ = inputs
     if not step.merge:
         assert base is not None
         return base
+    if plan.masks is not None:
+        assert base is not None
+        tensors = plan.masks.restrict_inputs(step.name, base, tensors, rows)
     whole, per_model = plan.resolver.at(step.name, step.t)
     generator = _generator(seed, step.name) if plan.method.random else None
     try:
-        return plan.method(base, tensors, whole, per_model, generator)
+        return plan.method(base, tensors, whole, per_model, generator, context)
     except ValueError as e:
         raise UsageError(f"tensor {step.name}: {e}") from None
 

@@ -9,6 +9,11 @@ per input model, all in the compute dtype; parameters declared `per_model` arriv
 value per model (`weight=[0.5, 0.5]`), the others as one value (a keyword that is a Python
 keyword gets a trailing underscore: `lambda_`). Random methods also receive
 `generator: torch.Generator`. The engine, not the method, handles dtypes, masks and I/O.
+
+Methods that need statistics of the whole model before merging any tensor (MAET ranks
+every tensor first) declare `prepare`: the engine calls it once with the plan (a first
+streaming pass), and passes what it returns for each tensor as extra keyword arguments
+(declared in `context`) to the tensor function in the second pass.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import inspect
 import keyword
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +30,19 @@ from neuroloc_cli.recipe.params import Param, Scalar
 from neuroloc_cli.registry import Registry
 
 MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a method's statistics pass found.
+
+    Attributes:
+        per_tensor: tensor name -> extra keyword arguments of the tensor function.
+        provenance: recorded in the output's `neuroloc.json` under the method's name.
+    """
+
+    per_tensor: dict[str, dict[str, Any]]
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,10 @@ class MergeMethod:
             in blocks of rows, so memory stays bounded whatever a tensor's size.
         output_kind: "model", or "delta" for methods whose output is a weight delta.
         paper: the reference, for docstrings and `neuroloc methods`.
+        inputs: "models" (the recipe's `models:`), or "ability" (`ability:` + `languages:`).
+        prepare: the statistics pass, `prepare(plan) -> Prepared`, or None.
+        context: names of the per-tensor arguments `prepare` provides.
+        check: extra recipe checks, `check(recipe) -> list of problems`, or None.
     """
 
     name: str
@@ -54,6 +77,10 @@ class MergeMethod:
     elementwise: bool = False
     output_kind: str = "model"
     paper: str = ""
+    inputs: str = "models"
+    prepare: Callable[..., Prepared] | None = None
+    context: tuple[str, ...] = ()
+    check: Callable[..., list[str]] | None = None
 
     @property
     def summary(self) -> str:
@@ -67,14 +94,16 @@ class MergeMethod:
         whole: dict[str, Scalar],
         per_model: Sequence[dict[str, Scalar]],
         generator: torch.Generator | None = None,
+        context: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Call the method with parameters resolved for one tensor."""
+        """Call the method with parameters resolved for one tensor (and `prepare`'s context)."""
         kwargs: dict[str, object] = {_pyname(k): v for k, v in whole.items()}
         for p in self.params:
             if p.per_model:
                 kwargs[_pyname(p.name)] = [mp[p.name] for mp in per_model]
         if self.random:
             kwargs["generator"] = generator
+        kwargs.update(context or {})
         return self.fn(base, tensors, **kwargs)
 
 
@@ -96,6 +125,10 @@ def merge_method(
     elementwise: bool = False,
     output_kind: str = "model",
     paper: str = "",
+    inputs: str = "models",
+    prepare: Callable[..., Prepared] | None = None,
+    context: Sequence[str] = (),
+    check: Callable[..., list[str]] | None = None,
 ) -> Callable[[MethodFn], MergeMethod]:
     """Register a tensor function as the merge method `name`.
 
@@ -105,9 +138,12 @@ def merge_method(
 
     def wrap(fn: MethodFn) -> MergeMethod:
         accepted = set(inspect.signature(fn).parameters) - {"base", "tensors"}
-        expected = {_pyname(p.name) for p in params} | ({"generator"} if random else set())
+        expected = {_pyname(p.name) for p in params} | ({"generator"} if random else set()) | set(context)
         if accepted != expected:
             raise TypeError(f"merge method {name}: function takes {sorted(accepted)}, declared {sorted(expected)}")
-        return MergeMethod(name, fn, tuple(params), needs_base, min_models, max_models, random, elementwise, output_kind, paper)
+        return MergeMethod(
+            name, fn, tuple(params), needs_base, min_models, max_models, random, elementwise, output_kind, paper,
+            inputs, prepare, tuple(context), check,
+        )
 
     return METHODS.decorator(name, wrap)

@@ -36,6 +36,25 @@ class InputModel(_Frozen):
 
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+    mask: str | None = None
+    """A mask file: this model's delta counts only inside it (see `merge.masking`)."""
+
+
+class AbilitySpec(_Frozen):
+    """`ability:` of a `maet` recipe: the two masked-CPT models whose difference is R(A)."""
+
+    model: str
+    """Θ_{A,L0}: masked CPT on the ability + general corpus."""
+    language_model: str
+    """Θ_{L0}: masked CPT on the general corpus of the same language."""
+
+
+class LanguageSpec(_Frozen):
+    """One entry of `languages:` of a `maet` recipe: R_Lang = Σ weight_i · Δ(model_i)."""
+
+    model: str
+    weight: float | None = None
+    """μ_i; when absent, the top-level `parameters.weight` (default 1.0)."""
 
 
 class MergeRecipe(_Frozen):
@@ -51,6 +70,28 @@ class MergeRecipe(_Frozen):
     on_missing: Literal["error", "base"] = "error"
     """What a tensor of the base that a model lacks means: an error (default), or "base",
     i.e. that model leaves the tensor unchanged (a zero delta)."""
+    mask: str | None = None
+    """A mask file: outside it every element keeps the base value, bit for bit."""
+    ability: AbilitySpec | None = None
+    languages: list[LanguageSpec] = Field(default_factory=list)
+
+
+def input_models(recipe: MergeRecipe) -> list[tuple[str, InputModel]]:
+    """Every input model but the base, with where the recipe names it.
+
+    `models:` entries for most methods; for recipes in the `maet` shape, `ability.model`,
+    `ability.language_model` and each `languages[i]` (its `weight` as a model parameter), in
+    that order.
+    """
+    if recipe.ability is None and not recipe.languages:
+        return [(f"models[{i}].model", m) for i, m in enumerate(recipe.models)]
+    out = []
+    if recipe.ability is not None:
+        out += [("ability.model", InputModel(model=recipe.ability.model)), ("ability.language_model", InputModel(model=recipe.ability.language_model))]
+    for i, lang in enumerate(recipe.languages):
+        params = {} if lang.weight is None else {"weight": lang.weight}
+        out.append((f"languages[{i}].model", InputModel(model=lang.model, parameters=params)))
+    return out
 
 
 def parse_recipe(text: str, source: str) -> MergeRecipe:

@@ -1,0 +1,64 @@
+"""`neuroloc locate delta` (MAET Eq. 1) and `neuroloc locate list`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from neuroloc_cli.cli import render
+from neuroloc_cli.cli.app import app
+from neuroloc_cli.cli.merge_cmds import JsonOpt
+
+locate_app = typer.Typer(help="Find the units that matter and save them as a mask.", no_args_is_help=True)
+app.add_typer(locate_app, name="locate")
+
+
+@locate_app.command("delta")
+def delta(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint folder.", show_default=False)],
+    tuned: Annotated[Path, typer.Argument(help="Trained checkpoint folder (or a delta checkpoint).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
+    top: Annotated[float, typer.Option("--top", help="Share of units to keep, e.g. 0.05 for 5 %.")] = 0.05,
+    granularity: Annotated[str, typer.Option("--granularity", help="row (output neurons), ffn (MLP neurons) or element.")] = "row",
+    scope: Annotated[str, typer.Option("--scope", help="global: rank all units together (the paper); tensor: top share of each tensor.")] = "global",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Select the units whose weights changed most (importance = norm of the change)."""
+    from neuroloc_cli.errors import OutputError
+    from neuroloc_cli.locate import LOCATORS
+    from neuroloc_cli.masks.stats import mask_stats
+
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it, or choose another path")
+    mask = LOCATORS.get("delta").fn(base, tuned, top=top, granularity=granularity, scope=scope)
+    mask.save(output)
+    _render_saved(output, mask_stats(mask), mask.provenance, as_json)
+
+
+def _render_saved(path: Path, stats: dict, provenance: dict, as_json: bool) -> None:
+    # units: the locator's neurons (a bias entry shares its weight row's unit), not mask entries
+    doc = {"output": str(path), **{k: stats[k] for k in ("granularity", "selected", "total", "share")}}
+    doc.update(units=provenance.get("units", stats["units"]), selected_units=provenance.get("selected_units", stats["selected_units"]))
+    if as_json:
+        render.print_json(doc)
+        return
+    render.out().print(
+        f"wrote [bold]{path}[/bold]: {doc['granularity']} mask, {doc['selected_units']} of {doc['units']} units, "
+        f"{render.human_count(doc['selected'])} of {render.human_count(doc['total'])} elements ({100 * doc['share']:.2f} %)"
+    )
+
+
+@locate_app.command("list")
+def list_locators(as_json: JsonOpt = False) -> None:
+    """List the locators with their papers."""
+    from neuroloc_cli.locate import LOCATORS
+
+    docs = [{"name": name, "summary": loc.summary, "paper": loc.paper} for name, loc in LOCATORS.items()]
+    if as_json:
+        render.print_json(docs)
+        return
+    for d in docs:
+        render.out().print(f"[bold]{d['name']}[/bold]: {d['summary']} ({d['paper']})")

@@ -1,0 +1,102 @@
+"""Which slices of which tensors form one unit ("neuron") at each granularity.
+
+- row: one output unit of a linear layer: row `j` of a `[out, in]` weight plus bias entry
+  `j`; GPT-2's `Conv1D` weights are stored `[in, out]`, so their output units are axis 1.
+- ffn: one intermediate unit `i` of an MLP: row `i` of gate/up (column `i` of a Conv1D up
+  projection), bias entry `i` of the up projection, and column `i` of down (row `i` of a
+  Conv1D down projection).
+
+Only tensors inside the transformer blocks take part (`layers.N.`, `h.N.`): embedding and LM
+head rows are tokens, not neurons, and norms are not linear layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neuroloc_cli.arch import layer_index, tensor_kind
+from neuroloc_cli.errors import InputError
+from neuroloc_cli.io.format import TensorInfo
+
+# Weights of GPT-2-style `Conv1D` modules, stored [in, out].
+CONV1D_KINDS = frozenset({"attn.c_attn.weight", "attn.c_proj.weight", "attn.q_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "crossattention.c_attn.weight", "crossattention.c_proj.weight", "crossattention.q_attn.weight"})
+
+# MLP module names per family: (up-side modules, down module). Up-side rows (Linear) or
+# columns (Conv1D) are the FFN neurons; the down module's columns (Linear) or rows (Conv1D).
+MLP_LAYOUTS = (
+    (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),  # Llama, Mistral, Qwen2, Gemma
+    (("mlp.c_fc",), "mlp.c_proj"),  # GPT-2 (Conv1D)
+    (("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),  # GPT-NeoX, BLOOM
+    (("mlp.fc1",), "mlp.fc2"),  # Phi, OPT-style
+    (("mlp.fc_in",), "mlp.fc_out"),  # GPT-J
+)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A tensor whose slices along `axis` belong to the units of a group."""
+
+    name: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """`size` units, each made of slice `j` along `axis` of every part."""
+
+    key: str
+    size: int
+    parts: tuple[Part, ...]
+
+
+def output_axis(name: str) -> int:
+    """The axis of a weight's output units: 1 for Conv1D weights, else 0."""
+    return 1 if tensor_kind(name) in CONV1D_KINDS else 0
+
+
+def row_groups(tensors: dict[str, TensorInfo]) -> list[UnitGroup]:
+    """One group per floating weight of ≥ 2 dimensions inside the blocks, with its bias."""
+    groups = []
+    for name, info in tensors.items():
+        if layer_index(name) is None or len(info.shape) < 2 or not info.torch_dtype.is_floating_point:
+            continue
+        axis = output_axis(name)
+        size = info.shape[axis]
+        parts = [Part(name, axis)]
+        bias = name.removesuffix(".weight") + ".bias" if name.endswith(".weight") else None
+        if bias in tensors and tensors[bias].shape == (size,):
+            parts.append(Part(bias, 0))
+        groups.append(UnitGroup(name, size, tuple(parts)))
+    return groups
+
+
+def ffn_groups(tensors: dict[str, TensorInfo], source: str) -> list[UnitGroup]:
+    """One group per MLP block: its intermediate units.
+
+    Raises:
+        InputError: no MLP of a known layout, or its tensors disagree on the unit count.
+    """
+    groups = []
+    for prefix in sorted({n[: -len(tensor_kind(n))] for n in tensors if layer_index(n) is not None}, key=layer_index):
+        for ups, down in MLP_LAYOUTS:
+            names = [f"{prefix}{m}.weight" for m in ups]
+            if not all(n in tensors for n in names) or f"{prefix}{down}.weight" not in tensors:
+                continue
+            parts = [Part(n, output_axis(n)) for n in names]
+            parts += [Part(f"{prefix}{m}.bias", 0) for m in ups if f"{prefix}{m}.bias" in tensors]
+            down_w = f"{prefix}{down}.weight"
+            parts.append(Part(down_w, 1 - output_axis(down_w)))
+            sizes = {tensors[p.name].shape[p.axis] for p in parts}
+            if len(sizes) != 1:
+                raise InputError(f"{source}: MLP tensors of {prefix.rstrip('.')} disagree on the intermediate size ({sorted(sizes)})")
+            groups.append(UnitGroup(f"{prefix}mlp", sizes.pop(), tuple(parts)))
+            break
+    if not groups:
+        known = ", ".join(f"{'/'.join(u)} + {d}" for u, d in MLP_LAYOUTS)
+        raise InputError(f"{source}: no MLP tensors of a known layout for ffn granularity", hint=f"known: {known}; use --granularity row")
+    return groups
+
+
+def element_tensors(tensors: dict[str, TensorInfo]) -> list[str]:
+    """Every floating tensor inside the blocks (norms included, as linguistic regions does)."""
+    return [n for n, i in tensors.items() if layer_index(n) is not None and i.torch_dtype.is_floating_point]

@@ -1,0 +1,52 @@
+"""Weight deltas read one tensor at a time: `Δ = X − base`, or a delta checkpoint as stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.io.checkpoint import Checkpoint
+
+
+class DeltaReader:
+    """Reads `Δ = X − base` of one tensor at a time in float32 (exact for bf16/fp16 inputs).
+
+    Args:
+        path: a model, or a delta checkpoint written by `neuroloc delta` (read as is).
+        base: the base model; required when `path` is a model.
+        role: its name in messages ("A", "TUNED").
+
+    Raises:
+        UsageError: `path` is a model and there is no base.
+        InputError: the checkpoint cannot be opened.
+    """
+
+    def __init__(self, path: Path, base: Checkpoint | None, role: str):
+        self.ckpt = Checkpoint.open(path, spec=str(path))
+        self.role = role
+        self.base = None if self.ckpt.kind == "delta" else base
+        if self.ckpt.kind != "delta" and base is None:
+            raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
+
+    def read(self, name: str) -> torch.Tensor:
+        x = self.ckpt.read(name).float()
+        return x if self.base is None else x.sub_(self.base.read(name).float())
+
+
+def check_same_tensors(names: Iterable[str], reference: Checkpoint, others: Sequence[Checkpoint]) -> None:
+    """Refuse checkpoints that lack one of `names` or hold it with another shape.
+
+    Raises:
+        InputError: naming the checkpoint and the first such tensor.
+    """
+    names = list(names)
+    for ckpt in others:
+        for n in names:
+            info = ckpt.tensors.get(n)
+            if info is None:
+                raise InputError(f"{ckpt.path}: tensor {n} is missing (present in {reference.path})")
+            if info.shape != reference.tensors[n].shape:
+                raise InputError(f"{ckpt.path}: tensor {n} has shape {list(info.shape)}, {reference.path} has {list(reference.tensors[n].shape)}")
