@@ -21,7 +21,7 @@ from neuroloc_cli.masks.format import GRANULARITIES, Mask, MaskEntry
 from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
 
 SCOPES = ("global", "tensor")
-PAPER = "Chen et al. 2024, MAET (arXiv:2409.14162), Eq. 1"
+PAPER = "Chen et al. 2024, MAET, Eq. 1"
 
 
 class _Deltas:

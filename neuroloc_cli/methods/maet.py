@@ -28,7 +28,7 @@ from neuroloc_cli.ops.combine import weighted_delta_sum
 from neuroloc_cli.ops.rank import TensorScore, dot, sort_scores
 from neuroloc_cli.recipe.params import Param
 
-PAPER = "Chen et al. 2024, Extracting and transferring abilities for building multi-lingual ability-enhanced LLMs, MAET (arXiv:2409.14162), Eq. 2-5"
+PAPER = "Chen et al. 2024, Extracting and transferring abilities for building multi-lingual ability-enhanced LLMs, MAET, Eq. 2-5"
 
 
 def ability_vector(base: torch.Tensor, ability: torch.Tensor, language: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
