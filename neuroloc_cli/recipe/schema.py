@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from neuroloc_cli.errors import RecipeError, did_you_mean
 
@@ -38,12 +38,29 @@ class InputModel(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class SliceSource(_Frozen):
+    """One entry of a slice's `sources:`: layers `[a, b)` of a model (mergekit's shape)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSlice(_Frozen):
+    """One entry of `slices:`; its sources' layers become consecutive output layers."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+
+
 class MergeRecipe(_Frozen):
     """A validated merge recipe (structure only; see `recipe.load` for the rest)."""
 
     merge_method: str
     base_model: str | None = None
     models: list[InputModel] = Field(default_factory=list)
+    slices: list[OutputSlice] = Field(default_factory=list)
+    """Layer stacking (`passthrough`), or whole-model sources in mergekit's slice form; see
+    `neuroloc_cli.merge.slices`. Mutually exclusive with `models`."""
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
@@ -51,6 +68,12 @@ class MergeRecipe(_Frozen):
     on_missing: Literal["error", "base"] = "error"
     """What a tensor of the base that a model lacks means: an error (default), or "base",
     i.e. that model leaves the tensor unchanged (a zero delta)."""
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeRecipe:
+        if self.models and self.slices:
+            raise ValueError("give either 'models' or 'slices', not both")
+        return self
 
 
 def parse_recipe(text: str, source: str) -> MergeRecipe:
@@ -86,7 +109,8 @@ def _describe(err: Any) -> str:
         return f"unknown key {key!r}{hint}"
     if err["type"] == "missing":
         return f"missing required key {key!r}"
-    return f"{key}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -1,0 +1,62 @@
+"""Model Breadcrumbs: drop both the smallest and the largest (outlier) task-vector entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.methods.gta import DENSITY, GAMMA, LAMBDA, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
+from neuroloc_cli.ops.sparsify import magnitude_outliers_mask
+
+_PARAMS = (WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA)
+_PAPER = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
+
+
+def _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus):
+    def keep(delta: torch.Tensor, i: int):
+        return magnitude_outliers_mask(delta, density[i], gamma[i]), None
+
+    return sparse_task_arithmetic(
+        base, tensors, weight, keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=False, lambda_=lambda_
+    )
+
+
+@merge_method("breadcrumbs", needs_base=True, params=_PARAMS, paper=_PAPER)
+def breadcrumbs(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """Per tensor, drop the `gamma` share of largest magnitudes and the smallest ones so that
+    `floor(density · n)` remain, then add the weighted sum: `θ_0 + λ · Σ w_i (m_i ⊙ δ_i)`.
+
+    Davari & Belilovsky 2023 (arXiv:2312.06795); the paper masks per layer, mergekit (and we)
+    per tensor. If density + gamma > 1, fewer outliers are dropped so the density holds;
+    density 1 keeps everything (gamma does not apply); gamma 0 is plain magnitude trimming.
+    """
+    return _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus=False)
+
+
+@merge_method("breadcrumbs_ties", needs_base=True, params=_PARAMS, paper=_PAPER)
+def breadcrumbs_ties(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """Breadcrumbs masking, then TIES sign election by summed mass (mergekit's combination;
+    `normalize` defaults to false as there)."""
+    return _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus=True)

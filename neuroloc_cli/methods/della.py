@@ -1,0 +1,76 @@
+"""DELLA: drop task-vector entries at random with magnitude-ranked probabilities (MagPrune)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.methods.gta import DENSITY, EPSILON, LAMBDA, PAPER_RESCALE, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
+from neuroloc_cli.ops.sparsify import della_keep_probabilities
+
+_PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+
+
+def _params(normalize: bool):
+    return (WEIGHT, DENSITY, EPSILON, normalize_param(normalize), rescale_param(True), PAPER_RESCALE, LAMBDA)
+
+
+def _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus):
+    def keep(delta: torch.Tensor, i: int):
+        d = density[i]
+        if d >= 1:
+            return torch.ones_like(delta, dtype=torch.bool), None
+        if d <= 0:
+            return torch.zeros_like(delta, dtype=torch.bool), None
+        probs = della_keep_probabilities(delta, d, epsilon[i])
+        return torch.rand(delta.shape, generator=generator) < probs, probs.reciprocal_()
+
+    return sparse_task_arithmetic(
+        base, tensors, weight, keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
+    )
+
+
+@merge_method("della", needs_base=True, params=_params(True), random=True, paper=_PAPER)
+def della(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    paper_rescale: bool,
+    lambda_: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MagPrune each task vector, rescale, elect signs (TIES), and add `λ ·` the mix.
+
+    Deep et al. 2024 (arXiv:2406.11617). Within each row (a 1-D tensor is one row), entries
+    are ranked by magnitude and kept with probability from `density − ε` (smallest) to
+    `density + ε` (largest); `density ± ε` must lie in (0, 1). Density 1 keeps all, 0 none.
+    Rescaling: mergekit's one L1-norm factor per tensor by default; the paper's `1/p_i` per
+    survivor with `paper_rescale: true`. Defaults as mergekit: normalize on, rescale on.
+    """
+    return _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus=True)
+
+
+@merge_method("della_linear", needs_base=True, params=_params(False), random=True, paper=_PAPER)
+def della_linear(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    paper_rescale: bool,
+    lambda_: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MagPrune and rescale as `della`, then a plain weighted sum (no sign election;
+    `normalize` defaults to false, as in mergekit)."""
+    return _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus=False)
