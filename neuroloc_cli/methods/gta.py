@@ -71,11 +71,12 @@ def sparse_task_arithmetic(
     for i, t in enumerate(tensors):
         delta = torch.sub(t, base)
         mask, paper_factor = keep(delta, i)
-        kept = delta.mul(mask)
+        l1_before = float(delta.abs().sum(dtype=torch.float64)) if rescale and not (paper_rescale and paper_factor is not None) else None
+        kept = delta.mul_(mask)  # in place: one tensor-sized buffer less per model
         if rescale and paper_rescale and paper_factor is not None:
             kept.mul_(paper_factor)
-        elif rescale:
-            factor = l1_rescale_factor(delta, kept)
+        elif l1_before is not None:
+            factor = l1_rescale_factor(l1_before, kept)
             if factor != 1.0:
                 kept.mul_(factor)
         deltas.append(kept)

@@ -43,7 +43,7 @@ def mix_task_vectors(
     for d, w in zip(deltas, weights):
         d.mul_(w)
     if consensus:
-        mixed, divisor = _elect(base, deltas, weights)
+        mixed, divisor = _elect(base, deltas, weights, normalize)
     else:
         mixed = _sum(deltas)
         total = float(sum(weights))
@@ -62,14 +62,20 @@ def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _elect(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign election by summed mass; returns (Σ agreeing values, Σ agreeing weights with 0 → 1)."""
+def _elect(
+    base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float], need_divisor: bool
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Sign election by summed mass; returns (Σ agreeing values, Σ agreeing weights with 0 → 1,
+    or 1 when no divisor is needed)."""
     positive = _sum(weighted) >= 0  # the elected sign (True = +)
     mixed = torch.zeros_like(base)
-    divisor = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if need_divisor else None
     for wd, w in zip(weighted, weights):
         agree = torch.where(positive, wd > 0, wd < 0)
         mixed.add_(wd.mul_(agree))
-        divisor.add_(agree, alpha=w)
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is None:
+        return mixed, 1.0
     divisor.masked_fill_(divisor == 0, 1.0)
     return mixed, divisor

@@ -112,12 +112,12 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return probs.reshape(delta.shape)
 
 
-def l1_rescale_factor(delta: torch.Tensor, kept: torch.Tensor) -> float:
-    """The factor that gives the kept part the L1 norm of the whole delta (mergekit's `rescale`).
+def l1_rescale_factor(before: float, kept: torch.Tensor) -> float:
+    """The factor that gives the kept part the L1 norm `before` of the whole delta (mergekit's
+    `rescale`).
 
     Returns 1 when either norm is below `RESCALE_EPS` (an all-zero delta stays zero).
     """
-    before = float(delta.abs().sum(dtype=torch.float64))
     after = float(kept.abs().sum(dtype=torch.float64))
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
