@@ -8,7 +8,8 @@ Builds a synthetic bf16 Llama of the preset (base and two fine-tunes, sharded), 
 - `reference`: the least a streaming merge can do — for each tensor read base and the two
   fine-tunes, `base + Σ w·(ft − base)` in fp32, cast to bf16, write size-capped shards with
   `safetensors.torch.save_file`. No checks, no prefetch, no provenance.
-- `ties` and `dare_ties` (density 0.5) through neuroloc's engine (`build_plan` + `run_merge`).
+- `ties` and `dare_ties` (density 0.5, weights 0.6 / 0.4), and `task_arithmetic` for scale,
+  through neuroloc's engine (`build_plan` + `run_merge`).
 
 Prints one JSON document with the seconds and the ratios method / reference (target ≤ 2).
 """
@@ -29,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an installed copy
 
 SHARD_BYTES = 200 * 1024**2
+# neuroloc's own task_arithmetic is timed too: it shows the engine's share of each ratio
+METHODS = ("task_arithmetic", "ties", "dare_ties")
 
 
 def build_inputs(root: Path, preset: str) -> tuple[Path, Path, Path]:
@@ -86,7 +89,10 @@ def neuroloc_merge(method: str, base: Path, fts: list[Path], out: Path) -> None:
     recipe = MergeRecipe(
         merge_method=method,
         base_model=str(base),
-        models=[InputModel(model=str(f), parameters={"weight": w, "density": 0.5}) for f, w in zip(fts, (0.6, 0.4))],
+        models=[
+            InputModel(model=str(f), parameters={"weight": w} | ({} if method == "task_arithmetic" else {"density": 0.5}))
+            for f, w in zip(fts, (0.6, 0.4))
+        ],
         random_seed=0,
     )
     run_merge(build_plan(recipe, Path.cwd(), "bench"), out, max_shard_bytes=SHARD_BYTES)
@@ -115,10 +121,10 @@ def main() -> None:
     out = root / "out"
     results = {"preset": args.preset, "runs": args.runs, "threads": torch.get_num_threads()}
     results["reference_s"] = timed(lambda o: reference_merge(base, [ft1, ft2], [0.6, 0.4], o), out, args.runs)
-    for method in ("ties", "dare_ties"):
+    for method in METHODS:
         results[f"{method}_s"] = timed(lambda o, m=method: neuroloc_merge(m, base, [ft1, ft2], o), out, args.runs)
     ref = statistics.median(results["reference_s"])
-    for method in ("ties", "dare_ties"):
+    for method in METHODS:
         results[f"{method}_ratio"] = round(statistics.median(results[f"{method}_s"]) / ref, 2)
     results["reference_median_s"] = round(ref, 3)
     print(json.dumps(results, indent=2))

@@ -7,20 +7,35 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.methods.gta import DENSITY, LAMBDA, PAPER_RESCALE, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
-from neuroloc_cli.ops.sparsify import bernoulli_mask
+from neuroloc_cli.methods.gta import (
+    DENSITY,
+    LAMBDA,
+    PAPER_RESCALE,
+    WEIGHT,
+    model_generators,
+    normalize_param,
+    rescale_param,
+    sparse_task_arithmetic,
+)
+from neuroloc_cli.ops.blockwise import KEEP_NONE, Draw
 
 _PARAMS = (WEIGHT, DENSITY, normalize_param(False), rescale_param(True), PAPER_RESCALE, LAMBDA)
 _PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE, arXiv:2311.03099)"
 
 
 def _dare(base, tensors, weight, density, normalize, rescale, paper_rescale, lambda_, generator, consensus):
-    def keep(delta: torch.Tensor, i: int):
-        d = density[i]
-        return bernoulli_mask(delta.shape, d, generator), (1.0 / d if d > 0 else None)
+    generators = model_generators(generator, len(tensors))
+
+    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+        d = float(density[i])
+        if d >= 1:
+            return None, None
+        if d <= 0:
+            return KEEP_NONE, None
+        return Draw(d, generators[i]), 1.0 / d
 
     return sparse_task_arithmetic(
-        base, tensors, weight, keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
+        base, tensors, weight, make_mask, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
     )
 
 

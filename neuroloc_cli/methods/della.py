@@ -7,7 +7,18 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.methods.gta import DENSITY, EPSILON, LAMBDA, PAPER_RESCALE, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
+from neuroloc_cli.methods.gta import (
+    DENSITY,
+    EPSILON,
+    LAMBDA,
+    PAPER_RESCALE,
+    WEIGHT,
+    model_generators,
+    normalize_param,
+    rescale_param,
+    sparse_task_arithmetic,
+)
+from neuroloc_cli.ops.blockwise import KEEP_NONE, Draw
 from neuroloc_cli.ops.sparsify import della_keep_probabilities
 
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
@@ -18,17 +29,19 @@ def _params(normalize: bool):
 
 
 def _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus):
-    def keep(delta: torch.Tensor, i: int):
-        d = density[i]
+    generators = model_generators(generator, len(tensors))
+
+    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+        d = float(density[i])
         if d >= 1:
-            return torch.ones_like(delta, dtype=torch.bool), None
+            return None, None
         if d <= 0:
-            return torch.zeros_like(delta, dtype=torch.bool), None
-        probs = della_keep_probabilities(delta, d, epsilon[i])
-        return torch.rand(delta.shape, generator=generator) < probs, probs.reciprocal_()
+            return KEEP_NONE, None
+        probs = della_keep_probabilities(torch.sub(tuned, base), d, epsilon[i]).reshape(-1)
+        return Draw(probs, generators[i]), probs.reciprocal()
 
     return sparse_task_arithmetic(
-        base, tensors, weight, keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
+        base, tensors, weight, make_mask, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
     )
 
 

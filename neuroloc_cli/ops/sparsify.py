@@ -1,7 +1,8 @@
 """Sparsifiers for task vectors: which elements of a delta survive, and how they are rescaled.
 
-Every function returns a boolean keep-mask (or keep probabilities) for one tensor, computed in
-fp32 whatever the input dtype. Magnitude selection uses a k-th value selection
+These are the whole-tensor forms (one boolean keep-mask, or keep probabilities, per tensor,
+computed in fp32 whatever the input dtype); the merge methods run the same rules block by
+block through `neuroloc_cli.ops.blockwise`, and the tests hold the two to each other. Magnitude selection uses a k-th value selection
 (`torch.kthvalue`, linear time) rather than a full sort, and breaks ties at the threshold by
 position, so exactly `k` elements are kept even in bf16 deltas where equal magnitudes are
 common.
@@ -73,22 +74,20 @@ def magnitude_outliers_mask(delta: torch.Tensor, density: float, gamma: float) -
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
-    target = keep_count(density, n)
-    n_top = keep_count(gamma, n)
-    n_bottom = n - target - n_top
-    if n_bottom < 0:
-        n_top += n_bottom
-        n_bottom = 0
+    n_top, n_bottom = outlier_counts(n, density, gamma)
     magnitude = delta.float().abs()
     # Ties are broken the same way in both masks, so the outliers are a subset of the top n-n_bottom.
     return top_k_mask(magnitude, n - n_bottom) & ~top_k_mask(magnitude, n_top)
 
 
-def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE: keep each element independently with probability `density`."""
-    if density >= 1:
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.rand(shape, generator=generator) < density
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' (largest dropped, smallest dropped) counts of `n` elements; when
+    density + gamma > 1 fewer outliers are dropped so that `floor(density · n)` remain."""
+    n_top = keep_count(gamma, n)
+    n_bottom = n - keep_count(density, n) - n_top
+    if n_bottom < 0:
+        n_top, n_bottom = n_top + n_bottom, 0
+    return n_top, n_bottom
 
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -112,13 +111,12 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return probs.reshape(delta.shape)
 
 
-def l1_rescale_factor(before: float, kept: torch.Tensor) -> float:
-    """The factor that gives the kept part the L1 norm `before` of the whole delta (mergekit's
-    `rescale`).
+def l1_rescale_factor(before: float, after: float) -> float:
+    """`before / after`: the factor that gives the kept part of a delta (L1 norm `after`) the
+    L1 norm `before` of the whole delta (mergekit's `rescale`).
 
     Returns 1 when either norm is below `RESCALE_EPS` (an all-zero delta stays zero).
     """
-    after = float(kept.abs().sum(dtype=torch.float64))
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return before / after
