@@ -42,8 +42,10 @@ def breadcrumbs(
     rescale: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """Per tensor, drop the `gamma` share of largest magnitudes and the smallest ones so that
-    `floor(density · n)` remain, then add the weighted sum: `θ_0 + λ · Σ w_i (m_i ⊙ δ_i)`.
+    """Drop task vectors' largest outliers and smallest entries, add the weighted sum.
+
+    Per tensor, the `gamma` share of largest magnitudes and then the smallest ones are dropped
+    so that `floor(density · n)` remain: `θ_0 + λ · Σ w_i (m_i ⊙ δ_i)`.
 
     Davari & Belilovsky 2023 (arXiv:2312.06795); the paper masks per layer, mergekit (and we)
     per tensor. If density + gamma > 1, fewer outliers are dropped so the density holds;
@@ -64,6 +66,7 @@ def breadcrumbs_ties(
     rescale: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """Breadcrumbs masking, then TIES sign election by summed mass (mergekit's combination;
-    `normalize` defaults to false as there)."""
+    """Breadcrumbs masking, then TIES sign election by summed mass.
+
+    mergekit's combination; `normalize` defaults to false as there."""
     return _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus=True)

@@ -52,8 +52,9 @@ def dare_linear(
     lambda_: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Drop each task-vector element with probability `1 − density`, rescale the survivors,
-    and add the weighted sum: `θ_0 + λ · Σ w_i · s_i · (m_i ⊙ δ_i)`.
+    """Drop task-vector entries at random, rescale the survivors, add the weighted sum.
+
+    Each entry is dropped with probability `1 − density`: `θ_0 + λ · Σ w_i · s_i · (m_i ⊙ δ_i)`.
 
     Yu et al. 2024 (arXiv:2311.03099). The paper rescales survivors by `s_i = 1/density`
     (`paper_rescale: true`); mergekit, and our default, by the one factor per tensor that
@@ -77,7 +78,7 @@ def dare_ties(
     lambda_: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """DARE drop-and-rescale, then TIES sign election by summed mass over the weighted deltas.
+    """DARE drop-and-rescale, then TIES sign election by summed mass.
 
     Yu et al. 2024 (arXiv:2311.03099) with Yadav et al. 2023 (arXiv:2306.01708). Defaults as
     mergekit: `normalize: false`, `rescale: true` (L1-norm match; `paper_rescale: true` for

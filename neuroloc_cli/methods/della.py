@@ -59,7 +59,7 @@ def della(
     lambda_: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """MagPrune each task vector, rescale, elect signs (TIES), and add `λ ·` the mix.
+    """DELLA: magnitude-ranked random drop (MagPrune), rescale, TIES sign election.
 
     Deep et al. 2024 (arXiv:2406.11617). Within each row (a 1-D tensor is one row), entries
     are ranked by magnitude and kept with probability from `density − ε` (smallest) to
@@ -84,6 +84,7 @@ def della_linear(
     lambda_: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """MagPrune and rescale as `della`, then a plain weighted sum (no sign election;
-    `normalize` defaults to false, as in mergekit)."""
+    """DELLA's MagPrune and rescale, then a plain weighted sum (no sign election).
+
+    `normalize` defaults to false, as in mergekit."""
     return _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus=False)

@@ -18,7 +18,9 @@ from neuroloc_cli.recipe.params import Param
     paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
 )
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool) -> torch.Tensor:
-    """`θ_H = t · mean_i θ_i + (1 − t) · θ_0` with `t = N cos Ω / (1 + (N − 1) cos Ω)`, where
+    """Move from the base towards the fine-tunes' mean by a ratio set by their angle.
+
+    `θ_H = t · mean_i θ_i + (1 − t) · θ_0` with `t = N cos Ω / (1 + (N − 1) cos Ω)`, where
     `cos Ω` is the mean pairwise cosine between the task vectors `θ_i − θ_0`.
 
     Jang et al. 2024 (arXiv:2403.19522) derive `t` for the angle between two fine-tunes and

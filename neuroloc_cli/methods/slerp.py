@@ -22,8 +22,9 @@ NORM_EPS = 1e-8  # tensors with a smaller norm are not normalized (mergekit's)
     paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); White 2016 (arXiv:1609.04468)",
 )
 def slerp(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
-    """Spherical interpolation of each whole tensor from the base (`t = 0`) to the other model
-    (`t = 1`): `sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1`, Ω the angle between them.
+    """Spherical interpolation of each tensor from the base (t = 0) to the other model (t = 1).
+
+    `sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1`, Ω the angle between the two tensors.
 
     Shoemake 1985. As in mergekit: the angle is taken between the flattened tensors
     (normalized when their norm exceeds 1e-8), nearly colinear tensors (|cos Ω| > 0.9995) are

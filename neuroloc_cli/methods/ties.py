@@ -28,8 +28,9 @@ def ties(
     rescale: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """Trim each task vector to its top-density magnitudes, elect a sign per element by summed
-    mass, and average the agreeing values: `θ_0 + λ · Σ a_i w_i δ̂_i / Σ a_i w_i`.
+    """Trim task vectors to their largest magnitudes, elect signs by mass, average the agreeing.
+
+    `θ_0 + λ · Σ a_i w_i δ̂_i / Σ a_i w_i`, δ̂_i the trimmed task vectors, a_i agreement.
 
     Yadav et al. 2023 (arXiv:2306.01708). As in mergekit: trimming keeps `floor(density · n)`
     elements per tensor (density 1 keeps all, 0 none), the sign is elected on the *weighted*
