@@ -131,7 +131,7 @@ def test_slerp_needs_t(zoo, cli, tmp_path):
     assert "parameters: slerp needs 't'" in r.stderr
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_layer_stacking(zoo, cli, tmp_path, arch):
     fam = zoo.get(arch)
     text = f"""
@@ -153,11 +153,17 @@ parameters:
     - value: 1.0
 """
     out = tmp_path / "out"
-    r = cli("merge", write_recipe(tmp_path, text), "-o", out)
+    recipe = write_recipe(tmp_path, text)
+    block = "model.layers." if arch != "gpt2" else "transformer.h."
+    r = cli("recipe", "validate", recipe, "--json")
+    assert r.exit_code == 0, r.stderr
+    sources = {st["tensor"]: st["source"] for st in r.json()["steps"]}
+    up = "mlp.up_proj.weight" if arch != "gpt2" else "mlp.c_fc.weight"
+    assert sources[f"{block}2.{up}"] == {"model": "slices[1].sources[0]", "tensor": f"{block}1.{up}"}
+    r = cli("merge", recipe, "-o", out)
     assert r.exit_code == 0, r.stderr
     got = load_all(out)
     ft1, ft2, base = load_all(fam.ft1), load_all(fam.ft2), load_all(fam.base)
-    block = "model.layers." if arch == "llama" else "transformer.h."
     # output layer → (source tensors, source layer): 0,1 ← ft1 0,1; 2 ← ft2 1; 3 ← base 0
     plan = [(ft1, 0), (ft1, 1), (ft2, 1), (base, 0)]
     expected = {}
@@ -176,7 +182,9 @@ parameters:
     for name in expected:
         assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name].to(got[name].dtype)), name
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers" if arch == "llama" else "n_layer"] == 4
+    assert config["num_hidden_layers" if arch != "gpt2" else "n_layer"] == 4
+    if arch == "qwen2":  # per-layer config lists are restacked with the layers
+        assert len(config["layer_types"]) == 4
 
     from transformers import AutoModelForCausalLM
 
