@@ -81,3 +81,13 @@ def test_a_missed_bracket_falls_back_to_the_exact_threshold(monkeypatch, bracket
     k = base.numel() // 3
     got = _apply(bw.magnitude_cut(base.reshape(-1), tuned.reshape(-1), k), base, tuned)
     assert torch.equal(got, top_k_mask((tuned - base).abs(), k))
+
+
+@pytest.mark.parametrize("share_zero", [1.0, 0.9])
+def test_mostly_unchanged_tensor(share_zero):
+    # frozen tensors (all-zero deltas) and nearly frozen ones put one magnitude in the bracket
+    base, tuned = _deltas("fp32")
+    tuned = torch.where(torch.arange(base.numel()).reshape(SHAPE) < share_zero * base.numel(), base, tuned)
+    k = base.numel() // 2
+    got = _apply(magnitude_cut(base.reshape(-1), tuned.reshape(-1), k), base, tuned)
+    assert torch.equal(got, top_k_mask((tuned - base).abs(), k))

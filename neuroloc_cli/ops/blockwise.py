@@ -76,6 +76,8 @@ def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
     if n < _EXACT_BELOW:
         return _exact_cut(torch.sub(tuned, base).abs_(), k)
     lo, hi = _bracket(base, tuned, k)
+    if lo == hi:  # one magnitude fills the bracket (e.g. an unchanged tensor: all zeros)
+        return _flat_cut(base, tuned, k, hi)
     above = 0
     candidates = []
     for s, e in _blocks(n):
@@ -93,6 +95,22 @@ def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
     if missing == equal:
         return Cut(float(value))
     return Cut(float(value), _last_tie(base, tuned, value, missing))
+
+
+def _flat_cut(base: torch.Tensor, tuned: torch.Tensor, k: int, value: float) -> Cut:
+    """The cut when the sample suggests the k-th largest magnitude is exactly `value`: count
+    what is above and equal to it instead of collecting candidates."""
+    above = equal = 0
+    for s, e in _blocks(base.numel()):
+        a = torch.sub(tuned[s:e], base[s:e]).abs_()
+        above += int((a > value).sum())
+        equal += int((a == value).sum())
+    missing = k - above
+    if not 0 < missing <= equal:
+        return _exact_cut(torch.sub(tuned, base).abs_(), k)
+    if missing == equal:
+        return Cut(value)
+    return Cut(value, _last_tie(base, tuned, torch.tensor(value), missing))
 
 
 def _bracket(base: torch.Tensor, tuned: torch.Tensor, k: int) -> tuple[float, float]:
