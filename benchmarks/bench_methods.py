@@ -3,7 +3,9 @@
     python benchmarks/bench_methods.py [--preset 125m] [--runs 3] [--workdir DIR]
 
 Builds a synthetic bf16 Llama of the preset (base and two fine-tunes, sharded), then times
-(median of `--runs`, `time.perf_counter`) three full merges to disk:
+full merges to disk, interleaved round by round (median of `--runs`; wall seconds by
+`time.perf_counter`, and CPU seconds by `time.process_time`, which a shared machine's load
+disturbs less):
 
 - `reference`: the least a streaming merge can do — for each tensor read base and the two
   fine-tunes, `base + Σ w·(ft − base)` in fp32, cast to bf16, write size-capped shards with
@@ -11,7 +13,7 @@ Builds a synthetic bf16 Llama of the preset (base and two fine-tunes, sharded), 
 - `ties` and `dare_ties` (density 0.5, weights 0.6 / 0.4), and `task_arithmetic` for scale,
   through neuroloc's engine (`build_plan` + `run_merge`).
 
-Prints one JSON document with the seconds and the ratios method / reference (target ≤ 2).
+Prints one JSON document with the seconds and the ratios merge / reference (target ≤ 2).
 """
 
 from __future__ import annotations
@@ -98,13 +100,17 @@ def neuroloc_merge(method: str, base: Path, fts: list[Path], out: Path) -> None:
     run_merge(build_plan(recipe, Path.cwd(), "bench"), out, max_shard_bytes=SHARD_BYTES)
 
 
-def timed(fn, out: Path, runs: int) -> list[float]:
-    times = []
+def timed_interleaved(jobs: dict, out: Path, runs: int) -> dict[str, dict[str, list[float]]]:
+    """Run every job once per round, `runs` rounds, so that load changes on a shared machine
+    hit all of them alike; wall seconds (perf_counter) and CPU seconds (process_time) each."""
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in jobs}
     for _ in range(runs):
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        fn(out)
-        times.append(time.perf_counter() - start)
+        for name, fn in jobs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn(out)
+            times[name]["wall"].append(round(time.perf_counter() - wall, 3))
+            times[name]["cpu"].append(round(time.process_time() - cpu, 3))
     shutil.rmtree(out, ignore_errors=True)
     return times
 
@@ -119,14 +125,19 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     base, ft1, ft2 = build_inputs(root, args.preset)
     out = root / "out"
-    results = {"preset": args.preset, "runs": args.runs, "threads": torch.get_num_threads()}
-    results["reference_s"] = timed(lambda o: reference_merge(base, [ft1, ft2], [0.6, 0.4], o), out, args.runs)
-    for method in METHODS:
-        results[f"{method}_s"] = timed(lambda o, m=method: neuroloc_merge(m, base, [ft1, ft2], o), out, args.runs)
-    ref = statistics.median(results["reference_s"])
-    for method in METHODS:
-        results[f"{method}_ratio"] = round(statistics.median(results[f"{method}_s"]) / ref, 2)
-    results["reference_median_s"] = round(ref, 3)
+    results: dict = {"preset": args.preset, "runs": args.runs, "threads": torch.get_num_threads()}
+    jobs = {"reference": lambda o: reference_merge(base, [ft1, ft2], [0.6, 0.4], o)}
+    jobs |= {m: (lambda o, m=m: neuroloc_merge(m, base, [ft1, ft2], o)) for m in METHODS}
+    times = timed_interleaved(jobs, out, args.runs)
+    ref = {k: statistics.median(times["reference"][k]) for k in ("wall", "cpu")}
+    for name, t in times.items():
+        results[name] = {
+            "wall_s": t["wall"],
+            "cpu_s": t["cpu"],
+            "median_wall_s": statistics.median(t["wall"]),
+            "wall_ratio": round(statistics.median(t["wall"]) / ref["wall"], 2),
+            "cpu_ratio": round(statistics.median(t["cpu"]) / ref["cpu"], 2),
+        }
     print(json.dumps(results, indent=2))
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,7 @@ Masks are described, not stored:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,13 +117,19 @@ def _flat_cut(base: torch.Tensor, tuned: torch.Tensor, k: int, value: float) -> 
 def _bracket(base: torch.Tensor, tuned: torch.Tensor, k: int) -> tuple[float, float]:
     """Magnitudes `lo <= hi` that enclose the k-th largest with high probability."""
     n = base.numel()
-    idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))  # fixed: no effect on results
+    idx = _sample_positions(n)
     sample = torch.sub(tuned[idx], base[idx]).abs_().sort().values
     q = (n - k) / n  # the threshold's quantile from below
     margin = 5 * math.sqrt(_SAMPLE * q * (1 - q)) + 8
     lo = sample[max(0, int(q * _SAMPLE - margin))]
     hi = sample[min(_SAMPLE - 1, int(q * _SAMPLE + margin) + 1)]
     return float(lo), float(hi)
+
+
+@functools.lru_cache(maxsize=32)
+def _sample_positions(n: int) -> torch.Tensor:
+    """Fixed pseudo-random positions (they only steer speed, never the result)."""
+    return torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
 
 
 def _exact_cut(magnitude: torch.Tensor, k: int) -> Cut:
@@ -262,4 +269,8 @@ def _elect(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize
     if z is None:
         return mixed
     divisor = torch.where(positive, a.add(z), a.sub_(z)).mul_(0.5)
+    if min(weights) > 0:
+        # the divisor is 0 or at least min(w), and where it is 0 so is `mixed`: clamping the
+        # zeros to a tiny value gives 0 there, as mergekit's 0 → 1, in one pass instead of two
+        return mixed.div_(divisor.clamp_min_(min(weights) / 2))
     return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
