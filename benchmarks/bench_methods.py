@@ -1,6 +1,6 @@
 """Benchmark: ties and dare_ties against a minimal streaming task-arithmetic reference.
 
-    python benchmarks/bench_methods.py [--preset 125m] [--runs 3] [--workdir DIR]
+    python benchmarks/bench_methods.py [--preset 125m] [--runs 3] [--workdir DIR] [--threads N]
 
 Builds a synthetic bf16 Llama of the preset (base and two fine-tunes, sharded), then times
 full merges to disk, interleaved round by round (median of `--runs`; wall seconds by
@@ -120,7 +120,10 @@ def main() -> None:
     ap.add_argument("--preset", default="125m")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="keep inputs here between runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 steadies timings on a busy machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="neuroloc-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     base, ft1, ft2 = build_inputs(root, args.preset)

@@ -52,13 +52,16 @@ def test_breadcrumbs_cut_drops_outliers_and_smallest():
     assert torch.equal(_apply(both, base, tuned), top_k_mask(a, n // 2) & ~top_k_mask(a, n // 100))
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16"])
-def test_ties_large_tensor_matches_reference(kind):
+@pytest.mark.parametrize("kind, weights", [("fp32", (0.7, 0.3)), ("bf16", (0.7, 0.3)), ("bf16", (0.7, -0.3)), ("fp32", (1.0, 0.0))])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_large_tensor_matches_reference(kind, weights, normalize):
+    # positive weights take a shortcut in the sign election; zero and negative ones the general path
     base, t1 = _deltas(kind)
     t2 = base + 0.8 * (t1 - base).flip(0)  # a second task vector that disagrees in sign often
     m = METHODS.get("ties")
-    got = m(base, [t1, t2], {"normalize": True, "rescale": False, "lambda": 1.0}, [{"weight": 0.7, "density": 0.4}, {"weight": 0.3, "density": 0.6}])
-    want = ref_ties(base, [t1, t2], [0.7, 0.3], [0.4, 0.6])
+    pm = [{"weight": weights[0], "density": 0.4}, {"weight": weights[1], "density": 0.6}]
+    got = m(base, [t1, t2], {"normalize": normalize, "rescale": False, "lambda": 1.0}, pm)
+    want = ref_ties(base, [t1, t2], list(weights), [0.4, 0.6], normalize=normalize)
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
 
 

@@ -85,7 +85,8 @@ def sparse_task_arithmetic(
             if paper_rescale and paper_scale is not None:
                 scale = paper_scale
             else:
-                scale = l1_rescale_factor(*l1_norms(flat_base, t, mask))
+                before, after, mask = l1_norms(flat_base, t, mask)
+                scale = l1_rescale_factor(before, after)
         masks.append(mask)
         scales.append(scale)
     out = mix_blocks(flat_base, flat, masks, scales, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)

@@ -17,8 +17,8 @@ The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (mask_i ⊙ δ
 Masks are described, not stored:
 - `Cut`: keep |δ| above a threshold, with equal magnitudes taken in position order up to
   `last_tie`, so exactly `k` elements are kept (as `sparsify.top_k_mask`);
-- `Bernoulli` / `Draw`: keep with a probability, drawn block by block from a generator that
-  can be rewound, so the rescale pass and the mixing pass see the same draws.
+- `Draw`: keep with a probability, drawn block by block from a per-model generator; when a
+  rescale pass needs the draws first they are kept as a `Stored` boolean mask for the mix.
 """
 
 from __future__ import annotations
@@ -167,34 +167,46 @@ class Both:
 
 class Draw:
     """Keep each element with probability `p` (a number, or a flat tensor of per-element
-    probabilities), drawn block by block; `rewind()` replays the same draws."""
+    probabilities), drawn block by block in order from `generator`."""
+
+    needs_magnitude = False
 
     def __init__(self, p: float | torch.Tensor, generator: torch.Generator):
         self.p = p
         self.generator = generator
-        self._state = generator.get_state()
 
-    def rewind(self) -> None:
-        self.generator.set_state(self._state)
-
-    def __call__(self, s: int, e: int, magnitude: torch.Tensor) -> torch.Tensor:
+    def __call__(self, s: int, e: int, magnitude: torch.Tensor | None) -> torch.Tensor:
         p = self.p if isinstance(self.p, float) else self.p[s:e]
         return torch.rand(e - s, generator=self.generator) < p
+
+
+@dataclass
+class Stored:
+    """A mask already drawn (1 byte per element), so that a second pass sees the same draws."""
+
+    mask: torch.Tensor
+    needs_magnitude = False
+
+    def __call__(self, s: int, e: int, magnitude: torch.Tensor | None) -> torch.Tensor:
+        return self.mask[s:e]
 
 
 Mask = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
-def l1_norms(base: torch.Tensor, tuned: torch.Tensor, mask: Mask) -> tuple[float, float]:
-    """(‖δ‖₁, ‖mask ⊙ δ‖₁) for flat tensors, block by block (float64 sums)."""
+def l1_norms(base: torch.Tensor, tuned: torch.Tensor, mask: Mask) -> tuple[float, float, Mask]:
+    """(‖δ‖₁, ‖mask ⊙ δ‖₁, the mask to use from now on) for flat tensors, block by block
+    (float64 sums). A random mask comes back `Stored`, so the mixing pass uses these draws."""
     before = after = 0.0
+    stored = torch.empty(base.numel(), dtype=torch.bool) if isinstance(mask, Draw) else None
     for s, e in _blocks(base.numel()):
         a = torch.sub(tuned[s:e], base[s:e]).abs_()
+        m = mask(s, e, a)
+        if stored is not None:
+            stored[s:e] = m
         before += float(a.sum(dtype=torch.float64))
-        after += float(a.mul_(mask(s, e, a)).sum(dtype=torch.float64))
-    if isinstance(mask, Draw):
-        mask.rewind()
-    return before, after
+        after += float(a.mul_(m).sum(dtype=torch.float64))
+    return before, after, (Stored(stored) if stored is not None else mask)
 
 
 def mix_blocks(
@@ -224,34 +236,64 @@ def mix_blocks(
     plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
     for s, e in _blocks(n):
         b = base[s:e]
-        weighted = []
-        for t, mask, scale, w in zip(tuned, masks, scales, weights):
+        deltas = []  # masked and rescaled, not yet weighted
+        for t, mask, scale in zip(tuned, masks, scales):
             d = torch.sub(t[s:e], b)
             if mask is not None:
-                d.mul_(mask(s, e, d.abs()))
+                d.mul_(mask(s, e, d.abs() if getattr(mask, "needs_magnitude", True) else None))
             if isinstance(scale, torch.Tensor):
-                d.mul_(scale[s:e]).mul_(w)
-            else:
-                d.mul_(scale * w)
-            weighted.append(d)
+                d.mul_(scale[s:e])
+            elif scale != 1:
+                d.mul_(scale)
+            deltas.append(d)
         if consensus:
-            mixed = _elect(weighted, weights, normalize)
+            mixed = _elect(deltas, weights, normalize)
         else:
-            mixed = weighted[0]
-            for d in weighted[1:]:
-                mixed.add_(d)
+            mixed = _weighted_sum(deltas, weights)
             if normalize:
                 mixed.div_(plain_divisor)
         out[s:e] = mixed.mul_(lambda_).add_(b) if lambda_ != 1 else mixed.add_(b)
     return out
 
 
-def _elect(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """TIES on one block, with few passes: where the summed mass `S = Σ wd_i` is >= 0 the
+def _weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    out = deltas[0].mul_(weights[0])
+    for d, w in zip(deltas[1:], weights[1:]):
+        out.add_(d, alpha=w)
+    return out
+
+
+def _elect(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES on one block of (unweighted) deltas: elect the sign of `S = Σ w_i·d_i`, keep the
+    agreeing `w_i·d_i`, and (if `normalize`) divide by the agreeing weights, 0 → 1."""
+    if min(weights) <= 0:
+        return _elect_any_weights([d.mul_(w) for d, w in zip(deltas, weights)], weights, normalize)
+    # With positive weights sign(w·d) = sign(d). With e = ±1 the elected sign, `max(e·d, 0)`
+    # is |d| where d agrees and 0 elsewhere (zeros never agree), so both sums are plain adds.
+    total = torch.mul(deltas[0], weights[0])
+    for d, w in zip(deltas[1:], weights[1:]):
+        total.add_(d, alpha=w)
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    mixed = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for d, w in zip(deltas, weights):
+        agreeing = d.mul_(sign).clamp_min_(0)
+        mixed.add_(agreeing, alpha=w)
+        if divisor is not None:
+            divisor.add_(agreeing > 0, alpha=w)
+    mixed.mul_(sign)
+    if divisor is None:
+        return mixed
+    # the divisor is 0 or at least min(w), and where it is 0 so is `mixed`: clamping the
+    # zeros to a smaller positive value leaves 0 there, as mergekit's 0 → 1 does
+    return mixed.div_(divisor.clamp_min_(min(weights) / 2))
+
+
+def _elect_any_weights(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """The general case (some weight <= 0) on weighted deltas: where `S = Σ wd_i` is >= 0 the
     agreeing values are the positive ones, so the result is `P = Σ max(wd_i, 0)` there and
     `S − P` elsewhere; the agreeing weights are `Σ w_i·[wd_i > 0]` resp. `Σ w_i·[wd_i < 0]`,
-    i.e. `(A ± Z) / 2` with `Z = Σ w_i·sign(wd_i)`, `A = Σ w_i·|sign(wd_i)|`. Zeros never
-    agree; a zero divisor counts as 1 (mergekit's rule)."""
+    i.e. `(A ± Z) / 2` with `Z = Σ w_i·sign(wd_i)`, `A = Σ w_i·|sign(wd_i)|`."""
     total = weighted[0].clone()
     for d in weighted[1:]:
         total.add_(d)
@@ -269,8 +311,4 @@ def _elect(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize
     if z is None:
         return mixed
     divisor = torch.where(positive, a.add(z), a.sub_(z)).mul_(0.5)
-    if min(weights) > 0:
-        # the divisor is 0 or at least min(w), and where it is 0 so is `mixed`: clamping the
-        # zeros to a tiny value gives 0 there, as mergekit's 0 → 1, in one pass instead of two
-        return mixed.div_(divisor.clamp_min_(min(weights) / 2))
     return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
