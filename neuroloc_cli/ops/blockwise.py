@@ -4,7 +4,10 @@ A whole-tensor implementation makes ~15 passes over tensor-sized temporaries per
 on a CPU those passes are bound by memory bandwidth. Here the delta `t − base` is recomputed
 in blocks of `BLOCK` elements, so that every temporary stays in cache; the only whole-tensor
 quantities are a magnitude threshold per model (found from a sample, then refined exactly on
-the few candidates near it) and, for rescaling, two L1 norms.
+the few candidates near it) and, for rescaling, two L1 norms. What this leaves is the cost of
+dispatching ~50 small PyTorch calls per block; a fused kernel would be the next step.
+`BLOCK` also stays at PyTorch's parallel grain, so each call runs on one thread: larger
+blocks went multi-threaded and became erratic on a loaded machine.
 
 The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (mask_i ⊙ δ_i)`):
 
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 1 << 15  # elements per block: a block and its few temporaries fit in L2 cache
+BLOCK = 1 << 15  # elements per block: its temporaries fit in L2; = PyTorch's grain (one thread per call)
 _SAMPLE = 1 << 14  # magnitudes sampled to bracket the threshold
 _EXACT_BELOW = 4 * BLOCK  # smaller tensors: one exact kthvalue is cheaper than bracketing
 
