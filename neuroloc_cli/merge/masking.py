@@ -22,7 +22,7 @@ import torch
 from neuroloc_cli.errors import NeurolocError
 from neuroloc_cli.io.checkpoint import resolve_model_path
 from neuroloc_cli.masks.format import Mask
-from neuroloc_cli.recipe.schema import MergeRecipe, input_models
+from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models
 
 Rows = tuple[int, int] | None  # a block of rows [start, stop) of a tensor, or the whole tensor
 
@@ -66,14 +66,14 @@ class MergeMasks:
         return merged if region is None else torch.where(region, merged, base)
 
 
-def describe_masks(masks: MergeMasks | None, recipe: MergeRecipe) -> list[str]:
+def describe_masks(masks: MergeMasks | None, recipe: MergeRecipe, entries: Sequence[tuple[str, InputModel]]) -> list[str]:
     """One note per mask of a plan (what `recipe validate` and `--dry-run` show)."""
     if masks is None:
         return []
     from neuroloc_cli.masks.stats import mask_stats
 
     keys = [("mask", recipe.mask, masks.global_mask)]
-    keys += [(f"{role.removesuffix('.model')}.mask", m.mask, mask) for (role, m), mask in zip(input_models(recipe), masks.per_model)]
+    keys += [(f"{role.removesuffix('.model')}.mask", m.mask, mask) for (role, m), mask in zip(entries, masks.per_model)]
     notes = []
     for key, spec, mask in keys:
         if mask is not None:
@@ -90,18 +90,21 @@ def mask_recipe_problems(recipe: MergeRecipe) -> list[str]:
     return []
 
 
-def load_masks(recipe: MergeRecipe, base_dir: Path, reference) -> tuple[MergeMasks | None, list[str]]:
+def load_masks(
+    recipe: MergeRecipe, entries: Sequence[tuple[str, InputModel]], base_dir: Path, reference
+) -> tuple[MergeMasks | None, list[str]]:
     """Load every mask of a recipe and check it against the reference model's shapes.
 
     Args:
         recipe: the recipe.
+        entries: the merge's input models with their roles, in the plan's order.
         base_dir: folder that relative mask paths are relative to.
         reference: the `Source` whose tensors the output takes.
 
     Returns:
         (the masks, or None when the recipe has none; problems, each naming the key and tensor).
     """
-    models = input_models(recipe)
+    models = list(entries)
     if not recipe.mask and not any(m.mask for _, m in models):
         return None, []
     shapes = {n: info.shape for n, info in reference.checkpoint.tensors.items()}

@@ -20,7 +20,7 @@ from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
-from neuroloc_cli.recipe.schema import MergeRecipe, input_models
+from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models
 
 # mergekit parameters that change how it computes, not what: accepted and ignored.
 NO_OP_PARAMETERS = frozenset({"int8_mask"})
@@ -50,6 +50,8 @@ class Step:
     t: float
     merge: bool
     present: tuple[bool, ...]
+    origin: tuple[int, str] | None = None
+    """Set by layer stacking (`slices:`): read only model `origin[0]`'s tensor `origin[1]`."""
 
 
 @dataclass
@@ -67,6 +69,8 @@ class MergePlan:
     resolver: ParameterResolver
     notes: list[str] = field(default_factory=list)
     masks: MergeMasks | None = None
+    config_updates: dict = field(default_factory=dict)
+    """Keys to change in the copied config.json (layer stacking sets the layer count)."""
 
     @property
     def reference(self) -> Source:
@@ -96,6 +100,10 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     Raises:
         RecipeError: every problem found, at once (exit code 3 when all are input problems).
     """
+    if recipe.slices:
+        from neuroloc_cli.merge.slices import build_slices_plan
+
+        return build_slices_plan(recipe, base_dir, source)
     problems: list[str] = []
     input_problems = 0
 
@@ -104,15 +112,21 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
         method = METHODS.get(recipe.merge_method)
     except NeurolocError as e:
         problems.append(f"merge_method: {e}")
+    entries = _model_entries(recipe, method, base_dir)
     if method is not None:
-        problems += _check_method_shape(recipe, method)
+        problems += _check_method_shape(recipe, method, len(entries))
         problems += check_parameters(
-            method.params, recipe.parameters, [m.parameters for _, m in input_models(recipe)], method.name, NO_OP_PARAMETERS
+            method.params,
+            recipe.parameters,
+            [m.parameters for _, m in entries],
+            method.name,
+            NO_OP_PARAMETERS,
+            model_labels=[role.removesuffix(".model") for role, _ in entries],
         )
     problems += mask_recipe_problems(recipe)
 
     sources: list[Source | None] = []
-    for role, spec in _inputs(recipe):
+    for role, spec in _inputs(recipe, entries):
         try:
             sources.append(_open(role, spec, base_dir))
         except NeurolocError as e:
@@ -129,14 +143,16 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
         tensor_problems = _check_tensors(reference, opened, recipe.on_missing)
         input_problems += len(tensor_problems)
         problems += tensor_problems
-        if not problems:  # parameters are well-formed: check they resolve at every tensor
-            plan = _plan(recipe, source, method, base, opened)
-            problems += _check_resolution(plan)
+        if not tensor_problems:
+            plan = _plan(recipe, source, method, base, opened, [m.parameters for _, m in entries])
+            plan.notes += _skipped_base_notes(recipe, entries)
+            if not problems:  # parameters are well-formed: check they resolve at every tensor
+                problems += _check_resolution(plan)
             if not problems:
-                plan.masks, mask_problems = load_masks(recipe, base_dir, reference)
+                plan.masks, mask_problems = load_masks(recipe, entries, base_dir, reference)
                 input_problems += len(mask_problems)
                 problems += mask_problems
-                plan.notes += describe_masks(plan.masks, recipe)
+                plan.notes += describe_masks(plan.masks, recipe, entries)
 
     if problems:
         raise RecipeError(source, problems, exit_code=3 if input_problems == len(problems) else 2)
@@ -144,12 +160,36 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     return plan
 
 
-def _inputs(recipe: MergeRecipe) -> list[tuple[str, str]]:
+def _model_entries(recipe: MergeRecipe, method: MergeMethod | None, base_dir: Path) -> list[tuple[str, InputModel]]:
+    """The method's input models with their recipe roles (see `input_models`).
+
+    mergekit recipes list the base model among `models:` too (often without parameters); for
+    methods built on the base (task vectors, slerp, model_stock) that entry is the base
+    itself, not another input, and is left out, as mergekit does.
+    """
+    entries = input_models(recipe)
+    if method is None or not method.needs_base or recipe.base_model is None:
+        return entries
+    base = resolve_model_path(recipe.base_model, base_dir).resolve()
+    return [(r, m) for r, m in entries if not (r.startswith("models[") and resolve_model_path(m.model, base_dir).resolve() == base)]
+
+
+def _skipped_base_notes(recipe: MergeRecipe, entries: list[tuple[str, InputModel]]) -> list[str]:
+    kept = {r for r, _ in entries}
+    return [
+        f"{role.removesuffix('.model')} is the base model: {recipe.merge_method} uses it as the base, not as another input"
+        + ("; its parameters are not used" if m.parameters else "")
+        for role, m in input_models(recipe)
+        if role not in kept
+    ]
+
+
+def _inputs(recipe: MergeRecipe, entries: list[tuple[str, InputModel]]) -> list[tuple[str, str]]:
     pairs = [("base_model", recipe.base_model)] if recipe.base_model is not None else []
-    return pairs + [(role, m.model) for role, m in input_models(recipe)]
+    return pairs + [(role, m.model) for role, m in entries]
 
 
-def _check_method_shape(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+def _check_method_shape(recipe: MergeRecipe, method: MergeMethod, n: int) -> list[str]:
     problems = []
     if method.needs_base and recipe.base_model is None:
         problems.append(f"base_model: {method.name} needs a base model")
@@ -159,7 +199,6 @@ def _check_method_shape(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
         problems.append(f"models: {method.name} takes 'ability:' and 'languages:' instead of 'models:'")
     if method.check is not None:
         problems += method.check(recipe)
-    n = len(input_models(recipe))
     if n < method.min_models:
         problems.append(f"models: {method.name} needs at least {method.min_models} model(s), got {n}")
     if method.max_models is not None and n > method.max_models:
@@ -199,7 +238,9 @@ def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> 
     return problems
 
 
-def _plan(recipe: MergeRecipe, source: str, method: MergeMethod, base: Source | None, models: list[Source]) -> MergePlan:
+def _plan(
+    recipe: MergeRecipe, source: str, method: MergeMethod, base: Source | None, models: list[Source], model_params: list[dict]
+) -> MergePlan:
     reference = base or models[0]
     compute = DTYPE_NAMES[recipe.dtype or "float32"]
     out_name = recipe.out_dtype or recipe.dtype
@@ -213,7 +254,7 @@ def _plan(recipe: MergeRecipe, source: str, method: MergeMethod, base: Source | 
         dtype = (fixed_out or info.torch_dtype) if floating else info.torch_dtype
         present = tuple(name in m.checkpoint.tensors for m in models)
         steps.append(Step(name, OutTensor(name, info.shape, dtype), layer_position(name, num_layers), floating, present))
-    resolver = ParameterResolver(method.params, recipe.parameters, [m.parameters for _, m in input_models(recipe)])
+    resolver = ParameterResolver(method.params, recipe.parameters, model_params)
     return MergePlan(recipe, source, method, base, models, steps, compute, num_layers, resolver)
 
 
@@ -235,7 +276,6 @@ def plan_delta(base: Path, tuned: Path, out_dtype: str | None = None) -> MergePl
     """Plan `tuned − base` for every tensor, written as a delta checkpoint (float32 unless
     `out_dtype` says otherwise)."""
     from neuroloc_cli.io.checkpoint import check_model_folder
-    from neuroloc_cli.recipe.schema import InputModel
 
     for folder in (base, tuned):  # a plain message for a plain command line, not recipe roles
         check_model_folder(folder)
@@ -254,6 +294,7 @@ def describe_plan(plan: MergePlan) -> dict:
                 "shape": list(step.out.shape),
                 "out_dtype": str(step.out.dtype).removeprefix("torch."),
                 "merge": step.merge,
+                **({"source": {"model": plan.models[step.origin[0]].role, "tensor": step.origin[1]}} if step.origin else {}),
                 "parameters": whole,
                 "model_parameters": per_model,
             }

@@ -93,6 +93,8 @@ def run_merge(
         writer.close()
         dtypes = {s.out.dtype for s in plan.steps if s.merge}
         copy_side_files(plan.reference.checkpoint.path, tmp, dtypes.pop() if len(dtypes) == 1 else None)
+        if plan.config_updates:
+            _update_config(tmp / "config.json", plan.config_updates)
         write_provenance(tmp, provenance)
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
 
@@ -159,9 +161,20 @@ def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor:
             on_tensor(step)
 
 
+def _update_config(path: Path, updates: dict) -> None:
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        doc.update(updates)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
     """Read one tensor (or block of rows) of every input, in the compute dtype; and the base
     as stored."""
+    if step.origin is not None:  # layer stacking: one tensor of one model, maybe renamed
+        index, name = step.origin
+        tensor = plan.models[index].checkpoint.read(name, rows)
+        return (None, [tensor.to(plan.compute_dtype)], None) if step.merge else (tensor, [], None)
     if not step.merge:
         return plan.reference.checkpoint.read(step.name), [], None
     dtype = plan.compute_dtype
@@ -186,6 +199,8 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: _Inputs, seed: int
         assert base is not None
         tensors = plan.masks.restrict_inputs(step.name, base, tensors, rows)
     whole, per_model = plan.resolver.at(step.name, step.t)
+    if step.origin is not None:
+        per_model = [per_model[step.origin[0]]]
     generator = _generator(seed, step.name) if plan.method.random else None
     try:
         return plan.method(base, tensors, whole, per_model, generator, context)

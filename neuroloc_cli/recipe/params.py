@@ -119,12 +119,16 @@ def check_parameters(
     model_params: Sequence[Mapping[str, Any]],
     method: str,
     allowed_extra: frozenset[str] = frozenset(),
+    model_labels: Sequence[str] | None = None,
 ) -> list[str]:
     """Every problem with a recipe's parameters for `method`: unknown names, forms, ranges,
-    required per-model values that are missing, per-tensor values set on a model."""
+    required per-model values that are missing, per-tensor values set on a model.
+
+    `model_labels` names each model's place in the recipe (default `models[i]`)."""
     by_name = {p.name: p for p in declared}
     problems = []
-    levels = [("parameters", global_params)] + [(f"models[{i}].parameters", mp) for i, mp in enumerate(model_params)]
+    labels = list(model_labels) if model_labels is not None else [f"models[{i}]" for i in range(len(model_params))]
+    levels = [("parameters", global_params)] + [(f"{label}.parameters", mp) for label, mp in zip(labels, model_params)]
     for where, params in levels:
         for name, value in params.items():
             if name in allowed_extra:
@@ -140,9 +144,12 @@ def check_parameters(
             problems += check_value(value, p, f"{where}.{name}")
     for p in declared:
         if p.required and p.name not in global_params:
-            for i, mp in enumerate(model_params):
+            if not p.per_model:
+                problems.append(f"parameters: {method} needs {p.name!r}")
+                continue
+            for label, mp in zip(labels, model_params):
                 if p.name not in mp:
-                    problems.append(f"models[{i}].parameters: {method} needs {p.name!r} for every model (or once in 'parameters')")
+                    problems.append(f"{label}.parameters: {method} needs {p.name!r} for every model (or once in 'parameters')")
     return problems
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from neuroloc_cli.errors import RecipeError, did_you_mean
 
@@ -57,12 +57,29 @@ class LanguageSpec(_Frozen):
     """μ_i; when absent, the top-level `parameters.weight` (default 1.0)."""
 
 
+class SliceSource(_Frozen):
+    """One entry of a slice's `sources:`: layers `[a, b)` of a model (mergekit's shape)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSlice(_Frozen):
+    """One entry of `slices:`; its sources' layers become consecutive output layers."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+
+
 class MergeRecipe(_Frozen):
     """A validated merge recipe (structure only; see `recipe.load` for the rest)."""
 
     merge_method: str
     base_model: str | None = None
     models: list[InputModel] = Field(default_factory=list)
+    slices: list[OutputSlice] = Field(default_factory=list)
+    """Layer stacking (`passthrough`), or whole-model sources in mergekit's slice form; see
+    `neuroloc_cli.merge.slices`. Mutually exclusive with `models`."""
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
@@ -74,6 +91,12 @@ class MergeRecipe(_Frozen):
     """A mask file: outside it every element keeps the base value, bit for bit."""
     ability: AbilitySpec | None = None
     languages: list[LanguageSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeRecipe:
+        if self.models and self.slices:
+            raise ValueError("give either 'models' or 'slices', not both")
+        return self
 
 
 def input_models(recipe: MergeRecipe) -> list[tuple[str, InputModel]]:
@@ -127,7 +150,8 @@ def _describe(err: Any) -> str:
         return f"unknown key {key!r}{hint}"
     if err["type"] == "missing":
         return f"missing required key {key!r}"
-    return f"{key}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

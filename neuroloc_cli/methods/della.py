@@ -1,0 +1,90 @@
+"""DELLA: drop task-vector entries at random with magnitude-ranked probabilities (MagPrune)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.methods.gta import (
+    DENSITY,
+    EPSILON,
+    LAMBDA,
+    PAPER_RESCALE,
+    WEIGHT,
+    model_generators,
+    normalize_param,
+    rescale_param,
+    sparse_task_arithmetic,
+)
+from neuroloc_cli.ops.blockwise import KEEP_NONE, Draw
+from neuroloc_cli.ops.sparsify import della_keep_probabilities
+
+_PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+
+
+def _params(normalize: bool):
+    return (WEIGHT, DENSITY, EPSILON, normalize_param(normalize), rescale_param(True), PAPER_RESCALE, LAMBDA)
+
+
+def _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus):
+    generators = model_generators(generator, len(tensors))
+
+    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+        d = float(density[i])
+        if d >= 1:
+            return None, None
+        if d <= 0:
+            return KEEP_NONE, None
+        probs = della_keep_probabilities(torch.sub(tuned, base), d, epsilon[i]).reshape(-1)
+        return Draw(probs, generators[i]), probs.reciprocal()
+
+    return sparse_task_arithmetic(
+        base, tensors, weight, make_mask, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
+    )
+
+
+@merge_method("della", needs_base=True, params=_params(True), random=True, paper=_PAPER)
+def della(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    paper_rescale: bool,
+    lambda_: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA: magnitude-ranked random drop (MagPrune), rescale, TIES sign election.
+
+    Deep et al. 2024 (arXiv:2406.11617). Within each row (a 1-D tensor is one row), entries
+    are ranked by magnitude and kept with probability from `density − ε` (smallest) to
+    `density + ε` (largest); `density ± ε` must lie in (0, 1). Density 1 keeps all, 0 none.
+    Rescaling: mergekit's one L1-norm factor per tensor by default; the paper's `1/p_i` per
+    survivor with `paper_rescale: true`. Defaults as mergekit: normalize on, rescale on.
+    """
+    return _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus=True)
+
+
+@merge_method("della_linear", needs_base=True, params=_params(False), random=True, paper=_PAPER)
+def della_linear(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    paper_rescale: bool,
+    lambda_: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA's MagPrune and rescale, then a plain weighted sum (no sign election).
+
+    `normalize` defaults to false, as in mergekit."""
+    return _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus=False)

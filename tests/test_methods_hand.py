@@ -1,0 +1,210 @@
+"""Merge methods on 2×3 tensors with values worked out by hand (the reasoning is in comments),
+plus the edge cases the methods document: density 0 and 1, gamma 0, all-zero deltas, a single
+model, one-element tensors and 1-D norm weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuroloc_cli.methods import METHODS
+from neuroloc_cli.ops.sparsify import della_keep_probabilities, magnitude_mask, top_k_mask
+
+BASE = torch.ones(2, 3)
+D1 = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+D2 = torch.tensor([[-3.0, 1.0, 1.0], [2.0, -2.0, 4.0]])
+
+
+def call(name, base, deltas, whole=None, per_model=None, seed=0):
+    """Run a registered method with its defaults, overridden by `whole` and `per_model`."""
+    m = METHODS.get(name)
+    w = {p.name: p.default for p in m.params if not p.per_model}
+    w.update(whole or {})
+    pm = []
+    for i in range(len(deltas)):
+        d = {p.name: p.default for p in m.params if p.per_model}
+        d.update((per_model or [{}] * len(deltas))[i])
+        pm.append(d)
+    gen = torch.Generator().manual_seed(seed) if m.random else None
+    tensors = [base + d for d in deltas]
+    return m(base, tensors, w, pm, gen)
+
+
+def test_top_k_keeps_exactly_k_and_breaks_ties_by_position():
+    magnitude = torch.tensor([2.0, 1.0, 2.0, 2.0, 0.5])
+    # the two largest are two of the three 2.0s: the first two by position
+    assert top_k_mask(magnitude, 2).tolist() == [True, False, True, False, False]
+    assert top_k_mask(magnitude, 0).sum() == 0 and top_k_mask(magnitude, 5).all()
+
+
+def test_magnitude_mask_keeps_floor_of_density():
+    # 6 elements, density 0.5 -> 3 kept: |-4|, |5|, |-6|
+    assert magnitude_mask(D1, 0.5).tolist() == [[False, False, False], [True, True, True]]
+    # density 0.49 -> floor(2.94) = 2: 5 and -6
+    assert magnitude_mask(D1, 0.49).sum() == 2
+
+
+def test_ties_hand_computed():
+    # trim at density 0.5 (3 of 6): d1 keeps -4, 5, -6; d2 keeps 4, -3 and the first 2 (at [1,0])
+    # weighted (0.5, 1): wd1 = [[0,0,0],[-2,2.5,-3]], wd2 = [[-3,0,0],[2,0,4]]
+    # summed mass [[-3,0,0],[0,2.5,1]] -> signs [[-,+,+],[+,+,+]] (0 elects +)
+    # agreeing values / agreeing weights: [[-3/1, 0, 0], [2/1, 2.5/0.5, 4/1]]
+    out = call("ties", BASE, [D1, D2], per_model=[{"weight": 0.5, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    assert torch.equal(out, BASE + torch.tensor([[-3.0, 0, 0], [2, 5, 4]]))
+
+
+def test_ties_without_normalize_and_with_lambda():
+    # same election, no division, times lambda 2: [[-3,0,0],[2,2.5,4]] * 2
+    out = call("ties", BASE, [D1, D2], {"normalize": False, "lambda": 2.0}, [{"weight": 0.5, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    assert torch.equal(out, BASE + torch.tensor([[-6.0, 0, 0], [4, 5, 8]]))
+
+
+def test_ties_rescale_restores_l1_norm():
+    # one model, density 0.5: kept -4, 5, -6 (L1 15) rescaled to L1 21 -> factor 21/15 = 1.4
+    out = call("ties", BASE, [D1], {"rescale": True}, [{"weight": 1.0, "density": 0.5}])
+    assert torch.allclose(out, BASE + torch.tensor([[0.0, 0, 0], [-5.6, 7.0, -8.4]]))
+
+
+@pytest.mark.parametrize(
+    "density, gamma, expected",
+    [
+        # 3 kept of 6; gamma 0.2 drops floor(1.2) = 1 outlier (-6) and the 2 smallest (1, -2)
+        (0.5, 0.2, [[0, 0, 3], [-4, 5, 0]]),
+        # gamma 0: plain magnitude trimming
+        (0.5, 0.0, [[0, 0, 0], [-4, 5, -6]]),
+        # density 0.9 -> 5 kept; gamma 0.5 would drop 3, so only 1 outlier is dropped
+        (0.9, 0.5, [[1, -2, 3], [-4, 5, 0]]),
+        # density 1 keeps all, gamma does not apply
+        (1.0, 0.3, [[1, -2, 3], [-4, 5, -6]]),
+    ],
+)
+def test_breadcrumbs_hand_computed(density, gamma, expected):
+    out = call("breadcrumbs", BASE, [D1], per_model=[{"weight": 2.0, "density": density, "gamma": gamma}])
+    assert torch.equal(out, BASE + 2 * torch.tensor(expected, dtype=torch.float32))
+
+
+def test_breadcrumbs_ties_hand_computed():
+    # gamma 0.2, density 0.5: d1 keeps [[0,0,3],[-4,5,0]]; d2 (|.| 3,1,1,2,2,4) drops 4 and
+    # the two smallest (the 1s) -> [[-3,0,0],[2,-2,0]]. Weights 1: sum [[-3,0,3],[-2,3,0]]
+    # signs [[-,+,+],[-,+,+]]; no normalize: [[-3,0,3],[-4,5,0]]
+    pm = [{"weight": 1.0, "density": 0.5, "gamma": 0.2}] * 2
+    out = call("breadcrumbs_ties", BASE, [D1, D2], per_model=pm)
+    assert torch.equal(out, BASE + torch.tensor([[-3.0, 0, 3], [-4, 5, 0]]))
+
+
+def test_slerp_hand_computed():
+    base = torch.tensor([[1.0, 0, 0], [0, 0, 0]])
+    other = torch.tensor([[0.0, 1, 0], [0, 0, 0]])
+    # orthogonal unit tensors, Ω = π/2, t = 0.5: sin(π/4)/sin(π/2) each
+    out = METHODS.get("slerp")(base, [other], {"t": 0.5}, [{}])
+    h = math.sqrt(0.5)
+    assert torch.allclose(out, torch.tensor([[h, h, 0], [0, 0, 0]]))
+    # t = 0 is the base, t = 1 the other model
+    assert torch.allclose(METHODS.get("slerp")(base, [other], {"t": 0.0}, [{}]), base)
+    assert torch.allclose(METHODS.get("slerp")(base, [other], {"t": 1.0}, [{}]), other)
+
+
+def test_slerp_colinear_is_lerp():
+    base = torch.tensor([[1.0, 2, 3], [4, 5, 6]])
+    out = METHODS.get("slerp")(base, [2 * base], {"t": 0.25}, [{}])
+    assert torch.allclose(out, 1.25 * base)
+
+
+def test_model_stock_hand_computed():
+    # offsets row 0: [1,1,0] and [1,0,1]; row 1: [1,0,0] and [-1,0,0]
+    d1 = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
+    d2 = torch.tensor([[1.0, 0, 1], [-1, 0, 0]])
+    # whole tensor: dot 1 - 1 = 0 -> cos 0 -> t 0 -> the base
+    out = METHODS.get("model_stock")(BASE, [BASE + d1, BASE + d2], {"filter_wise": False}, [{}, {}])
+    assert torch.equal(out, BASE)
+    # per row: row 0 cos 1/2 -> t = 2·½ / (1 + ½) = 2/3; mean offset [1, .5, .5] -> 1 + 2/3·[1,.5,.5]
+    # row 1 cos −1 -> 1 + (N−1)cos = 0 -> documented: keep the base row
+    out = METHODS.get("model_stock")(BASE, [BASE + d1, BASE + d2], {"filter_wise": True}, [{}, {}])
+    assert torch.allclose(out, torch.tensor([[5 / 3, 4 / 3, 4 / 3], [1, 1, 1]]))
+
+
+def test_passthrough_copies_and_scales():
+    x = BASE + D1
+    assert METHODS.get("passthrough")(None, [x], {}, [{"scale": 1.0}]) is x
+    assert torch.equal(METHODS.get("passthrough")(None, [x], {}, [{"scale": 0.5}]), 0.5 * x)
+
+
+def test_della_probabilities_hand_computed():
+    # row [1,-2,3]: ranks 0,1,2 -> density − ε + 2ε·r/2 = 0.4, 0.5, 0.6; row [-4,5,-6] the same
+    probs = della_keep_probabilities(D1, 0.5, 0.1)
+    assert torch.allclose(probs, torch.tensor([[0.4, 0.5, 0.6], [0.4, 0.5, 0.6]]))
+    with pytest.raises(ValueError, match=r"della: density ± epsilon must lie in \(0, 1\), got density 0.5, epsilon 0.5"):
+        della_keep_probabilities(D1, 0.5, 0.5)
+
+
+# -- edge cases ------------------------------------------------------------------------------
+
+SPARSE = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_density_zero_keeps_the_base(name):
+    out = call(name, BASE, [D1, D2], per_model=[{"weight": 1.0, "density": 0.0}] * 2)
+    assert torch.equal(out, BASE)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_density_one_is_task_arithmetic_or_ties_without_trimming(name):
+    pm = [{"weight": 0.5, "density": 1.0}, {"weight": 1.0, "density": 1.0}]
+    out = call(name, BASE, [D1, D2], {"normalize": False}, pm)
+    wd1, wd2 = 0.5 * D1, D2
+    if name.endswith("linear") or name == "breadcrumbs":
+        expected = BASE + wd1 + wd2
+    else:  # sign election over untrimmed weighted deltas
+        pos = (wd1 + wd2) >= 0
+        agree = lambda wd: torch.where(pos, wd > 0, wd < 0)  # noqa: E731
+        expected = BASE + wd1 * agree(wd1) + wd2 * agree(wd2)
+    assert torch.allclose(out, expected)
+
+
+@pytest.mark.parametrize("name", SPARSE + ["slerp", "model_stock"])
+def test_all_zero_deltas_give_the_base(name):
+    zero = torch.zeros(2, 3)
+    if name == "slerp":
+        out = METHODS.get("slerp")(BASE, [BASE.clone()], {"t": 0.3}, [{}])
+    elif name == "model_stock":
+        out = METHODS.get("model_stock")(BASE, [BASE.clone(), BASE.clone()], {"filter_wise": False}, [{}, {}])
+    else:
+        out = call(name, BASE, [zero, zero], per_model=[{"weight": 1.0, "density": 0.5}] * 2)
+    assert torch.equal(out, BASE)
+
+
+def test_single_model_ties_divides_out_the_weight():
+    # normalize: Σ a·w·δ / Σ a·w = δ̂ for one model, whatever its weight
+    out = call("ties", BASE, [D1], per_model=[{"weight": 0.3, "density": 0.5}])
+    assert torch.allclose(out, BASE + torch.tensor([[0.0, 0, 0], [-4, 5, -6]]))
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_one_element_tensor(name):
+    base, delta = torch.tensor([2.0]), torch.tensor([0.5])
+    # floor(0.5 · 1) = 0 kept by magnitude methods; random ones keep it or not, never anything else
+    out = call(name, base, [delta], per_model=[{"weight": 1.0, "density": 0.5, "epsilon": 0.1}])
+    assert out.shape == (1,) and float(out) in (2.0, 2.5)
+    if name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        assert float(out) == 2.0
+    assert float(call(name, base, [delta], per_model=[{"weight": 1.0, "density": 1.0}])) == 2.5
+
+
+def test_della_on_a_1d_norm_weight_ranks_the_whole_vector():
+    norm = torch.linspace(-1, 1, 11)  # magnitudes 1, .8, ... 0 ... 1
+    probs = della_keep_probabilities(norm, 0.5, 0.2)
+    # one row of 11: the zero in the middle is smallest (0.3), the ends largest (ties broken by
+    # the sort, so one end gets rank 9 and the other 10)
+    assert probs[5] == pytest.approx(0.3) and max(probs[0], probs[10]) == pytest.approx(0.7)
+    assert probs.mean() == pytest.approx(0.5)
+
+
+def test_model_stock_filter_wise_on_1d_is_the_whole_tensor():
+    base = torch.tensor([1.0, 2, 3])
+    ts = [base + torch.tensor([1.0, 1, 0]), base + torch.tensor([1.0, 0, 1])]
+    a = METHODS.get("model_stock")(base, ts, {"filter_wise": True}, [{}, {}])
+    b = METHODS.get("model_stock")(base, ts, {"filter_wise": False}, [{}, {}])
+    assert torch.equal(a, b) and torch.allclose(a, base + 2 / 3 * torch.tensor([1.0, 0.5, 0.5]))
