@@ -73,7 +73,7 @@ def _root(
 
 def _register() -> None:
     # Each module adds its commands to `app`; imports stay light so `--help` is instant.
-    from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, merge_cmds  # noqa: F401
+    from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, merge_cmds, train_cmd  # noqa: F401
 
 
 _register()
