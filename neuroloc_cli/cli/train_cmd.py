@@ -112,10 +112,10 @@ class _Progress:
 
 
 def _render(result, as_json: bool) -> None:
+    if not result.main_process:  # one report per run, not one per data-parallel process
+        return
     if as_json:
         render.print_json(result.to_dict())
-        return
-    if result.output is None:
         return
     before, after = result.perplexity.get("before", {}), result.perplexity.get("after", {})
     ppl = ", ".join(f"{Path(k).name} {before.get(k, float('nan')):.2f} → {v:.2f}" for k, v in after.items())

@@ -61,9 +61,10 @@ class TrainResult:
     counts: dict[str, int]
     optimizer_state_bytes: int
     shards: list[str]
+    main_process: bool = True  # False on the other processes of a data-parallel run
 
     def to_dict(self) -> dict[str, Any]:
-        doc = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        doc = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "main_process"}
         doc["output"] = str(self.output) if self.output else None
         return doc
 
@@ -354,7 +355,7 @@ class MaskedCPTRecipe:
         self.accelerator.wait_for_everyone()
         return TrainResult(self.output, self.step, self.tokens, self._seconds,
                            getattr(self, "_tokens_this_run", 0) / max(self._seconds, 1e-9), self.first_loss, self.last_loss,
-                           self.perplexity, self.counts, self.optimizer_state_bytes(), shards)
+                           self.perplexity, self.counts, self.optimizer_state_bytes(), shards, self.is_main)
 
     def _provenance(self) -> dict[str, Any]:
         return {
