@@ -217,7 +217,7 @@ def test_mask_from_another_architecture(zoo, cli, corpus, tmp_path):
     gpt2_mask = _random_row_mask(zoo.get("gpt2").base, GPT2_ROWS, 0.1, seed=0)
     gpt2_mask.save(tmp_path / "gpt2.mask")
     base = zoo.get("llama").base
-    r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--train-mask", tmp_path / "gpt2.mask")
+    r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--train-mask", tmp_path / "gpt2.mask", "--seq-len", "128")
     assert r.exit_code == 3
     assert r.stderr.strip() == (f"error: {tmp_path / 'gpt2.mask'}: mask tensor transformer.h.0.mlp.c_fc.weight is not in {base} "
                                 "(the mask was made for another architecture)")
@@ -226,13 +226,13 @@ def test_mask_from_another_architecture(zoo, cli, corpus, tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("", "empty corpus (no text)"), ('{"text": "The fox."}\n', "corpus has 5 tokens, shorter than one sequence of 512 tokens")],
+    [("", "empty corpus (no text)"), ('{"text": "The fox."}\n', "corpus has 5 tokens, shorter than one sequence of 128 tokens")],
     ids=["empty", "short"],
 )
 def test_bad_corpus_writes_nothing(zoo, cli, tmp_path, content, message):
     data = tmp_path / "c.jsonl"
     data.write_text(content)
-    r = cli("train", zoo.get("llama").base, "--data", data, "-o", tmp_path / "out")
+    r = cli("train", zoo.get("llama").base, "--data", data, "-o", tmp_path / "out", "--seq-len", "128")
     assert r.exit_code == 3
     assert r.stderr.startswith(f"error: {data}: {message}")
     assert len(r.stderr.strip().splitlines()) == 1
@@ -244,7 +244,7 @@ def test_missing_tokenizer(zoo, cli, corpus, tmp_path):
 
     model = tmp_path / "notok"
     shutil.copytree(zoo.get("llama").base, model, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
-    r = cli("train", model, "--data", corpus, "-o", tmp_path / "out")
+    r = cli("train", model, "--data", corpus, "-o", tmp_path / "out", "--seq-len", "128")
     assert r.exit_code == 3
     assert r.stderr.strip() == (f"error: {model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder "
                                 "(copy the base model's tokenizer files into it)")
@@ -257,3 +257,41 @@ def test_config_file_with_flag_override(zoo, cli, corpus, tmp_path):
     r = cli("train", "--config", recipe, "--max-steps", "2", "--json")
     assert r.exit_code == 0, r.stderr
     assert r.json()["steps"] == 2 and Path(r.json()["output"]) == tmp_path / "out"
+
+
+def test_dry_run_plans_without_writing(zoo, cli, corpus, tmp_path):
+    base = zoo.get("llama").base
+    mask = _random_row_mask(base, LLAMA_ROWS, 0.25, seed=2)
+    mask.save(tmp_path / "n.mask")
+    r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--train-mask", tmp_path / "n.mask",
+            "--seq-len", "32", "--batch-size", "2", "--grad-accum", "3", "--max-tokens", "1000", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = r.json()
+    assert doc["valid"] is True
+    assert doc["trainable"] == mask.selected
+    assert doc["total_steps"] == -(-1000 // (2 * 3 * 32))  # ceil: the smaller limit wins
+    _assert_nothing_written(tmp_path)
+
+
+def test_seq_len_beyond_model_positions(zoo, cli, corpus, tmp_path):
+    r = cli("train", zoo.get("llama").base, "--data", corpus, "-o", tmp_path / "out", "--seq-len", "1024")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: --seq-len 1024 exceeds the model's 256 positions (use --seq-len 256 or less)"
+
+
+def test_element_train_mask_moves_only_selected_elements(zoo, corpus, tmp_path):
+    base = zoo.get("llama", dtype=torch.float32).base
+    inputs = load_all(base)
+    gen = torch.Generator().manual_seed(4)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    entries = {n: MaskEntry(tuple(inputs[n].shape), None, torch.rand(inputs[n].shape, generator=gen) < 0.2) for n in names}
+    Mask("element", entries).save(tmp_path / "e.mask")
+    result = run_training(_config(base, corpus, tmp_path / "out", train_mask=str(tmp_path / "e.mask"), weight_decay=0.5))
+    outputs = load_all(tmp_path / "out")
+    for name in inputs:
+        keep = ~entries[name].selected if name in entries else torch.ones_like(inputs[name], dtype=torch.bool)
+        assert torch.equal(_bits(outputs[name])[keep], _bits(inputs[name])[keep]), name
+    for name, e in entries.items():
+        assert (outputs[name][e.selected] != inputs[name][e.selected]).all(), name
+    assert result.counts["trainable"] == sum(int(e.selected.sum()) for e in entries.values())
+    assert result.counts["optimizer_elements"] == sum(inputs[n].numel() for n in names)

@@ -47,12 +47,13 @@ def train(
     out_dtype: Annotated[Optional[str], typer.Option("--out-dtype", help="Output dtype [each input tensor's].", rich_help_panel=_RUN)] = None,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Output shard size cap [5GB].", rich_help_panel=_RUN)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and earlier run folder.", rich_help_panel=_RUN)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs and print the plan; load no weights, write nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continual pretraining that updates only what a mask allows, or all but a frozen region."""
     from neuroloc_cli.errors import UsageError
     from neuroloc_cli.train.config import build_config
-    from neuroloc_cli.train.recipe import run_training
+    from neuroloc_cli.train.recipe import plan_training, run_training
 
     betas = None
     if adam_betas is not None:
@@ -63,10 +64,13 @@ def train(
     given = dict(locals())
     given["adam_betas"] = betas
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()
-                 if k not in ("config", "as_json", "betas", "UsageError", "build_config", "run_training")}
+                 if k not in ("config", "as_json", "dry_run", "betas", "UsageError", "build_config", "run_training", "plan_training")}
     overrides["resume"] = resume or None
     overrides["overwrite"] = overwrite or None
     cfg = build_config(config, overrides)
+    if dry_run:
+        _render_plan(plan_training(cfg), as_json)
+        return
     with _Progress() as on_event:
         result = run_training(cfg, on_event)
     _render(result, as_json)
@@ -124,3 +128,18 @@ def _render(result, as_json: bool) -> None:
         f"{result.tokens_per_s:.0f} tokens/s; loss {result.first_loss:.4f} → {result.last_loss:.4f}"
         + (f"; held-out perplexity {ppl}" if ppl else "")
     )
+
+
+def _render_plan(doc: dict, as_json: bool) -> None:
+    if as_json:
+        render.print_json({"valid": True, **doc})
+        return
+    share = doc["trainable"] / max(1, doc["parameters"])
+    render.out().print(
+        f"would train {render.human_count(doc['trainable'])} of {render.human_count(doc['parameters'])} parameters ({share:.2%}) "
+        f"for {doc['total_steps']} steps of {doc['tokens_per_step']} tokens; AdamW state about "
+        f"{render.human_bytes(doc['optimizer_state_bytes'])}"
+    )
+    for d in doc["data"]:
+        render.out().print(f"  {d['path']}: {d['tokens']} tokens, {d['train_sequences']} training / {d['held_out_sequences']} held-out sequences, weight {d['weight']:g}")
+    render.err().print("[green]run is valid[/green]: no weights were loaded, nothing was written")

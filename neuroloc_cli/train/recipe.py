@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from neuroloc_cli.train import data as datalib
 from neuroloc_cli.train import state as statelib
 from neuroloc_cli.train.config import TrainConfig
 from neuroloc_cli.train.export import write_model
-from neuroloc_cli.train.masking import apply_selection, plan_selection, resolve_names
+from neuroloc_cli.train.masking import SelectionPlan, apply_selection, plan_selection, resolve_names
 
 Event = dict[str, Any]
 
@@ -79,11 +80,9 @@ class MaskedCPTRecipe:
     """
 
     def __init__(self, config: TrainConfig, on_event: Callable[[Event], None] | None = None):
-        if config.output is None:
-            raise UsageError("train needs an output folder", hint="pass -o OUT_DIR")
         self.cfg = config
         self.on_event = on_event or (lambda e: None)
-        self.output = Path(config.output)
+        self.output = Path(config.output or "neuroloc-train-out")  # only --dry-run may omit it
         self.run_dir = Path(config.run_dir) if config.run_dir else self.output.with_name(self.output.name + ".run")
         self.log_path = Path(config.log) if config.log else self.run_dir / "log.jsonl"
         self.step = 0
@@ -104,20 +103,9 @@ class MaskedCPTRecipe:
         """
         from accelerate import Accelerator
 
-        cfg = self.cfg
-        self.model_path = Path(cfg.model)
-        self.source = Checkpoint.open(self.model_path, spec=cfg.model)
-        try:
-            self.max_shard_bytes = parse_size(cfg.max_shard_size)
-        except ValueError as e:
-            raise UsageError(f"--max-shard-size: {e}") from None
-        mask_path = cfg.train_mask or cfg.freeze_mask
-        self.mask = self._load_mask(Path(mask_path)) if mask_path else None
-        self.inputs = [self.model_path, *(Path(d.path) for d in cfg.data), *([Path(mask_path)] if mask_path else [])]
-        check_output_path(self.output, self.inputs, cfg.overwrite)
-        self.tokenizer = datalib.load_tokenizer(self.model_path)
-        self.corpora = datalib.load_corpora(cfg.data, self.tokenizer, cfg.seq_len, cfg.eval_share)
-
+        if self.cfg.output is None:
+            raise UsageError("train needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the run")
+        self._check_inputs()
         cuda = torch.cuda.is_available()
         # fp32 master weights; bf16 autocast on CUDA only (CPU autocast is slow and not needed).
         self.accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
@@ -125,9 +113,43 @@ class MaskedCPTRecipe:
         self.is_main = self.accelerator.is_main_process
         self._build_model()
         self.total_steps = self._total_steps()
-        self.sampler = datalib.MixtureSampler(self.corpora, cfg.seed)
+        self.sampler = datalib.MixtureSampler(self.corpora, self.cfg.seed)
         self.identity = self._identity()
         self._prepare_run_dir()
+
+    def plan(self) -> dict[str, Any]:
+        """Check every input and describe the run without loading weights or writing anything
+        (`--dry-run`): what trains, optimizer state, steps and data. Assumes one process."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self._check_inputs()
+        self.world = 1
+        with torch.device("meta"):  # names and shapes only, no memory
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(self.model_path)))
+        plan = self._selection_plan(model)
+        counts = plan.counts()
+        return {"output": self.cfg.output, "total_steps": self._total_steps(), "tokens_per_step": self.global_batch * self.cfg.seq_len,
+                **counts, "optimizer_state_bytes": 8 * counts["optimizer_elements"],
+                "data": [c.describe() for c in self.corpora], "hyper_parameters": self.cfg.hyper_parameters()}
+
+    def _check_inputs(self) -> None:
+        cfg = self.cfg
+        self.model_path = Path(cfg.model)
+        self.source = Checkpoint.open(self.model_path, spec=cfg.model)
+        try:
+            self.max_shard_bytes = parse_size(cfg.max_shard_size)
+        except ValueError as e:
+            raise UsageError(f"--max-shard-size: {e}") from None
+        limit = (self.source.config or {}).get("max_position_embeddings") or (self.source.config or {}).get("n_positions")
+        if isinstance(limit, int) and cfg.seq_len > limit:
+            raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's {limit} positions", hint=f"use --seq-len {limit} or less")
+        mask_path = cfg.train_mask or cfg.freeze_mask
+        self.mask = self._load_mask(Path(mask_path)) if mask_path else None
+        self.inputs = [self.model_path, *(Path(d.path) for d in cfg.data), *([Path(mask_path)] if mask_path else [])]
+        if cfg.output is not None:
+            check_output_path(self.output, self.inputs, cfg.overwrite)
+        self.tokenizer = datalib.load_tokenizer(self.model_path)
+        self.corpora = datalib.load_corpora(cfg.data, self.tokenizer, cfg.seq_len, cfg.eval_share)
 
     def _load_mask(self, path: Path) -> Mask:
         mask = Mask.load(path)
@@ -149,24 +171,28 @@ class MaskedCPTRecipe:
             raise InputError(f"{self.model_path}: cannot load the model ({type(e).__name__}: {e})") from None
         model.to(self.accelerator.device)
         model.config.use_cache = False  # no KV cache while training: it only costs memory
-        names = resolve_names(model, [n for n, i in self.source.tensors.items() if i.torch_dtype.is_floating_point])
-        shapes = {n: self.source.tensors[n].shape for n in names}
-        cfg = self.cfg
-        plan = plan_selection(
-            shapes,
-            train_mask=self.mask if cfg.train_mask else None,
-            freeze_mask=self.mask if cfg.freeze_mask else None,
-            trainable=cfg.trainable,
-        )
-        self.trainable = apply_selection(model, plan, names)
+        plan = self._selection_plan(model)
+        self.trainable = apply_selection(model, plan, self._names)
         self.counts = plan.counts()
-        if self.counts["trainable"] == 0:
-            raise UsageError("nothing to train: the mask and --trainable select no parameter")
         self.model = model
+        cfg = self.cfg
         self.params = list(self.trainable.params.values())
         self.optimizer = torch.optim.AdamW(
             self.trainable.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas), foreach=True
         )
+
+    def _selection_plan(self, model: torch.nn.Module) -> SelectionPlan:
+        cfg = self.cfg
+        self._names = resolve_names(model, [n for n, i in self.source.tensors.items() if i.torch_dtype.is_floating_point])
+        plan = plan_selection(
+            {n: self.source.tensors[n].shape for n in self._names},
+            train_mask=self.mask if cfg.train_mask else None,
+            freeze_mask=self.mask if cfg.freeze_mask else None,
+            trainable=cfg.trainable,
+        )
+        if plan.counts()["trainable"] == 0:
+            raise UsageError("nothing to train: the mask and --trainable select no parameter")
+        return plan
 
     def _total_steps(self) -> int:
         cfg = self.cfg
@@ -199,14 +225,12 @@ class MaskedCPTRecipe:
             self.step, self.tokens = resumed.step, resumed.tokens
             self.sampler.counters = list(resumed.counters)
             self._truncate_log(resumed.step)
-        elif found or (self.log_path.exists() and self.is_main):
+        elif found or self.log_path.exists():
             if not self.cfg.overwrite:
                 raise UsageError(f"{self.run_dir}: holds the checkpoints or log of an earlier run",
                                  hint="pass --resume to continue it, or --overwrite to start over")
             if self.is_main:
                 for old in found:
-                    import shutil
-
                     shutil.rmtree(old)
                 self.log_path.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
@@ -388,6 +412,16 @@ class MaskedCPTRecipe:
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **event}, default=str) + "\n")
         self.on_event(event)
+
+
+def plan_training(config: TrainConfig) -> dict[str, Any]:
+    """Check a run's inputs and describe it; load no weights, write nothing (`--dry-run`)."""
+    recipe = MaskedCPTRecipe(config)
+    try:
+        return recipe.plan()
+    finally:
+        if hasattr(recipe, "source"):
+            recipe.cleanup()
 
 
 def run_training(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
