@@ -120,6 +120,7 @@ LLAMA_ROWS = {
     "model.layers.0.input_layernorm.weight": 0,
 }
 GPT2_ROWS = {
+    "transformer.wte.weight": 0,  # tied with the LM head: both uses must see the trained rows
     "transformer.h.0.mlp.c_fc.weight": 1,  # Conv1D [in, out]: output units are axis 1
     "transformer.h.0.mlp.c_fc.bias": 0,
     "transformer.h.1.attn.c_attn.weight": 1,
@@ -219,7 +220,7 @@ def test_mask_from_another_architecture(zoo, cli, corpus, tmp_path):
     base = zoo.get("llama").base
     r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--train-mask", tmp_path / "gpt2.mask", "--seq-len", "128")
     assert r.exit_code == 3
-    assert r.stderr.strip() == (f"error: {tmp_path / 'gpt2.mask'}: mask tensor transformer.h.0.mlp.c_fc.weight is not in {base} "
+    assert r.stderr.strip() == (f"error: {tmp_path / 'gpt2.mask'}: mask tensor transformer.wte.weight is not in {base} "
                                 "(the mask was made for another architecture)")
     _assert_nothing_written(tmp_path)
 

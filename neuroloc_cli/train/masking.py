@@ -3,10 +3,14 @@
 1. **Whole tensors** (`--trainable GLOB`, or full CPT): the parameter trains as usual; every
    other parameter has `requires_grad=False` and is not given to the optimizer.
 2. **Split slices** (a `--train-mask` of row or FFN-neuron granularity): the selected rows
-   (or columns, per the mask's axis) of a tensor become their own parameter; the original
-   tensor is frozen and the model sees `original.index_copy(axis, index, slice)` through a
-   `torch.nn.utils.parametrize` parametrization. The optimizer holds state only for the
-   slices, so its memory follows the selection. Saving writes the slices back.
+   (or columns, per the mask's axis) of a tensor become their own parameter, the only one
+   the optimizer sees, so its state follows the selection. The model keeps computing with
+   the whole tensor: after backward, the selected rows of its gradient move to the slice
+   (and the whole-tensor gradient is dropped); after each optimizer step the slice is copied
+   back into those rows in place. Unselected rows are never written. Copying in place (not a
+   parametrization building `index_copy(...)` on every forward) allocates nothing per step,
+   and keeps tied weights (GPT-2's embedding and head) consistent. The weight-gradient
+   matmul is still done for the whole tensor, as in full training.
 3. **Gradient masking + restore** (a `--train-mask` of element granularity, or any
    `--freeze-mask`): the whole tensor trains, the gradient of frozen elements is zeroed
    before clipping (so they do not count in the gradient norm), and after every optimizer
@@ -26,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.masks import Mask
@@ -130,17 +133,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-class _SliceOverride(nn.Module):
-    """Parametrization: the frozen tensor with the trainable slice copied in along `axis`."""
-
-    def __init__(self, axis: int, index: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.axis = axis
-        self.register_buffer("index", index, persistent=False)
-        self.slice = nn.Parameter(values)
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return original.index_copy(self.axis, self.index, self.slice.to(original.dtype))
+@dataclass
+class _Split:
+    param: nn.Parameter  # the model's whole tensor (computes, never in the optimizer)
+    axis: int
+    index: torch.Tensor
+    slice: nn.Parameter  # the selected rows: what the optimizer updates
 
 
 @dataclass
@@ -159,6 +157,7 @@ class TrainableModel:
     plan: SelectionPlan
     params: dict[str, nn.Parameter]  # checkpoint name (+ "#slice" for split slices) -> parameter
     _frozen: dict[str, _Frozen] = field(default_factory=dict)
+    _splits: dict[str, _Split] = field(default_factory=dict)
     _names: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -170,23 +169,31 @@ class TrainableModel:
         return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
     @torch.no_grad()
-    def mask_gradients(self) -> None:
-        """Zero frozen elements' gradients (before clipping, so the norm ignores them)."""
+    def collect_gradients(self) -> None:
+        """After backward: move split tensors' selected gradient rows to their slices and zero
+        frozen elements' gradients (before any all-reduce or clipping, so that neither sees
+        what cannot move)."""
+        for s in self._splits.values():
+            if s.param.grad is not None:
+                s.slice.grad = s.param.grad.index_select(s.axis, s.index)
+                s.param.grad = None
         for f in self._frozen.values():
             if f.param.grad is not None:
                 f.param.grad.masked_fill_(f.frozen, 0)
 
     @torch.no_grad()
-    def restore_frozen(self) -> None:
-        """Write the frozen elements' saved values back (after every optimizer step)."""
+    def after_step(self) -> None:
+        """After every optimizer step (and after loading a checkpoint): copy slices into their
+        rows, and write frozen elements' saved values back."""
+        for s in self._splits.values():
+            s.param.index_copy_(s.axis, s.index, s.slice)
         for f in self._frozen.values():
             f.param.masked_scatter_(f.frozen, f.values)
 
     @torch.no_grad()
     def tensor(self, name: str) -> torch.Tensor:
-        """The current value of a checkpoint tensor (split slices written back), fp32."""
-        module_name, _, attr = self._names[name].rpartition(".")
-        return getattr(self.model.get_submodule(module_name), attr).detach()
+        """The current value of a checkpoint tensor, fp32."""
+        return self.model.get_parameter(self._names[name]).detach()
 
 
 def resolve_names(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -209,41 +216,24 @@ def apply_selection(model: nn.Module, plan: SelectionPlan, names: dict[str, str]
         model: the HF model, fp32, on its device.
         plan: from `plan_selection`.
         names: from `resolve_names`.
-
-    Raises:
-        UsageError: a split slice on a tied (shared) weight, which parametrization cannot
-            update consistently in both places.
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    shared = _shared_parameters(model)
     out = TrainableModel(model, plan, {}, _names=names)
     for name in plan.shapes:  # checkpoint order, so optimizer state order is deterministic
         if name not in plan.trained:
             continue
-        module_name, _, attr = names[name].rpartition(".")
-        module = model.get_submodule(module_name)
-        param = getattr(module, attr)
+        param = model.get_parameter(names[name])
+        param.requires_grad_(True)
         if name in plan.split:
-            if names[name] in shared:
-                raise UsageError(f"train mask tensor {name}: row/FFN masks on a tied weight are not supported",
-                                 hint="train it whole with --trainable, or use an element mask")
             axis, index = plan.split[name]
             index = index.to(param.device)
-            override = _SliceOverride(axis, index, param.detach().index_select(axis, index).clone())
-            parametrize.register_parametrization(module, attr, override, unsafe=True)
-            out.params[name + "#slice"] = override.slice
+            piece = nn.Parameter(param.detach().index_select(axis, index).clone())
+            out._splits[name] = _Split(param, axis, index, piece)
+            out.params[name + "#slice"] = piece
             continue
-        param.requires_grad_(True)
         out.params[name] = param
         if name in plan.masked:
             frozen = plan.masked[name].to(param.device)
             out._frozen[name] = _Frozen(param, frozen, param.detach()[frozen].clone())
     return out
-
-
-def _shared_parameters(model: nn.Module) -> set[str]:
-    seen: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        seen.setdefault(id(p), []).append(n)
-    return {n for group in seen.values() if len(group) > 1 for n in group}

@@ -101,7 +101,10 @@ class MaskedCPTRecipe:
             InputError / UsageError / OutputError: naming the file, tensor or flag at fault;
                 nothing has been written when they are raised.
         """
-        from accelerate import Accelerator
+        try:
+            from accelerate import Accelerator
+        except ImportError:
+            raise UsageError("neuroloc train needs the accelerate package", hint="pip install 'neuroloc[train]'") from None
 
         if self.cfg.output is None:
             raise UsageError("train needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the run")
@@ -222,6 +225,7 @@ class MaskedCPTRecipe:
         found = statelib.checkpoints(self.run_dir)
         if self.cfg.resume:
             resumed = statelib.load_checkpoint(self.run_dir, self.trainable.params, self.optimizer, self.identity)
+            self.trainable.after_step()  # the loaded slices into their tensors' rows
             self.step, self.tokens = resumed.step, resumed.tokens
             self.sampler.counters = list(resumed.counters)
             self._truncate_log(resumed.step)
@@ -290,14 +294,14 @@ class MaskedCPTRecipe:
                 loss = self.model(input_ids=ids, labels=ids).loss / cfg.grad_accum
             loss.backward()
             total += loss.detach()
+        self.trainable.collect_gradients()  # slices take their rows' gradients; frozen ones zeroed
         self._sync_gradients(total)
-        self.trainable.mask_gradients()
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.trainable.restore_frozen()
+        self.trainable.after_step()  # slices copied into their rows; frozen values written back
         return float(total), grad_norm
 
     def _sync_gradients(self, loss: torch.Tensor) -> None:
