@@ -81,6 +81,7 @@ def _register() -> None:
         mask_cmds,
         merge_cmds,
         rank_cmd,
+        train_cmd,
     )
 
 

@@ -1,0 +1,145 @@
+"""`neuroloc train`: masked continual pretraining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neuroloc_cli.cli import render
+from neuroloc_cli.cli.app import app
+from neuroloc_cli.cli.merge_cmds import JsonOpt
+
+_SEL = "What trains"
+_OPT = "Optimisation"
+_RUN = "Run"
+
+
+@app.command()
+def train(
+    model: Annotated[Optional[Path], typer.Argument(help="Base checkpoint folder (or `model:` in --config).", show_default=False)] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Corpus: .txt, .jsonl with a 'text' field, or a folder; PATH:WEIGHT sets its mixture weight. Repeatable.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output checkpoint folder (appears atomically).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML training recipe; its keys are these flags' names, flags override it.")] = None,
+    train_mask: Annotated[Optional[Path], typer.Option("--train-mask", help="Update only this mask's selection.", rich_help_panel=_SEL)] = None,
+    freeze_mask: Annotated[Optional[Path], typer.Option("--freeze-mask", help="Keep this mask's selection exactly; train the rest.", rich_help_panel=_SEL)] = None,
+    trainable: Annotated[Optional[list[str]], typer.Option("--trainable", help="Train whole tensors matching this glob. Repeatable.", rich_help_panel=_SEL)] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.", rich_help_panel=_OPT)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Training tokens (the smaller limit wins; neither: one pass).", rich_help_panel=_OPT)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate [5e-5].", rich_help_panel=_OPT)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW decoupled weight decay, matrices only [0.01].", rich_help_panel=_OPT)] = None,
+    adam_betas: Annotated[Optional[str], typer.Option("--adam-betas", help="AdamW betas as B1,B2 [0.9,0.95].", rich_help_panel=_OPT)] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear warm-up steps [0].", rich_help_panel=_OPT)] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine (to 0) or constant [cosine].", rich_help_panel=_OPT)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Gradient norm clip, 0 = off [1.0].", rich_help_panel=_OPT)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1].", rich_help_panel=_OPT)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch per process [8].", rich_help_panel=_OPT)] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed sequence [512].", rich_help_panel=_OPT)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and dropout [0].", rich_help_panel=_OPT)] = None,
+    eval_share: Annotated[Optional[float], typer.Option("--eval-share", help="Held-out share of each corpus, for perplexity [0.05].", rich_help_panel=_RUN)] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out perplexity every N steps (and at start and end).", rich_help_panel=_RUN)] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Periodic checkpoint every N steps, into the run folder.", rich_help_panel=_RUN)] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept [2].", rich_help_panel=_RUN)] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints and log [OUTPUT.run].", rich_help_panel=_RUN)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.", rich_help_panel=_RUN)] = False,
+    log: Annotated[Optional[Path], typer.Option("--log", help="JSONL log file [RUN_DIR/log.jsonl].", rich_help_panel=_RUN)] = None,
+    out_dtype: Annotated[Optional[str], typer.Option("--out-dtype", help="Output dtype [each input tensor's].", rich_help_panel=_RUN)] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Output shard size cap [5GB].", rich_help_panel=_RUN)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and earlier run folder.", rich_help_panel=_RUN)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs and print the plan; load no weights, write nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continual pretraining that updates only what a mask allows, or all but a frozen region."""
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.train.config import build_config
+    from neuroloc_cli.train.recipe import plan_training, run_training
+
+    betas = None
+    if adam_betas is not None:
+        try:
+            betas = tuple(float(b) for b in adam_betas.split(","))
+        except ValueError:
+            raise UsageError(f"--adam-betas: {adam_betas!r} is not B1,B2 (e.g. 0.9,0.95)") from None
+    given = dict(locals())
+    given["adam_betas"] = betas
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()
+                 if k not in ("config", "as_json", "dry_run", "betas", "UsageError", "build_config", "run_training", "plan_training")}
+    overrides["resume"] = resume or None
+    overrides["overwrite"] = overwrite or None
+    cfg = build_config(config, overrides)
+    if dry_run:
+        _render_plan(plan_training(cfg), as_json)
+        return
+    with _Progress() as on_event:
+        result = run_training(cfg, on_event)
+    _render(result, as_json)
+
+
+class _Progress:
+    """A Rich progress bar on stderr with loss, tokens/s and the trainable count."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = render.err()
+        self.bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("trainable {task.fields[trainable]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not self.console.is_terminal,
+        )
+        self.bar.__enter__()
+        self.task = None
+        return self.on_event
+
+    def on_event(self, e: dict) -> None:
+        if e["event"] == "start":
+            share = e["trainable"] / max(1, e["parameters"])
+            self.console.print(
+                f"training {render.human_count(e['trainable'])} of {render.human_count(e['parameters'])} parameters "
+                f"({share:.2%}), frozen {render.human_count(e['frozen'])}; optimizer state "
+                f"{render.human_bytes(e['optimizer_state_bytes'])}; {e['world_size']} process(es)"
+            )
+            self.task = self.bar.add_task("train", total=e["total_steps"], completed=e["step"], loss="-", tps="-",
+                                          trainable=render.human_count(e["trainable"]))
+        elif e["event"] == "step" and self.task is not None:
+            self.bar.update(self.task, completed=e["step"], loss=f"{e['loss']:.4f}", tps=f"{e['tokens_per_s']:.0f}")
+        elif e["event"] == "eval":
+            ppl = ", ".join(f"{Path(k).name} {v:.2f}" for k, v in e["perplexity"].items())
+            self.console.print(f"step {e['step']}: held-out perplexity {ppl or '(no held-out data)'}")
+        elif e["event"] == "checkpoint":
+            self.console.print(f"step {e['step']}: checkpoint {e['path']}")
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+
+def _render(result, as_json: bool) -> None:
+    if not result.main_process:  # one report per run, not one per data-parallel process
+        return
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    before, after = result.perplexity.get("before", {}), result.perplexity.get("after", {})
+    ppl = ", ".join(f"{Path(k).name} {before.get(k, float('nan')):.2f} → {v:.2f}" for k, v in after.items())
+    render.out().print(
+        f"wrote [bold]{result.output}[/bold]: {result.steps} steps, {render.human_count(result.tokens)} tokens, "
+        f"{result.tokens_per_s:.0f} tokens/s; loss {result.first_loss:.4f} → {result.last_loss:.4f}"
+        + (f"; held-out perplexity {ppl}" if ppl else "")
+    )
+
+
+def _render_plan(doc: dict, as_json: bool) -> None:
+    if as_json:
+        render.print_json({"valid": True, **doc})
+        return
+    share = doc["trainable"] / max(1, doc["parameters"])
+    render.out().print(
+        f"would train {render.human_count(doc['trainable'])} of {render.human_count(doc['parameters'])} parameters ({share:.2%}) "
+        f"for {doc['total_steps']} steps of {doc['tokens_per_step']} tokens; AdamW state about "
+        f"{render.human_bytes(doc['optimizer_state_bytes'])}"
+    )
+    for d in doc["data"]:
+        render.out().print(f"  {d['path']}: {d['tokens']} tokens, {d['train_sequences']} training / {d['held_out_sequences']} held-out sequences, weight {d['weight']:g}")
+    render.err().print("[green]run is valid[/green]: no weights were loaded, nothing was written")

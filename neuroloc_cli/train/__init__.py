@@ -1,0 +1,1 @@
+"""Masked continual pretraining: train only what a mask allows, keep the rest bit-for-bit."""

@@ -1,0 +1,180 @@
+"""The training recipe: YAML whose keys are the `neuroloc train` flags, validated once.
+
+    model: ./base                      # = MODEL
+    data:                              # = --data (repeatable), PATH or PATH:WEIGHT
+      - {path: ./math.jsonl, weight: 0.7}
+      - ./general.txt                  # weight omitted: proportional to its token count
+    output: ./math-cpt                 # = -o
+    train_mask: ./n_a_union_n_l0.mask  # = --train-mask
+    lr: 5.0e-5                         # = --lr, and so on for every flag
+
+Flags given on the command line override the recipe's keys. Paths in a recipe are relative
+to the recipe's folder; paths on the command line to the current folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neuroloc_cli.errors import RecipeError, did_you_mean
+
+DtypeName = Literal["float32", "bfloat16", "float16"]
+_PATH_KEYS = ("model", "output", "train_mask", "freeze_mask", "run_dir", "log")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSource(_Frozen):
+    """One corpus of the mixture: a .txt or .jsonl file, or a folder of them."""
+
+    path: str
+    weight: float | None = Field(default=None, gt=0)
+    """Sampling weight; None = in proportion to the corpus's token count."""
+    field: str = "text"
+    """The JSONL field holding the text."""
+
+
+class TrainConfig(_Frozen):
+    """A validated training run: every key is also a flag of `neuroloc train`."""
+
+    model: str
+    data: list[DataSource] = Field(min_length=1)
+    output: str | None = None
+    train_mask: str | None = None
+    freeze_mask: str | None = None
+    trainable: list[str] = Field(default_factory=list)
+
+    max_steps: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(default=1.0, ge=0)
+    grad_accum: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    seq_len: int = Field(default=512, gt=1)
+    seed: int = 0
+
+    eval_share: float = Field(default=0.05, ge=0, lt=1)
+    eval_every: int | None = Field(default=None, gt=0)
+    save_every: int | None = Field(default=None, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    run_dir: str | None = None
+    """Periodic checkpoints and the live JSONL log; default `OUTPUT.run` beside the output."""
+    resume: bool = False
+    log: str | None = None
+    out_dtype: DtypeName | None = None
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_forms(cls, v: Any) -> Any:
+        # A bare string is the short form `PATH` or `PATH:WEIGHT`, as on the command line.
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [parse_data_spec(x) if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _masks(self) -> TrainConfig:
+        if self.train_mask and self.freeze_mask:
+            raise ValueError("train_mask and freeze_mask cannot be combined (train only a mask, or everything but one)")
+        return self
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The settings that define the optimisation; a resumed run must match them exactly."""
+        keys = ("trainable", "max_steps", "max_tokens", "lr", "weight_decay", "adam_betas", "warmup", "schedule",
+                "grad_clip", "grad_accum", "batch_size", "seq_len", "seed", "eval_share")
+        return {k: getattr(self, k) for k in keys}
+
+
+def parse_data_spec(spec: str) -> dict[str, Any]:
+    """`PATH` or `PATH:WEIGHT` (the weight is what follows the last colon, if it is a number)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return {"path": head, "weight": float(tail)}
+        except ValueError:
+            pass
+    return {"path": spec}
+
+
+def build_config(recipe: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Merge a YAML recipe (if any) with command-line values and validate them together.
+
+    Args:
+        recipe: the YAML file, or None.
+        overrides: flag values the user gave (None values are ignored).
+
+    Returns:
+        The validated configuration, every path made absolute or cwd-relative.
+
+    Raises:
+        RecipeError: unreadable YAML, unknown keys, wrong values — every problem at once.
+    """
+    source = str(recipe) if recipe else "command line"
+    doc: dict[str, Any] = {}
+    if recipe is not None:
+        doc = _read_yaml(recipe)
+        _rebase_paths(doc, recipe.resolve().parent)
+    doc.update({k: v for k, v in overrides.items() if v is not None and v != [] and v != ()})
+    try:
+        return TrainConfig.model_validate(doc)
+    except ValidationError as e:
+        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(str(path), [f"{where}invalid YAML ({getattr(e, 'problem', None) or e})"]) from None
+    if not isinstance(doc, dict):
+        raise RecipeError(str(path), ["a training recipe is a mapping with at least 'model' and 'data'"])
+    return doc
+
+
+def _rebase_paths(doc: dict[str, Any], root: Path) -> None:
+    """Make a recipe's relative paths relative to its own folder."""
+    for key in _PATH_KEYS:
+        if isinstance(doc.get(key), str):
+            doc[key] = str(root / Path(doc[key]).expanduser())
+    data = doc.get("data")
+    items = data if isinstance(data, list) else [data]
+    rebased = []
+    for item in items:
+        if isinstance(item, str):
+            item = parse_data_spec(item)
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            item = {**item, "path": str(root / Path(item["path"]).expanduser())}
+        rebased.append(item)
+    if data is not None:
+        doc["data"] = rebased
+
+
+def _describe(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r}{did_you_mean(str(err['loc'][-1]), TrainConfig.model_fields)}"
+    if err["type"] == "missing":
+        return f"missing required key {key!r}"
+    return f"{key}: {err['msg']}" if key else err["msg"]

@@ -1,0 +1,76 @@
+"""Writing the trained model as a normal HF checkpoint, streamed tensor by tensor.
+
+Tensors that did not train are copied from the input checkpoint as stored (so they are
+bit-for-bit the input's); trained ones are the model's fp32 values, split slices written
+back, cast to the input tensor's dtype (or `--out-dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroloc_cli import __version__
+from neuroloc_cli.io.checkpoint import KIND_KEY, Checkpoint
+from neuroloc_cli.io.output import atomic_output_dir, copy_side_files, write_provenance
+from neuroloc_cli.io.writer import OutTensor, ShardedWriter
+from neuroloc_cli.train.masking import TrainableModel
+
+LOG_FILE = "train_log.jsonl"
+
+
+def write_model(
+    out_dir: Path,
+    source: Checkpoint,
+    trained: TrainableModel,
+    *,
+    inputs: list[Path],
+    out_dtype: torch.dtype | None,
+    max_shard_bytes: int,
+    overwrite: bool,
+    provenance: dict[str, Any],
+    log_file: Path | None,
+) -> list[str]:
+    """Stream the trained checkpoint into `out_dir`, which appears only when complete.
+
+    Args:
+        source: the input checkpoint (tensor order, dtypes, untouched tensors, side files).
+        trained: the trained model.
+        inputs: paths the output must not overlap.
+        out_dtype: dtype of floating tensors, or None to keep each input tensor's.
+        log_file: the JSONL training log, copied in as `train_log.jsonl`.
+
+    Returns:
+        The shard file names written.
+    """
+    changed = trained.plan.trained
+    infos = list(source.tensors.values())
+
+    def dtype_of(info) -> torch.dtype:
+        dt = info.torch_dtype
+        return out_dtype if out_dtype is not None and dt.is_floating_point else dt
+
+    metadata = {
+        KIND_KEY: "model",
+        "neuroloc.version": __version__,
+        "neuroloc.provenance": json.dumps(provenance, separators=(",", ":"), default=str),
+    }
+    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
+        writer = ShardedWriter(tmp, [OutTensor(i.name, i.shape, dtype_of(i)) for i in infos], max_shard_bytes, metadata)
+        try:
+            for info in infos:
+                t = trained.tensor(info.name) if info.name in changed else source.read(info.name)
+                writer.write(info.name, t.to("cpu").to(dtype_of(info)))
+        finally:
+            writer.abort()
+        writer.close()
+        dtypes = {dtype_of(i) for i in infos if i.torch_dtype.is_floating_point}
+        copy_side_files(source.path, tmp, dtypes.pop() if len(dtypes) == 1 else None)
+        write_provenance(tmp, provenance)
+        if log_file is not None and log_file.is_file():
+            shutil.copyfile(log_file, tmp / LOG_FILE)
+    return writer.files

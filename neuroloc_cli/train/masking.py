@@ -1,0 +1,239 @@
+"""What a training run may update, and the three ways it keeps everything else exactly.
+
+1. **Whole tensors** (`--trainable GLOB`, or full CPT): the parameter trains as usual; every
+   other parameter has `requires_grad=False` and is not given to the optimizer.
+2. **Split slices** (a `--train-mask` of row or FFN-neuron granularity): the selected rows
+   (or columns, per the mask's axis) of a tensor become their own parameter, the only one
+   the optimizer sees, so its state follows the selection. The model keeps computing with
+   the whole tensor: after backward, the selected rows of its gradient move to the slice
+   (and the whole-tensor gradient is dropped); after each optimizer step the slice is copied
+   back into those rows in place. Unselected rows are never written. Copying in place (not a
+   parametrization building `index_copy(...)` on every forward) allocates nothing per step,
+   and keeps tied weights (GPT-2's embedding and head) consistent. The weight-gradient
+   matmul is still done for the whole tensor, as in full training.
+3. **Gradient masking + restore** (a `--train-mask` of element granularity, or any
+   `--freeze-mask`): the whole tensor trains, the gradient of frozen elements is zeroed
+   before clipping (so they do not count in the gradient norm), and after every optimizer
+   step their saved values are written back, because AdamW's decoupled weight decay would
+   otherwise still move them. Cost: full Adam state for the tensor, plus a BOOL mask
+   (1 byte/element) and a copy of the frozen values.
+
+Tensors are named as in the checkpoint (and the mask); `_resolve` maps them to the model's
+parameter names (GPT-2 checkpoints saved without the `transformer.` prefix, for example).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuroloc_cli.errors import UsageError
+from neuroloc_cli.masks import Mask
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """What trains, decided from tensor names and shapes only (no weights are read).
+
+    Attributes:
+        whole: tensors trained entirely.
+        split: tensor -> (axis, selected indices) trained as split slices.
+        masked: tensor -> BOOL tensor of the elements that must stay frozen (way 3).
+        shapes: every floating tensor of the checkpoint -> shape.
+    """
+
+    whole: tuple[str, ...]
+    split: dict[str, tuple[int, torch.Tensor]]
+    masked: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def trained(self) -> set[str]:
+        return {*self.whole, *self.split, *self.masked}
+
+    def counts(self) -> dict[str, int]:
+        """Trainable and frozen element counts, and the elements the optimizer holds state for."""
+        numel = {n: _numel(s) for n, s in self.shapes.items()}
+        total = sum(numel.values())
+        split = sum(_numel(self.shapes[n]) // self.shapes[n][a] * len(i) for n, (a, i) in self.split.items())
+        masked = sum(numel[n] - int(f.sum()) for n, f in self.masked.items())
+        whole = sum(numel[n] for n in self.whole)
+        trainable = whole + split + masked
+        return {"parameters": total, "trainable": trainable, "frozen": total - trainable,
+                "optimizer_elements": whole + split + sum(numel[n] for n in self.masked)}
+
+
+def plan_selection(
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    train_mask: Mask | None = None,
+    freeze_mask: Mask | None = None,
+    trainable: list[str] | tuple[str, ...] = (),
+) -> SelectionPlan:
+    """Decide what trains.
+
+    Rules: with no mask and no glob, everything trains (full CPT). `trainable` globs select
+    whole tensors. A train mask adds its selected units (globs win for a tensor both name).
+    A freeze mask keeps its selected units frozen inside whatever would train otherwise.
+
+    Args:
+        shapes: floating tensors of the checkpoint -> shape.
+        train_mask, freeze_mask: at most one of them.
+        trainable: glob patterns over tensor names.
+
+    Raises:
+        UsageError: a glob matches no tensor.
+    """
+    names = list(shapes)
+    globbed = _match_globs(names, trainable)
+    if train_mask is not None:
+        whole = [n for n in names if n in globbed]
+        split: dict[str, tuple[int, torch.Tensor]] = {}
+        masked: dict[str, torch.Tensor] = {}
+        for n, e in train_mask.entries.items():
+            if n in globbed or e.selected_units == 0 or n not in shapes:
+                continue
+            if e.selected_units == e.units:
+                whole.append(n)
+            elif e.axis is None:
+                masked[n] = ~e.selected.contiguous()
+            else:
+                split[n] = (e.axis, e.selected.nonzero().view(-1))
+        return SelectionPlan(tuple(n for n in names if n in set(whole)), split, masked, dict(shapes))
+    base = [n for n in names if n in globbed] if trainable else names
+    masked = {}
+    whole = []
+    for n in base:
+        e = freeze_mask.entries.get(n) if freeze_mask is not None else None
+        if e is None or e.selected_units == 0:
+            whole.append(n)
+        elif e.selected_units < e.units:
+            masked[n] = e.dense().contiguous()
+    return SelectionPlan(tuple(whole), {}, masked, dict(shapes))
+
+
+def _match_globs(names: list[str], globs: list[str] | tuple[str, ...]) -> set[str]:
+    matched: set[str] = set()
+    for g in globs:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, g)}
+        if not hits:
+            raise UsageError(f"--trainable {g!r}: matches no tensor of the model", hint="names look like 'model.layers.0.mlp.up_proj.weight'")
+        matched |= hits
+    return matched
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class _Split:
+    param: nn.Parameter  # the model's whole tensor (computes, never in the optimizer)
+    axis: int
+    index: torch.Tensor
+    slice: nn.Parameter  # the selected rows: what the optimizer updates
+
+
+@dataclass
+class _Frozen:
+    param: nn.Parameter
+    frozen: torch.Tensor  # BOOL, the tensor's shape
+    values: torch.Tensor  # the frozen elements' original values, in mask order
+
+
+@dataclass
+class TrainableModel:
+    """A model prepared by `apply_selection`: its optimizer parameters and the hooks that keep
+    frozen elements exact."""
+
+    model: nn.Module
+    plan: SelectionPlan
+    params: dict[str, nn.Parameter]  # checkpoint name (+ "#slice" for split slices) -> parameter
+    _frozen: dict[str, _Frozen] = field(default_factory=dict)
+    _splits: dict[str, _Split] = field(default_factory=dict)
+    _names: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay for slices of matrices and whole matrices; none for vectors
+        (biases, norms), as nanoGPT and HF Trainer do."""
+        decay, no_decay = [], []
+        for key, p in self.params.items():
+            (decay if len(self.plan.shapes[key.removesuffix("#slice")]) >= 2 else no_decay).append(p)
+        return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+    @torch.no_grad()
+    def collect_gradients(self) -> None:
+        """After backward: move split tensors' selected gradient rows to their slices and zero
+        frozen elements' gradients (before any all-reduce or clipping, so that neither sees
+        what cannot move)."""
+        for s in self._splits.values():
+            if s.param.grad is not None:
+                s.slice.grad = s.param.grad.index_select(s.axis, s.index)
+                s.param.grad = None
+        for f in self._frozen.values():
+            if f.param.grad is not None:
+                f.param.grad.masked_fill_(f.frozen, 0)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """After every optimizer step (and after loading a checkpoint): copy slices into their
+        rows, and write frozen elements' saved values back."""
+        for s in self._splits.values():
+            s.param.index_copy_(s.axis, s.index, s.slice)
+        for f in self._frozen.values():
+            f.param.masked_scatter_(f.frozen, f.values)
+
+    @torch.no_grad()
+    def tensor(self, name: str) -> torch.Tensor:
+        """The current value of a checkpoint tensor, fp32."""
+        return self.model.get_parameter(self._names[name]).detach()
+
+
+def resolve_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> model parameter name, for the names the model has."""
+    params = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "")
+    out = {}
+    for n in names:
+        if n in params:
+            out[n] = n
+        elif prefix and f"{prefix}.{n}" in params:
+            out[n] = f"{prefix}.{n}"
+    return out
+
+
+def apply_selection(model: nn.Module, plan: SelectionPlan, names: dict[str, str]) -> TrainableModel:
+    """Freeze the model, then make trainable exactly what `plan` says.
+
+    Args:
+        model: the HF model, fp32, on its device.
+        plan: from `plan_selection`.
+        names: from `resolve_names`.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = TrainableModel(model, plan, {}, _names=names)
+    for name in plan.shapes:  # checkpoint order, so optimizer state order is deterministic
+        if name not in plan.trained:
+            continue
+        param = model.get_parameter(names[name])
+        param.requires_grad_(True)
+        if name in plan.split:
+            axis, index = plan.split[name]
+            index = index.to(param.device)
+            piece = nn.Parameter(param.detach().index_select(axis, index).clone())
+            out._splits[name] = _Split(param, axis, index, piece)
+            out.params[name + "#slice"] = piece
+            continue
+        out.params[name] = param
+        if name in plan.masked:
+            frozen = plan.masked[name].to(param.device)
+            out._frozen[name] = _Frozen(param, frozen, param.detach()[frozen].clone())
+    return out

@@ -1,0 +1,108 @@
+"""Periodic training checkpoints, and resuming from them.
+
+A checkpoint holds only what the run changed: the trainable parameters (split slices,
+trained tensors) in fp32, the optimizer state, and the step, token count and data-sampler
+counters. Frozen weights come from the input model again on resume — they are, by
+construction, identical — so a checkpoint's size follows the selection just as optimizer
+memory does.
+
+    RUN_DIR/step-00000050/trainable.safetensors   fp32 values of every optimizer parameter
+    RUN_DIR/step-00000050/optimizer.pt            torch.optim state_dict
+    RUN_DIR/step-00000050/state.json              step, tokens, sampler counters, fingerprints
+
+Each checkpoint folder appears atomically, so a run killed while saving leaves the previous
+one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.io.output import atomic_output_dir
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What `load_checkpoint` returns besides the tensors it loads in place."""
+
+    step: int
+    tokens: int
+    counters: list[int]
+    path: Path
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(run_dir: Path, step: int, tokens: int, counters: list[int], params: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, identity: dict[str, Any], keep: int) -> Path:
+    """Write `RUN_DIR/step-NNNNNNNN` atomically and drop all but the newest `keep`.
+
+    Args:
+        identity: the run's hyper-parameters and input fingerprints; a resume must match it.
+    """
+    from safetensors.torch import save_file
+
+    target = run_dir / f"step-{step:08d}"
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        doc = {"step": step, "tokens": tokens, "counters": counters, "identity": identity}
+        (tmp / "state.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(run_dir: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    identity: dict[str, Any]) -> ResumeState:
+    """Load the newest checkpoint of `run_dir` into `params` and `optimizer`.
+
+    Raises:
+        UsageError: no checkpoint, or one made with other settings, data, mask or model.
+        InputError: a damaged checkpoint.
+    """
+    from safetensors.torch import load_file
+
+    found = checkpoints(run_dir)
+    if not found:
+        raise UsageError(f"--resume: no checkpoint in {run_dir}", hint="periodic checkpoints are written with --save-every N")
+    path = found[-1]
+    try:
+        doc = json.loads((path / "state.json").read_text())
+        saved = load_file(str(path / "trainable.safetensors"))
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as e:  # json, safetensors and torch raise their own types
+        raise InputError(f"{path}: cannot read checkpoint ({e})") from None
+    _check_identity(path, json.loads(json.dumps(identity, default=str)), doc.get("identity", {}))
+    if set(saved) != set(params):
+        raise InputError(f"{path}: checkpoint holds other trainable tensors than this run")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    optimizer.load_state_dict(optim_state)
+    return ResumeState(int(doc["step"]), int(doc["tokens"]), [int(c) for c in doc["counters"]], path)
+
+
+def _check_identity(path: Path, current: dict[str, Any], saved: dict[str, Any]) -> None:
+    for key in sorted(set(current) | set(saved)):
+        if current.get(key) != saved.get(key):
+            raise UsageError(
+                f"--resume: {path} was made with a different {key} ({saved.get(key)!r}, now {current.get(key)!r})",
+                hint="resume with the settings, data and mask of the interrupted run",
+            )

@@ -1,0 +1,43 @@
+"""`accelerate launch` with 2 CPU processes (gloo): data-parallel training keeps frozen bits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tests.helpers import load_all
+
+from neuroloc_cli.masks import Mask, MaskEntry
+from neuroloc_cli.synthetic import _CORPUS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):
+    base = zoo.get("llama").base
+    inputs = load_all(base)
+    gen = torch.Generator().manual_seed(9)
+    entries = {n: MaskEntry(tuple(t.shape), None, torch.rand(t.shape, generator=gen) < 0.3) for n, t in inputs.items() if ".layers." in n}
+    Mask("element", entries).save(tmp_path / "core.mask")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(" ".join(_CORPUS[(i + j) % len(_CORPUS)] for j in range(3)) for i in range(60)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "neuroloc_cli", "train", str(base), "--data", str(corpus),
+           "-o", str(tmp_path / "out"), "--freeze-mask", str(tmp_path / "core.mask"), "--max-steps", "3", "--seq-len", "32",
+           "--batch-size", "2", "--lr", "1e-2", "--weight-decay", "0.5", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)  # exactly one JSON document: only the main process reports
+    assert doc["tokens"] == 3 * 2 * 2 * 32  # steps x processes x batch x seq_len
+    prov = json.loads((tmp_path / "out" / "neuroloc.json").read_text())
+    assert prov["world_size"] == 2
+    outputs = load_all(tmp_path / "out")
+    for name, e in entries.items():
+        frozen = e.dense()
+        assert torch.equal(outputs[name].view(torch.int16)[frozen], inputs[name].view(torch.int16)[frozen]), name
+        assert (outputs[name][~frozen] != inputs[name][~frozen]).any(), name
