@@ -94,6 +94,7 @@ def select_tensors(plan) -> Prepared:
 @merge_method(
     "maet",
     needs_base=True,
+    elementwise=True,  # given pass 1's per-tensor in_t (maet), each element stands alone
     min_models=0,
     inputs="ability",
     prepare=select_tensors,
@@ -151,6 +152,7 @@ def _check_languages_only(recipe) -> list[str]:
 @merge_method(
     "ability_vector",
     needs_base=True,
+    elementwise=True,
     min_models=0,
     inputs="ability",
     output_kind="delta",
@@ -169,6 +171,7 @@ def ability_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *
 @merge_method(
     "language_vector",
     needs_base=True,
+    elementwise=True,
     min_models=0,
     inputs="ability",
     output_kind="delta",
