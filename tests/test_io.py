@@ -130,3 +130,16 @@ def test_fingerprint_distinguishes_finetunes_with_identical_headers(zoo):
     assert [h.raw for h in base.headers.values()] == [h.raw for h in ft.headers.values()]
     assert base.fingerprint != ft.fingerprint
     assert base.fingerprint == Checkpoint.open(fam.base).fingerprint
+
+
+def test_read_returns_a_private_tensor(zoo):
+    """safe_open hands out views of a copy-on-write mapping; read() must not, or one caller's
+    in-place change would show in every later read (float32 files, where no dtype copy hides it)."""
+    ckpt = Checkpoint.open(zoo.get("llama", dtype=torch.float32).base)
+    name = "model.layers.0.mlp.up_proj.weight"
+    first = ckpt.read(name)
+    original = first.clone()
+    first.add_(1.0)
+    ckpt.read(name, rows=(0, 2)).zero_()
+    assert torch.equal(ckpt.read(name), original)
+    assert ckpt.read(name, dtype=torch.float64).dtype == torch.float64

@@ -277,3 +277,31 @@ def test_row_blocks_do_not_change_masked_merges_or_maet_ranking(zoo, cli, tmp_pa
         assert all(torch.equal(whole[n], blocks[n]) for n in whole)
     rank = [_json.loads((tmp_path / f"maet-{k}" / "neuroloc.json").read_text())["maet"]["T"] for k in ("whole", "blocks")]
     assert rank[0] == rank[1]
+
+
+def test_masked_delta_outputs_are_zero_outside_the_mask(zoo, cli, tmp_path):
+    from neuroloc_cli.masks import Mask, MaskEntry
+
+    fam = zoo.get("llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+    rows = torch.zeros(64, dtype=torch.bool)
+    rows[:5] = True
+    Mask("row", {name: MaskEntry((64, 128), 0, rows)}).save(tmp_path / "m.safetensors")
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: ability_vector\nbase_model: {fam.base}\nmask: {tmp_path / 'm.safetensors'}\n"
+        f"ability: {{model: {fam.ft1}, language_model: {fam.ft2}}}\n",
+    )
+    assert cli("merge", recipe, "-o", tmp_path / "ra").exit_code == 0
+    ra, base, a, b = (load_all(p) for p in (tmp_path / "ra", fam.base, fam.ft1, fam.ft2))
+    expected = 0.8 * (a[name].float() - base[name].float()) - 0.2 * (b[name].float() - base[name].float())
+    assert torch.equal(ra[name][5:], torch.zeros_like(ra[name][5:]))
+    torch.testing.assert_close(ra[name][:5], expected[:5], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(t, torch.zeros_like(t)) for n, t in ra.items() if n != name)
+
+
+@pytest.mark.parametrize("k2,n,expected", [(0.41, 300, 123), (0.29, 100, 29), (0.57, 100, 57), (0.8, 291, 232), (1.0, 7, 7)])
+def test_k2_share_counts_survive_binary_rounding(k2, n, expected):
+    from neuroloc_cli.methods.maet import _share_count
+
+    assert _share_count(k2, n) == expected

@@ -208,3 +208,21 @@ def test_model_stock_filter_wise_on_1d_is_the_whole_tensor():
     a = METHODS.get("model_stock")(base, ts, {"filter_wise": True}, [{}, {}])
     b = METHODS.get("model_stock")(base, ts, {"filter_wise": False}, [{}, {}])
     assert torch.equal(a, b) and torch.allclose(a, base + 2 / 3 * torch.tensor([1.0, 0.5, 0.5]))
+
+
+def test_no_method_changes_its_inputs():
+    """Methods are pure: the engine may hand the same tensor to several roles (on_missing:
+    base, masks reading the base), so an in-place change to an input would corrupt others."""
+    from neuroloc_cli.methods import METHODS
+
+    g = torch.Generator().manual_seed(0)
+    for name, method in METHODS.items():
+        n_models = max(method.min_models, 1 if method.max_models == 1 else 4 if method.inputs == "ability" else 2)
+        base = torch.randn(6, 5, generator=g)
+        tensors = [base + 0.1 * torch.randn(6, 5, generator=g) for _ in range(n_models)]
+        before = [base.clone()] + [t.clone() for t in tensors]
+        whole = {p.name: (p.default if p.default is not None else 0.5) for p in method.params if not p.per_model}
+        per_model = [{p.name: (p.default if p.default is not None else 0.5) for p in method.params if p.per_model} for _ in tensors]
+        context = {"in_t": True} if method.context else None
+        method(base, tensors, whole, per_model, torch.Generator().manual_seed(1), context)
+        assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors)), name

@@ -176,9 +176,15 @@ class Checkpoint:
 
     # -- reading tensors --------------------------------------------------------------------
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor, or only its rows `[start, stop)`, from its shard (the shard is
-        opened on first use; a row range reads only those bytes)."""
+        opened on first use; a row range reads only those bytes).
+
+        The result is the caller's own tensor, in `dtype` if given: `safe_open` hands out views
+        of a copy-on-write mapping of the file, so an in-place change to one of them would show
+        in every later read of that tensor through the same handle. Copying here, in the same
+        step as the dtype conversion, makes that impossible at the cost of at most one copy.
+        """
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
@@ -188,9 +194,8 @@ class Checkpoint:
                 raise InputError(f"{self.path / info.file}: cannot open ({e})") from None
             self._handles[info.file] = handle
         try:
-            if rows is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows[0] : rows[1]]
+            view = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows[0] : rows[1]]
+            return view.to(dtype or view.dtype, copy=True)
         except Exception as e:
             raise InputError(f"{self.path / info.file}: cannot read tensor {name!r} ({e})") from None
 

@@ -155,7 +155,9 @@ def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor:
         if plan.masks is not None and step.merge:
             raw = inputs[2]
             assert raw is not None  # masks are only planned with a base model
-            out = plan.masks.apply(step.name, out, raw.to(step.out.dtype), rows)
+            # Outside the mask a model keeps the base; a delta output keeps zero.
+            outside = torch.zeros_like(out) if plan.method.output_kind == "delta" else raw.to(step.out.dtype)
+            out = plan.masks.apply(step.name, out, outside, rows)
         writer.write(step.name, out)
         if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
             on_tensor(step)
@@ -173,8 +175,9 @@ def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
     as stored."""
     if step.origin is not None:  # layer stacking: one tensor of one model, maybe renamed
         index, name = step.origin
-        tensor = plan.models[index].checkpoint.read(name, rows)
-        return (None, [tensor.to(plan.compute_dtype)], None) if step.merge else (tensor, [], None)
+        if not step.merge:
+            return plan.models[index].checkpoint.read(name, rows), [], None
+        return None, [plan.models[index].checkpoint.read(name, rows, plan.compute_dtype)], None
     if not step.merge:
         return plan.reference.checkpoint.read(step.name), [], None
     dtype = plan.compute_dtype
@@ -183,10 +186,10 @@ def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
     tensors = []
     for src, present in zip(plan.models, step.present):
         if present:
-            tensors.append(src.checkpoint.read(step.name, rows).to(dtype))
+            tensors.append(src.checkpoint.read(step.name, rows, dtype))
         else:
             assert base is not None  # on_missing: base is only planned with a base model
-            tensors.append(base)
+            tensors.append(base.clone())  # its own tensor, like every other input
     return base, tensors, raw
 
 

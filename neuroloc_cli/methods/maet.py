@@ -76,7 +76,7 @@ def select_tensors(plan) -> Prepared:
         transfer[step.name] = bool(whole["transfer"])
         k2 = float(whole["k2"])  # one number for the whole merge (check_maet_recipe)
     ranked = sort_scores([TensorScore(name, score, numel[name]) for name, score in dots.items()])
-    by_rank = {s.tensor for s in ranked[len(ranked) - math.floor(k2 * len(ranked)):]} if k2 > 0 else set()
+    by_rank = {s.tensor for s in ranked[len(ranked) - _share_count(k2, len(ranked)):]} if k2 > 0 else set()
     chosen = [s.tensor for s in ranked if s.tensor in by_rank and transfer[s.tensor]]
     in_t = set(chosen)
     provenance = {
@@ -182,3 +182,9 @@ def ability_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *
 def language_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float]) -> torch.Tensor:
     """Eq. 3, R_Lang, written as a delta checkpoint (for `neuroloc rank` or inspection)."""
     return language_vector(base, tensors, weight)
+
+
+def _share_count(share: float, n: int) -> int:
+    """floor(share · n), immune to binary rounding: 0.41 · 300 is 122.99999999999999 in
+    floating point, but the share the user wrote means 123."""
+    return math.floor(round(share * n, 9))

@@ -32,8 +32,8 @@ class DeltaReader:
             raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
 
     def read(self, name: str) -> torch.Tensor:
-        x = self.ckpt.read(name).float()
-        return x if self.base is None else x.sub_(self.base.read(name).float())
+        x = self.ckpt.read(name, dtype=torch.float32)
+        return x if self.base is None else x.sub_(self.base.read(name, dtype=torch.float32))
 
 
 def check_same_tensors(names: Iterable[str], reference: Checkpoint, others: Sequence[Checkpoint]) -> None:
