@@ -146,3 +146,32 @@ def test_linguistic_regions_recipe_has_public_settings():
     cfg = build_config(recipe, {})
     assert (cfg.adam_betas, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup, cfg.grad_clip, cfg.seq_len) == (
         (0.9, 0.95), 5e-5, 0.001, "cosine", 100, 1.0, 512)
+
+
+def test_crlf_text_still_splits_documents_at_blank_lines(tmp_path):
+    from neuroloc_cli.train.data import read_documents
+
+    f = tmp_path / "c.txt"
+    f.write_bytes(b"doc one line\r\n\r\ndoc two line\r\n\r\ndoc three\r\n")
+    docs, _ = read_documents(f)
+    assert docs == ["doc one line", "doc two line", "doc three"]
+
+
+def test_mixing_weighted_and_unweighted_corpora_is_refused(tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    from neuroloc_cli.train.config import TrainConfig
+
+    with pytest.raises(ValidationError, match=r"give a weight to every corpus or to none \(b.txt has none"):
+        TrainConfig(model="m", data=["a.txt:0.5", "b.txt"])
+    assert TrainConfig(model="m", data=["a.txt:0.5", "b.txt:0.5"]).data[1].weight == 0.5
+
+
+def test_a_half_written_log_line_is_dropped_on_resume():
+    import math
+
+    from neuroloc_cli.train.recipe import _logged_step
+
+    assert _logged_step('{"event": "step", "step": 3, "loss": 2.5}') == 3
+    assert _logged_step('{"event": "step", "step": 4, "lo') == math.inf  # what kill -9 leaves

@@ -96,6 +96,16 @@ class TrainConfig(_Frozen):
             raise ValueError("train_mask and freeze_mask cannot be combined (train only a mask, or everything but one)")
         return self
 
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> TrainConfig:
+        # An omitted weight means "in proportion to the token count", a scale that explicit
+        # weights such as 0.5 cannot be compared with: mixing them would starve a corpus.
+        given = [d.weight is not None for d in self.data]
+        if any(given) and not all(given):
+            missing = next(d.path for d in self.data if d.weight is None)
+            raise ValueError(f"give a weight to every corpus or to none ({missing} has none; e.g. {missing}:0.5)")
+        return self
+
     def hyper_parameters(self) -> dict[str, Any]:
         """The settings that define the optimisation; a resumed run must match them exactly."""
         keys = ("trainable", "max_steps", "max_tokens", "lr", "weight_decay", "adam_betas", "warmup", "schedule",

@@ -132,6 +132,7 @@ def _files(path: Path) -> list[Path]:
 
 
 def _txt_documents(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n")  # Windows line ends: blank lines still separate documents
     return [d.strip("\n") for d in text.split("\n\n")]
 
 

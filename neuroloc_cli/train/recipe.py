@@ -243,7 +243,7 @@ class MaskedCPTRecipe:
         """Drop log lines of steps after the checkpoint: the resumed run writes them again."""
         if not self.is_main or not self.log_path.is_file():
             return
-        keep = [line for line in self.log_path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        keep = [line for line in self.log_path.read_text().splitlines() if _logged_step(line) <= step]
         self.log_path.write_text("".join(line + "\n" for line in keep))
 
     # -- training ---------------------------------------------------------------------------
@@ -446,3 +446,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a JSONL log line; infinity for a line a killed run left half-written, so
+    that truncating the log at a checkpoint drops it."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
