@@ -100,3 +100,15 @@ def test_record_values_are_checked(tmp_path, shape, record, problem):
     with pytest.raises(InputError) as e:
         parse_tasks(f"{shape}={f}")
     assert str(e.value) == f"{f}: record 1: {problem}"
+
+
+def test_null_values_are_refused_with_the_line(tmp_path):
+    import pytest
+
+    from neuroloc_cli.errors import InputError
+    from neuroloc_cli.eval.specs import TRANSLATION_KEYS, read_jsonl
+
+    f = tmp_path / "mt.jsonl"
+    f.write_text('{"source": "Hallo", "target": "Hello"}\n{"source": "Welt", "target": null}\n')
+    with pytest.raises(InputError, match=r"mt.jsonl:2: key\(s\) 'target' are null"):
+        read_jsonl(f, TRANSLATION_KEYS)

@@ -170,6 +170,9 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
         missing = [k for k in keys if k not in record]
         if missing:
             raise InputError(f"{path}:{number}: record lacks key(s) {', '.join(map(repr, missing))}", hint=f"each record needs {', '.join(keys)}")
+        empty = [k for k in keys if record[k] is None]
+        if empty:
+            raise InputError(f"{path}:{number}: key(s) {', '.join(map(repr, empty))} are null", hint=f"each record needs {', '.join(keys)}")
         records.append(record)
     if not records:
         raise InputError(f"{path}: no records")
