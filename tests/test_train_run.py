@@ -296,3 +296,24 @@ def test_element_train_mask_moves_only_selected_elements(zoo, corpus, tmp_path):
         assert (outputs[name][e.selected] != inputs[name][e.selected]).all(), name
     assert result.counts["trainable"] == sum(int(e.selected.sum()) for e in entries.values())
     assert result.counts["optimizer_elements"] == sum(inputs[n].numel() for n in names)
+
+
+def test_checkpoint_storing_both_names_of_tied_weights_is_refused(zoo, cli, corpus, tmp_path):
+    """A tied model trains one parameter; a checkpoint that stores it under two names would
+    come out with the pair written apart, so it is refused before anything is written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    fam = zoo.get("llama", tie=True, sharded=False)
+    model = tmp_path / "tied-both"
+    shutil.copytree(fam.base, model)
+    tensors = load_all(fam.base)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    r = cli("train", model, "--data", corpus, "-o", tmp_path / "out", "--max-steps", "1", "--seq-len", "32")
+    assert r.exit_code == 3
+    assert f"{model}: stores both model.embed_tokens.weight and lm_head.weight, which the model ties into one parameter" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = cli("train", fam.base, "--data", corpus, "-o", tmp_path / "ok", "--max-steps", "1", "--seq-len", "32")
+    assert r.exit_code == 0, r.stderr

@@ -200,6 +200,7 @@ def resolve_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """Checkpoint tensor name -> model parameter name, for the names the model has."""
     params = dict(model.named_parameters())
     prefix = getattr(model, "base_model_prefix", "")
+    params.update(dict(model.named_parameters(remove_duplicate=False)))  # tied names too
     out = {}
     for n in names:
         if n in params:
@@ -207,6 +208,24 @@ def resolve_names(model: nn.Module, names: list[str]) -> dict[str, str]:
         elif prefix and f"{prefix}.{n}" in params:
             out[n] = f"{prefix}.{n}"
     return out
+
+
+def tied_duplicates(model: nn.Module, names: dict[str, str]) -> list[tuple[str, str]]:
+    """Pairs of checkpoint tensors that the model ties into one parameter (a checkpoint that
+    stores both `model.embed_tokens.weight` and `lm_head.weight` with tied embeddings).
+
+    Args:
+        names: from `resolve_names` (checkpoint name -> model parameter name).
+    """
+    groups: dict[int, list[str]] = {}
+    for param_name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(param_name)
+    by_param = {v: k for k, v in names.items()}
+    pairs = []
+    for param_names in groups.values():
+        stored = [by_param[n] for n in param_names if n in by_param]
+        pairs += [(stored[0], other) for other in stored[1:]]
+    return pairs
 
 
 def apply_selection(model: nn.Module, plan: SelectionPlan, names: dict[str, str]) -> TrainableModel:

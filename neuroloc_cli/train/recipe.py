@@ -42,7 +42,7 @@ from neuroloc_cli.train import data as datalib
 from neuroloc_cli.train import state as statelib
 from neuroloc_cli.train.config import TrainConfig
 from neuroloc_cli.train.export import write_model
-from neuroloc_cli.train.masking import SelectionPlan, apply_selection, plan_selection, resolve_names
+from neuroloc_cli.train.masking import SelectionPlan, apply_selection, plan_selection, resolve_names, tied_duplicates
 
 Event = dict[str, Any]
 
@@ -187,6 +187,12 @@ class MaskedCPTRecipe:
     def _selection_plan(self, model: torch.nn.Module) -> SelectionPlan:
         cfg = self.cfg
         self._names = resolve_names(model, [n for n, i in self.source.tensors.items() if i.torch_dtype.is_floating_point])
+        for kept, alias in tied_duplicates(model, self._names):
+            # Training one parameter under two stored names would write the pair apart.
+            raise InputError(
+                f"{self.model_path}: stores both {kept} and {alias}, which the model ties into one parameter",
+                hint="re-save it with save_pretrained (which stores the pair once), or untie the weights in config.json",
+            )
         plan = plan_selection(
             {n: self.source.tensors[n].shape for n in self._names},
             train_mask=self.mask if cfg.train_mask else None,
