@@ -13,7 +13,7 @@ Modes, all on the same synthetic model and corpus:
 
 Throughput is the median over optimizer steps (the first step excluded: it pays for
 allocator warm-up), after one discarded warm-up run; each mode runs `--repeats` times
-interleaved with the others and the best run counts, since this machine is shared. Tokens
+interleaved with the others and the best run counts, since machines are often shared. Tokens
 per CPU-second of this process are reported beside tokens/s: on a shared machine they
 compare the modes' work more fairly than wall time. Prints a table on stderr and one JSON
 document on stdout. The last section projects optimizer memory for Llama-2-7B shapes.
