@@ -198,9 +198,8 @@ class TrainableModel:
 
 def resolve_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """Checkpoint tensor name -> model parameter name, for the names the model has."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     prefix = getattr(model, "base_model_prefix", "")
-    params.update(dict(model.named_parameters(remove_duplicate=False)))  # tied names too
     out = {}
     for n in names:
         if n in params:
