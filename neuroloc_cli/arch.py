@@ -11,11 +11,20 @@ import re
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _PRE = re.compile(r"embed|wte|wpe|word_embeddings")
 
+# config.json keys that hold the number of transformer blocks, across architectures
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
 
 def layer_index(name: str) -> int | None:
     """The transformer block a tensor belongs to, or None (embeddings, final norm, head)."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+def rename_layer(name: str, new_index: int) -> str:
+    """`model.layers.7.mlp.up_proj.weight` → `model.layers.{new_index}.mlp.up_proj.weight`."""
+    m = _LAYER.search(name)
+    return name if m is None else name[: m.start(1)] + str(new_index) + name[m.end(1) :]
 
 
 def tensor_kind(name: str) -> str:

@@ -118,11 +118,12 @@ class Checkpoint:
     @property
     def num_layers(self) -> int | None:
         """The number of transformer blocks, from config.json or, failing that, tensor names."""
+        from neuroloc_cli.arch import LAYER_COUNT_KEYS, layer_index
+
         cfg = self.config or {}
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        for key in LAYER_COUNT_KEYS:
             if isinstance(cfg.get(key), int):
                 return cfg[key]
-        from neuroloc_cli.arch import layer_index
 
         indices = [i for i in (layer_index(n) for n in self.tensors) if i is not None]
         return max(indices) + 1 if indices else None

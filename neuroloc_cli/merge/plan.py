@@ -15,7 +15,7 @@ import torch
 from neuroloc_cli.arch import layer_position
 from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
 from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
-from neuroloc_cli.io.format import DTYPE_NAMES
+from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
@@ -243,19 +243,32 @@ def _plan(
 ) -> MergePlan:
     reference = base or models[0]
     compute = DTYPE_NAMES[recipe.dtype or "float32"]
-    out_name = recipe.out_dtype or recipe.dtype
-    if out_name is None and method.output_kind == "delta":
-        out_name = "float32"  # a delta in bf16 would lose most of its bits
-    fixed_out = DTYPE_NAMES[out_name] if out_name else None
+    fixed_out = fixed_out_dtype(recipe, method)
     num_layers = reference.checkpoint.num_layers
     steps = []
     for name, info in reference.checkpoint.tensors.items():
-        floating = info.torch_dtype.is_floating_point
-        dtype = (fixed_out or info.torch_dtype) if floating else info.torch_dtype
         present = tuple(name in m.checkpoint.tensors for m in models)
-        steps.append(Step(name, OutTensor(name, info.shape, dtype), layer_position(name, num_layers), floating, present))
+        steps.append(make_step(name, info, layer_position(name, num_layers), fixed_out, present))
     resolver = ParameterResolver(method.params, recipe.parameters, model_params)
     return MergePlan(recipe, source, method, base, models, steps, compute, num_layers, resolver)
+
+
+def fixed_out_dtype(recipe: MergeRecipe, method: MergeMethod) -> torch.dtype | None:
+    """The output dtype of every floating tensor, or None to keep each input tensor's:
+    `out_dtype`, else `dtype` (mergekit's rule), else float32 for delta outputs."""
+    name = recipe.out_dtype or recipe.dtype
+    if name is None and method.output_kind == "delta":
+        name = "float32"  # a delta in bf16 would lose most of its bits
+    return DTYPE_NAMES[name] if name else None
+
+
+def make_step(
+    out_name: str, info: TensorInfo, t: float, fixed_out: torch.dtype | None, present: tuple[bool, ...], origin: tuple[int, str] | None = None
+) -> Step:
+    """The step for one output tensor; integer and boolean buffers are copied, not merged."""
+    floating = info.torch_dtype.is_floating_point
+    dtype = (fixed_out or info.torch_dtype) if floating else info.torch_dtype
+    return Step(out_name, OutTensor(out_name, info.shape, dtype), t, floating, present, origin=origin)
 
 
 def _check_resolution(plan: MergePlan) -> list[str]:

@@ -14,20 +14,16 @@ Two forms are supported:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from neuroloc_cli.arch import layer_index, layer_position, tensor_kind
+from neuroloc_cli.arch import LAYER_COUNT_KEYS, layer_index, layer_position, rename_layer, tensor_kind
 from neuroloc_cli.errors import NeurolocError, RecipeError
 from neuroloc_cli.io.format import DTYPE_NAMES
-from neuroloc_cli.io.writer import OutTensor
-from neuroloc_cli.merge.plan import NO_OP_PARAMETERS, MergePlan, Source, Step, _open, build_plan
+from neuroloc_cli.merge.plan import NO_OP_PARAMETERS, MergePlan, Source, Step, _open, build_plan, fixed_out_dtype, make_step
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 STACKING_METHODS = ("passthrough",)
 
 
@@ -102,8 +98,7 @@ def _stacking_plan(recipe: MergeRecipe, source: str, method: MergeMethod, source
     problems += _check_layer_shapes(flat)
     if problems:
         raise RecipeError(source, problems)
-    out_name = recipe.out_dtype or recipe.dtype
-    fixed_out = DTYPE_NAMES[out_name] if out_name else None
+    fixed_out = fixed_out_dtype(recipe, method)
     ranges = [sl.sources[0].layer_range for sl in recipe.slices]
     total = sum(b - a for a, b in ranges)
     steps: list[Step] = []
@@ -167,23 +162,13 @@ def _outside_steps(ckpt, index: int, *, pre: bool, num_layers: int | None, fixed
 
 
 def _step(out_name: str, info, t: float, index: int, name: str, fixed_out) -> Step:
-    floating = info.torch_dtype.is_floating_point
-    dtype = (fixed_out or info.torch_dtype) if floating else info.torch_dtype
-    return Step(out_name, OutTensor(out_name, info.shape, dtype), t, floating, (True,), origin=(index, name))
-
-
-def rename_layer(name: str, new_index: int) -> str:
-    """`model.layers.7.mlp.up_proj.weight` → `model.layers.{new_index}.mlp.up_proj.weight`."""
-    m = _LAYER.search(name)
-    if m is None:
-        return name
-    return name[: m.start(1)] + str(new_index) + name[m.end(1):]
+    return make_step(out_name, info, t, fixed_out, (True,), origin=(index, name))
 
 
 def _config_updates(flat: list[Source], ranges: list[tuple[int, int]], total: int) -> dict:
     """The layer count, and per-layer config lists (e.g. Qwen2's `layer_types`), restacked."""
     cfg = flat[0].checkpoint.config or {}
-    updates: dict = {k: total for k in _LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)}
+    updates: dict = {k: total for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)}
     if isinstance(cfg.get("layer_types"), list):
         stacked = []
         for src, (a, b) in zip(flat, ranges):
