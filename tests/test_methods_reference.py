@@ -47,7 +47,7 @@ def elect(weighted, weights):
     stack = torch.stack(weighted)
     sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
     agree = (torch.sign(stack) == sign).float()
-    w = torch.tensor(weights).view(-1, *([1] * (stack.dim() - 1)))
+    w = torch.tensor(weights, dtype=stack.dtype).view(-1, *([1] * (stack.dim() - 1)))
     divisor = (agree * w).sum(0)
     divisor[divisor == 0] = 1
     return (stack * agree).sum(0), divisor

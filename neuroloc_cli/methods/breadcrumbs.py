@@ -8,7 +8,7 @@ import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.methods.gta import DENSITY, GAMMA, LAMBDA, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
-from neuroloc_cli.ops.blockwise import Both, magnitude_cut
+from neuroloc_cli.ops.blockwise import Keep, magnitude_cut
 from neuroloc_cli.ops.sparsify import outlier_counts
 
 _PARAMS = (WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA)
@@ -16,17 +16,16 @@ _PAPER = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
 
 
 def _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus):
-    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+    def make_keep(base: torch.Tensor, tuned: torch.Tensor, i: int) -> Keep | None:
         if density[i] >= 1:
-            return None, None
+            return None
         n = base.numel()
         n_top, n_bottom = outlier_counts(n, density[i], gamma[i])
-        b, t = base.reshape(-1), tuned.reshape(-1)
         # the same tie rule in both cuts makes the outliers a subset of the kept top n − n_bottom
-        return Both(magnitude_cut(b, t, n - n_bottom), magnitude_cut(b, t, n_top)), None
+        return Keep(cut=magnitude_cut(base, tuned, n - n_bottom), outliers=magnitude_cut(base, tuned, n_top))
 
     return sparse_task_arithmetic(
-        base, tensors, weight, make_mask, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=False, lambda_=lambda_
+        base, tensors, weight, make_keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=False, lambda_=lambda_
     )
 
 

@@ -12,30 +12,30 @@ from neuroloc_cli.methods.gta import (
     LAMBDA,
     PAPER_RESCALE,
     WEIGHT,
-    model_generators,
+    model_keys,
     normalize_param,
     rescale_param,
     sparse_task_arithmetic,
 )
-from neuroloc_cli.ops.blockwise import KEEP_NONE, Draw
+from neuroloc_cli.ops.blockwise import KEEP_NONE, Keep
 
 _PARAMS = (WEIGHT, DENSITY, normalize_param(False), rescale_param(True), PAPER_RESCALE, LAMBDA)
 _PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE, arXiv:2311.03099)"
 
 
 def _dare(base, tensors, weight, density, normalize, rescale, paper_rescale, lambda_, generator, consensus):
-    generators = model_generators(generator, len(tensors))
+    keys = model_keys(generator, len(tensors))
 
-    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+    def make_keep(base: torch.Tensor, tuned: torch.Tensor, i: int) -> Keep | None:
         d = float(density[i])
         if d >= 1:
-            return None, None
+            return None
         if d <= 0:
-            return KEEP_NONE, None
-        return Draw(d, generators[i]), 1.0 / d
+            return Keep(cut=KEEP_NONE)
+        return Keep(p=d, key=keys[i])
 
     return sparse_task_arithmetic(
-        base, tensors, weight, make_mask, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
+        base, tensors, weight, make_keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
     )
 
 

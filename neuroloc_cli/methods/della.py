@@ -13,12 +13,12 @@ from neuroloc_cli.methods.gta import (
     LAMBDA,
     PAPER_RESCALE,
     WEIGHT,
-    model_generators,
+    model_keys,
     normalize_param,
     rescale_param,
     sparse_task_arithmetic,
 )
-from neuroloc_cli.ops.blockwise import KEEP_NONE, Draw
+from neuroloc_cli.ops.blockwise import KEEP_NONE, Keep
 from neuroloc_cli.ops.sparsify import della_keep_probabilities
 
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
@@ -29,19 +29,20 @@ def _params(normalize: bool):
 
 
 def _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus):
-    generators = model_generators(generator, len(tensors))
+    keys = model_keys(generator, len(tensors))
+    shape = base.shape  # DELLA ranks within rows
 
-    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+    def make_keep(base: torch.Tensor, tuned: torch.Tensor, i: int) -> Keep | None:
         d = float(density[i])
         if d >= 1:
-            return None, None
+            return None
         if d <= 0:
-            return KEEP_NONE, None
-        probs = della_keep_probabilities(torch.sub(tuned, base), d, epsilon[i]).reshape(-1)
-        return Draw(probs, generators[i]), probs.reciprocal()
+            return Keep(cut=KEEP_NONE)
+        probs = della_keep_probabilities(torch.sub(tuned, base).reshape(shape), d, epsilon[i])
+        return Keep(p=probs.reshape(-1), key=keys[i])
 
     return sparse_task_arithmetic(
-        base, tensors, weight, make_mask, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
+        base, tensors, weight, make_keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=paper_rescale, lambda_=lambda_
     )
 
 

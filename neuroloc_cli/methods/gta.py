@@ -13,17 +13,17 @@ Rescaling, when `rescale` is true:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
 
-from neuroloc_cli.ops.blockwise import Mask, l1_norms, mix_blocks
+from neuroloc_cli.ops.blockwise import Keep, l1_norms, mix
 from neuroloc_cli.ops.sparsify import l1_rescale_factor
 from neuroloc_cli.recipe.params import Param
 
-# make_mask(base, tuned, model_index) -> (block mask over the flat tensor, or None to keep all,
-# the paper's rescale: a factor, a flat per-element tensor, or None where there is none)
-MaskFn = Callable[[torch.Tensor, torch.Tensor, int], tuple["Mask | None", "float | torch.Tensor | None"]]
+# make_keep(base, tuned, model_index) -> what survives of that model's flat delta (None: all)
+KeepFn = Callable[[torch.Tensor, torch.Tensor, int], "Keep | None"]
 
 WEIGHT = Param("weight", per_model=True, help="weight of each model's task vector")
 DENSITY = Param("density", default=1.0, per_model=True, low=0.0, high=1.0, help="share of each task vector kept")
@@ -39,11 +39,9 @@ def normalize_param(default: bool) -> Param:
     return Param("normalize", default=default, boolean=True, help="divide by the sum of the (agreeing) weights")
 
 
-def model_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
-    """One generator per model, seeded from the tensor's generator, so that each model's draws
-    can be replayed (rescale pass, then mixing pass) independently of the others."""
-    seeds = torch.randint(2**62, (n,), generator=generator).tolist()
-    return [torch.Generator().manual_seed(s) for s in seeds]
+def model_keys(generator: torch.Generator, n: int) -> list[int]:
+    """One random stream key per model, from the tensor's generator (see `Keep.key`)."""
+    return torch.randint(2**62, (n,), generator=generator).tolist()
 
 
 def rescale_param(default: bool) -> Param:
@@ -54,7 +52,7 @@ def sparse_task_arithmetic(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
-    make_mask: MaskFn,
+    make_keep: KeepFn,
     *,
     consensus: bool,
     normalize: bool,
@@ -62,32 +60,35 @@ def sparse_task_arithmetic(
     paper_rescale: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """Sparsify each task vector, rescale it, and mix them (block-wise, see `ops.blockwise`).
+    """Sparsify each task vector, rescale it, and mix them (see `ops.blockwise`).
 
     Args:
-        base: the base tensor; tensors: one per model (compute dtype).
+        base: the base tensor; tensors: one per model (compute dtype; half precision is
+            computed in float32 and cast back).
         weights: per-model weights.
-        make_mask: the sparsifier (see `MaskFn`).
+        make_keep: the sparsifier (see `KeepFn`); it sees flat tensors.
         consensus: TIES sign election.
-        normalize, lambda_: see `neuroloc_cli.ops.blockwise.mix_blocks`.
-        rescale: rescale survivors; paper_rescale: by the paper's 1/p rather than the L1 norm.
+        normalize, lambda_: see `neuroloc_cli.ops.blockwise.mix`.
+        rescale: rescale survivors; paper_rescale: of a random draw, by the paper's 1/p
+            rather than by the L1 norm.
 
     Returns:
         The merged tensor.
     """
-    flat_base = base.reshape(-1)
-    flat = [t.reshape(-1) for t in tensors]
-    masks, scales = [], []
+    work = base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32
+    flat_base = base.reshape(-1).to(work).contiguous()
+    flat = [t.reshape(-1).to(work).contiguous() for t in tensors]
+    keeps, scales = [], []
     for i, t in enumerate(flat):
-        mask, paper_scale = make_mask(base, tensors[i], i)
-        scale: float | torch.Tensor = 1.0
-        if rescale and mask is not None:
-            if paper_rescale and paper_scale is not None:
-                scale = paper_scale
-            else:
-                before, after, mask = l1_norms(flat_base, t, mask)
-                scale = l1_rescale_factor(before, after)
-        masks.append(mask)
+        keep = make_keep(flat_base, t, i)
+        scale = 1.0
+        if keep is None:
+            keep = Keep()
+        elif rescale and paper_rescale and keep.p is not None:
+            keep = dataclasses.replace(keep, inverse_p=True)
+        elif rescale:
+            scale = l1_rescale_factor(*l1_norms(flat_base, t, keep))
+        keeps.append(keep)
         scales.append(scale)
-    out = mix_blocks(flat_base, flat, masks, scales, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
-    return out.reshape(base.shape)
+    out = mix(flat_base, flat, keeps, scales, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return out.reshape(base.shape).to(base.dtype)

@@ -8,7 +8,7 @@ import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.methods.gta import DENSITY, LAMBDA, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
-from neuroloc_cli.ops.blockwise import magnitude_cut
+from neuroloc_cli.ops.blockwise import Keep, magnitude_cut
 from neuroloc_cli.ops.sparsify import keep_count
 
 
@@ -40,11 +40,11 @@ def ties(
     weight (normalization divides it out).
     """
 
-    def make_mask(base: torch.Tensor, tuned: torch.Tensor, i: int):
+    def make_keep(base: torch.Tensor, tuned: torch.Tensor, i: int) -> Keep | None:
         if density[i] >= 1:
-            return None, None
-        return magnitude_cut(base.reshape(-1), tuned.reshape(-1), keep_count(density[i], base.numel())), None
+            return None
+        return Keep(cut=magnitude_cut(base, tuned, keep_count(density[i], base.numel())))
 
     return sparse_task_arithmetic(
-        base, tensors, weight, make_mask, consensus=True, normalize=normalize, rescale=rescale, paper_rescale=False, lambda_=lambda_
+        base, tensors, weight, make_keep, consensus=True, normalize=normalize, rescale=rescale, paper_rescale=False, lambda_=lambda_
     )

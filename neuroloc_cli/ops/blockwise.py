@@ -1,15 +1,12 @@
-"""Block-wise sparsify-and-mix: the fast path of the ties / dare / breadcrumbs / della family.
+"""Sparsify-and-mix: the engine of the ties / dare / breadcrumbs / della family.
 
-A whole-tensor implementation makes ~15 passes over tensor-sized temporaries per model, and
-on a CPU those passes are bound by memory bandwidth. Here the delta `t − base` is recomputed
-in blocks of `BLOCK` elements, so that every temporary stays in cache; the only whole-tensor
-quantities are a magnitude threshold per model (found from a sample, then refined exactly on
-the few candidates near it) and, for rescaling, two L1 norms. What this leaves is the cost of
-dispatching ~50 small PyTorch calls per block; a fused kernel would be the next step.
-`BLOCK` also stays at PyTorch's parallel grain, so each call runs on one thread: larger
-blocks went multi-threaded and became erratic on a loaded machine.
+Each model's mask is described, not stored (`Keep`), and `mix` runs the fused loops of
+`neuroloc_cli.ops.kernels` over the flat tensors, block by block: one pass reads every
+input once. The only whole-tensor work before it is a magnitude threshold per model (found
+from a sample, then refined exactly on the few candidates near it) and, for mergekit's
+rescale, two L1 norms per model.
 
-The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (mask_i ⊙ δ_i)`):
+The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (keep_i ⊙ δ_i)`):
 
     sign  = +1 where Σ_i wd_i >= 0, else −1    (election by summed mass; ties go to +)
     a_i   = [sign(wd_i) == sign]               (zeros never agree)
@@ -17,11 +14,8 @@ The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (mask_i ⊙ δ
     without consensus: mixed = Σ_i wd_i, divisor = Σ_i w_i (|·| < 1e-8 → 1)
     out   = base + λ · (mixed / divisor if normalize else mixed)
 
-Masks are described, not stored:
-- `Cut`: keep |δ| above a threshold, with equal magnitudes taken in position order up to
-  `last_tie`, so exactly `k` elements are kept (as `sparsify.top_k_mask`);
-- `Draw`: keep with a probability, drawn block by block from a per-model generator; when a
-  rescale pass needs the draws first they are kept as a `Stored` boolean mask for the mix.
+The loops take float32 or float64 tensors and compute in that dtype (`sparse_task_arithmetic`
+brings half-precision inputs to float32).
 """
 
 from __future__ import annotations
@@ -29,18 +23,47 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
-BLOCK = 1 << 15  # elements per block: its temporaries fit in L2; = PyTorch's grain (one thread per call)
 _SAMPLE = 1 << 14  # magnitudes sampled to bracket the threshold
-_EXACT_BELOW = 4 * BLOCK  # smaller tensors: one exact kthvalue is cheaper than bracketing
+_EXACT_BELOW = 1 << 17  # smaller tensors: one exact kthvalue is cheaper than bracketing
+_ALL_TIES = 2**62  # a last tie past every position: every equal magnitude is kept
+_CHUNK = 1 << 20  # elements per parallel task: fixed, so that no result depends on the thread count
+
+T = TypeVar("T")
 
 
-def _blocks(n: int):
-    for s in range(0, n, BLOCK):
-        yield s, min(n, s + BLOCK)
+def _kernels():
+    """The compiled loops, imported on first use: importing Numba takes a quarter second
+    that commands not merging with these methods should not pay."""
+    from neuroloc_cli.ops import kernels
+
+    return kernels
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A flat NumPy view of a contiguous CPU tensor (no copy)."""
+    return t.reshape(-1).numpy()
+
+
+def _chunked(n: int, fn: Callable[[int, int], T]) -> list[T]:
+    """`fn(start, stop)` over consecutive `_CHUNK`-sized spans of `range(n)`, on as many threads
+    as PyTorch uses (the kernels release the GIL); results in span order."""
+    spans = [(a, min(n, a + _CHUNK)) for a in range(0, n, _CHUNK)]
+    threads = min(torch.get_num_threads(), len(spans))
+    if threads <= 1:
+        return [fn(a, b) for a, b in spans]
+    return list(_pool(threads).map(lambda span: fn(*span), spans))
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="neuroloc-mix")
 
 
 @dataclass(frozen=True)
@@ -50,78 +73,85 @@ class Cut:
     value: float
     last_tie: int | None = None
 
-    def __call__(self, s: int, e: int, magnitude: torch.Tensor) -> torch.Tensor:
-        if self.last_tie is None or e - 1 <= self.last_tie:
-            return magnitude >= self.value  # every tie in this block is kept
-        if s > self.last_tie:
-            return magnitude > self.value
+    def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """The kept elements of a flat tensor of magnitudes (whole-tensor form, for checks)."""
         keep = magnitude > self.value
-        keep |= (magnitude == self.value) & (torch.arange(s, e) <= self.last_tie)
+        keep |= (magnitude == self.value) & (torch.arange(magnitude.numel()) <= _last(self))
         return keep
 
 
-KEEP_ALL = Cut(-1.0)  # every |δ| >= -1
+KEEP_ALL = Cut(-math.inf, last_tie=-1)  # every |δ| > -inf
 KEEP_NONE = Cut(math.inf, last_tie=-1)  # no |δ| > inf, no tie kept
 
 
 def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
-    """The `Cut` that keeps the `k` largest |tuned − base| (flat tensors), ties by position.
+    """The `Cut` that keeps the `k` largest |tuned − base| (flat float32/float64 tensors),
+    equal magnitudes by position.
 
-    A sample of 16384 magnitudes brackets the k-th largest; one block-wise pass counts what
-    lies above the bracket and collects what lies inside it, and `torch.kthvalue` on those few
-    candidates gives the exact threshold. If the bracket misses (skewed data), an exact
-    whole-tensor `kthvalue` is used instead: the result is the same, only slower.
+    A sample of 16384 magnitudes brackets the k-th largest; one pass counts what lies above
+    the bracket and collects what lies inside it (with positions), and a k-th value
+    selection (`np.partition`, linear time) on those few candidates gives the exact threshold
+    and the last tie kept. If the bracket misses (skewed data), the selection runs on the
+    whole tensor instead: the result is the same, only slower.
     """
     n = base.numel()
     if k >= n:
         return KEEP_ALL
     if k <= 0:
         return KEEP_NONE
+    b, t = _np(base), _np(tuned)
     if n < _EXACT_BELOW:
-        return _exact_cut(torch.sub(tuned, base).abs_(), k)
-    lo, hi = _bracket(base, tuned, k)
+        return _exact_cut(b, t, k)
+    lo, hi = _bracket(b, t, k)
     if lo == hi:  # one magnitude fills the bracket (e.g. an unchanged tensor: all zeros)
-        return _flat_cut(base, tuned, k, hi)
-    above = 0
-    candidates = []
-    for s, e in _blocks(n):
-        a = torch.sub(tuned[s:e], base[s:e]).abs_()
-        above += int((a > hi).sum())
-        candidates.append(a[(a >= lo) & (a <= hi)])
-    cand = torch.cat(candidates)
+        return _flat_cut(b, t, k, hi) or _exact_cut(b, t, k)
+    # each chunk collects into its own region of the buffers: an eighth of its size (the
+    # bracket holds ~4% of the elements), + 1024, + the kernel's scratch slot
+    collect, scalar, region = _kernels().collect, b.dtype.type, _CHUNK // 8 + 1025
+    values = np.empty(len(range(0, n, _CHUNK)) * region, b.dtype)
+    positions = np.empty(values.size, np.int64)
+
+    def one_chunk(start: int, stop: int) -> tuple[int, int]:
+        mine = slice(start // _CHUNK * region, (start // _CHUNK + 1) * region)
+        return collect(b[start:stop], t[start:stop], start, scalar(lo), scalar(hi), values[mine], positions[mine])
+
+    counts = _chunked(n, one_chunk)
+    if any(found >= region for _, found in counts):  # a chunk overflowed its region
+        return _exact_cut(b, t, k)
+    keep = np.concatenate([np.arange(c * region, c * region + found) for c, (_, found) in enumerate(counts)])
+    above = sum(a for a, _ in counts)
     need = k - above  # how many of the candidates are kept
-    if not 0 < need <= cand.numel():
-        return _exact_cut(torch.sub(tuned, base).abs_(), k)
-    value = torch.kthvalue(cand, cand.numel() - need + 1).values
-    greater = above + int((cand > value).sum())
-    equal = int((cand == value).sum())
-    missing = k - greater
-    if missing == equal:
-        return Cut(float(value))
-    return Cut(float(value), _last_tie(base, tuned, value, missing))
+    if not 0 < need <= keep.size:
+        return _exact_cut(b, t, k)
+    return _select(values[keep], need, above, positions[keep])
 
 
-def _flat_cut(base: torch.Tensor, tuned: torch.Tensor, k: int, value: float) -> Cut:
+def _flat_cut(b: np.ndarray, t: np.ndarray, k: int, value: float) -> Cut | None:
     """The cut when the sample suggests the k-th largest magnitude is exactly `value`: count
-    what is above and equal to it instead of collecting candidates."""
-    above = equal = 0
-    for s, e in _blocks(base.numel()):
-        a = torch.sub(tuned[s:e], base[s:e]).abs_()
-        above += int((a > value).sum())
-        equal += int((a == value).sum())
-    missing = k - above
-    if not 0 < missing <= equal:
-        return _exact_cut(torch.sub(tuned, base).abs_(), k)
-    if missing == equal:
-        return Cut(value)
-    return Cut(value, _last_tie(base, tuned, torch.tensor(value), missing))
+    what is above and equal to it, chunk by chunk, instead of collecting candidates; the last
+    tie kept is then searched for in the one chunk that holds it (None if `value` is not the
+    k-th largest)."""
+    kernels, v = _kernels(), b.dtype.type(value)
+    counts = _chunked(b.size, lambda start, stop: kernels.count_at(b[start:stop], t[start:stop], v))
+    missing = k - sum(above for above, _ in counts)
+    if not 0 < missing <= sum(equal for _, equal in counts):
+        return None
+    for start in range(0, b.size, _CHUNK):
+        equal = counts[start // _CHUNK][1]
+        if missing == equal and start + _CHUNK >= b.size:
+            return Cut(value)  # every tie is kept
+        if missing <= equal:
+            stop = start + _CHUNK
+            return Cut(value, start + int(kernels.nth_at(b[start:stop], t[start:stop], v, missing)))
+        missing -= equal
+    raise AssertionError("the counts cover every tie")
 
 
-def _bracket(base: torch.Tensor, tuned: torch.Tensor, k: int) -> tuple[float, float]:
+def _bracket(b: np.ndarray, t: np.ndarray, k: int) -> tuple[float, float]:
     """Magnitudes `lo <= hi` that enclose the k-th largest with high probability."""
-    n = base.numel()
+    n = b.size
     idx = _sample_positions(n)
-    sample = torch.sub(tuned[idx], base[idx]).abs_().sort().values
+    sample = np.sort(np.abs(t[idx] - b[idx]))
     q = (n - k) / n  # the threshold's quantile from below
     margin = 5 * math.sqrt(_SAMPLE * q * (1 - q)) + 8
     lo = sample[max(0, int(q * _SAMPLE - margin))]
@@ -130,188 +160,115 @@ def _bracket(base: torch.Tensor, tuned: torch.Tensor, k: int) -> tuple[float, fl
 
 
 @functools.lru_cache(maxsize=32)
-def _sample_positions(n: int) -> torch.Tensor:
-    """Fixed pseudo-random positions (they only steer speed, never the result)."""
-    return torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n))
+def _sample_positions(n: int) -> np.ndarray:
+    """Fixed pseudo-random positions, sorted so that gathering them walks memory forward
+    (they only steer speed, never the result)."""
+    return np.sort(np.random.default_rng(n).integers(n, size=_SAMPLE))
 
 
-def _exact_cut(magnitude: torch.Tensor, k: int) -> Cut:
-    n = magnitude.numel()
-    value = torch.kthvalue(magnitude, n - k + 1).values
-    greater = int((magnitude > value).sum())
-    ties = torch.nonzero(magnitude == value).squeeze(1)
-    missing = k - greater
-    if missing == ties.numel():
+def _exact_cut(b: np.ndarray, t: np.ndarray, k: int) -> Cut:
+    return _select(np.abs(t - b), k, 0, None)
+
+
+def _select(magnitudes: np.ndarray, need: int, above: int, positions: np.ndarray | None) -> Cut:
+    """The cut keeping `above` elements known to lie above `magnitudes` plus the `need`
+    largest of `magnitudes` (at `positions`, ascending; None: 0, 1, ...), ties by position."""
+    m = magnitudes.size
+    value = np.partition(magnitudes, m - need)[m - need]
+    greater = above + int(np.count_nonzero(magnitudes > value))
+    ties = np.flatnonzero(magnitudes == value)
+    missing = above + need - greater
+    if missing == ties.size:
         return Cut(float(value))
-    return Cut(float(value), int(ties[missing - 1]))
+    last = ties[missing - 1]
+    return Cut(float(value), int(last if positions is None else positions[last]))
 
 
-def _last_tie(base: torch.Tensor, tuned: torch.Tensor, value: torch.Tensor, missing: int) -> int:
-    """The flat position of the `missing`-th element whose magnitude equals `value`."""
-    seen = 0
-    for s, e in _blocks(base.numel()):
-        pos = torch.nonzero(torch.sub(tuned[s:e], base[s:e]).abs_() == value).squeeze(1)
-        if seen + pos.numel() >= missing:
-            return s + int(pos[missing - seen - 1])
-        seen += pos.numel()
-    raise AssertionError("fewer ties than counted")  # cannot happen: counted on the same data
+@dataclass(frozen=True)
+class Keep:
+    """Which elements of one model's delta survive (all, by default), and how survivors of a
+    random draw are rescaled.
+
+    Attributes:
+        cut: keep only the magnitudes this cut keeps (the top k).
+        outliers: of those, drop the ones this cut keeps (breadcrumbs' largest).
+        p: keep each element with this probability (a number, or a flat tensor, one per
+            element), drawn from the stream `key` (see `neuroloc_cli.ops.kernels`).
+        inverse_p: divide each survivor by its probability (the DARE and DELLA papers).
+    """
+
+    cut: Cut | None = None
+    outliers: Cut | None = None
+    p: float | torch.Tensor | None = None
+    key: int = 0
+    inverse_p: bool = False
 
 
-@dataclass
-class Both:
-    """Kept by `inner` and not by `outer` (breadcrumbs: the top n − n_bottom minus the top n_top)."""
-
-    inner: Cut
-    outer: Cut
-
-    def __call__(self, s: int, e: int, magnitude: torch.Tensor) -> torch.Tensor:
-        return self.inner(s, e, magnitude) & ~self.outer(s, e, magnitude)
-
-
-class Draw:
-    """Keep each element with probability `p` (a number, or a flat tensor of per-element
-    probabilities), drawn block by block in order from `generator`."""
-
-    needs_magnitude = False
-
-    def __init__(self, p: float | torch.Tensor, generator: torch.Generator):
-        self.p = p
-        self.generator = generator
-
-    def __call__(self, s: int, e: int, magnitude: torch.Tensor | None) -> torch.Tensor:
-        p = self.p if isinstance(self.p, float) else self.p[s:e]
-        return torch.rand(e - s, generator=self.generator) < p
+def _kernel_args(keeps: Sequence[Keep], scales: Sequence[float], weights: Sequence[float], dtype: np.dtype):
+    """The masks as the kernels' per-model rows (`floats`, `ints`) and per-element probabilities."""
+    k = _kernels()
+    floats = np.zeros((len(keeps), 5), dtype)
+    ints = np.zeros((len(keeps), 5), np.int64)
+    p_each = []
+    for j, (keep, scale, weight) in enumerate(zip(keeps, scales, weights)):
+        floats[j, k.SCALE], floats[j, k.WEIGHT] = scale, weight
+        cut, outliers = keep.cut or KEEP_ALL, keep.outliers or KEEP_NONE
+        floats[j, k.CUT], ints[j, k.CUT_TIE] = cut.value, _last(cut)
+        floats[j, k.OUTLIER], ints[j, k.OUTLIER_TIE] = outliers.value, _last(outliers)
+        each = np.empty(0, dtype)
+        if isinstance(keep.p, torch.Tensor):
+            ints[j, k.DRAW] = k.DRAW_EACH
+            each = np.ascontiguousarray(_np(keep.p), dtype)
+        elif keep.p is not None:
+            ints[j, k.DRAW], floats[j, k.P] = k.DRAW_ONE, keep.p
+        ints[j, k.KEY], ints[j, k.INVERSE_P] = keep.key, keep.inverse_p
+        p_each.append(each)
+    return floats, ints, tuple(p_each)
 
 
-@dataclass
-class Stored:
-    """A mask already drawn (1 byte per element), so that a second pass sees the same draws."""
-
-    mask: torch.Tensor
-    needs_magnitude = False
-
-    def __call__(self, s: int, e: int, magnitude: torch.Tensor | None) -> torch.Tensor:
-        return self.mask[s:e]
+def _last(cut: Cut) -> int:
+    return _ALL_TIES if cut.last_tie is None else cut.last_tie
 
 
-Mask = Callable[[int, int, torch.Tensor], torch.Tensor]
+def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float, float]:
+    """(‖δ‖₁, ‖keep ⊙ δ‖₁) of flat tensors, summed in float64."""
+    b, t = _np(base), _np(tuned)
+    floats, ints, (p,) = _kernel_args([keep], [1.0], [1.0], b.dtype)
+    l1 = _kernels().l1_norms
+    sums = _chunked(b.size, lambda start, stop: l1(b[start:stop], t[start:stop], p[start:stop], start, floats, ints, 0))
+    return sum(s for s, _ in sums), sum(s for _, s in sums)
 
 
-def l1_norms(base: torch.Tensor, tuned: torch.Tensor, mask: Mask) -> tuple[float, float, Mask]:
-    """(‖δ‖₁, ‖mask ⊙ δ‖₁, the mask to use from now on) for flat tensors, block by block
-    (float64 sums). A random mask comes back `Stored`, so the mixing pass uses these draws."""
-    before = after = 0.0
-    stored = torch.empty(base.numel(), dtype=torch.bool) if isinstance(mask, Draw) else None
-    for s, e in _blocks(base.numel()):
-        a = torch.sub(tuned[s:e], base[s:e]).abs_()
-        m = mask(s, e, a)
-        if stored is not None:
-            stored[s:e] = m
-        before += float(a.sum(dtype=torch.float64))
-        after += float(a.mul_(m).sum(dtype=torch.float64))
-    return before, after, (Stored(stored) if stored is not None else mask)
-
-
-def mix_blocks(
+def mix(
     base: torch.Tensor,
     tuned: Sequence[torch.Tensor],
-    masks: Sequence[Mask | None],
-    scales: Sequence[float | torch.Tensor],
+    keeps: Sequence[Keep],
+    scales: Sequence[float],
     weights: Sequence[float],
     *,
     consensus: bool,
     normalize: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """`base + λ · mix(w_i · scale_i · mask_i ⊙ (tuned_i − base))`, block by block.
-
-    The mix is the module docstring's: with `consensus`, TIES sign election by summed mass
-    and (if `normalize`) division by the agreeing weights; without it, the sum (÷ Σ w_i if
-    `normalize`). Flat tensors in; a flat tensor out.
+    """`base + λ · mix(w_i · scale_i · keep_i ⊙ (tuned_i − base))`: the module docstring's
+    mix, with TIES sign election if `consensus`. Flat tensors in; a flat tensor out.
 
     Args:
-        masks: per model, a block mask (None keeps everything).
-        scales: per model, a number or a flat per-element tensor (DELLA's paper rescale).
+        keeps: per model, what survives.
+        scales: per model, a factor on the survivors (mergekit's L1 rescale; 1 for none).
     """
-    n = base.numel()
-    out = torch.empty_like(base)
+    b = _np(base)
+    out = np.empty_like(b)
+    floats, ints, p_each = _kernel_args(keeps, scales, weights, b.dtype)
     total_weight = float(sum(weights))
     plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
-    for s, e in _blocks(n):
-        b = base[s:e]
-        deltas = []  # masked and rescaled, not yet weighted
-        for t, mask, scale in zip(tuned, masks, scales):
-            d = torch.sub(t[s:e], b)
-            if mask is not None:
-                d.mul_(mask(s, e, d.abs() if getattr(mask, "needs_magnitude", True) else None))
-            if isinstance(scale, torch.Tensor):
-                d.mul_(scale[s:e])
-            elif scale != 1:
-                d.mul_(scale)
-            deltas.append(d)
-        if consensus:
-            mixed = _elect(deltas, weights, normalize)
-        else:
-            mixed = _weighted_sum(deltas, weights)
-            if normalize:
-                mixed.div_(plain_divisor)
-        out[s:e] = mixed.mul_(lambda_).add_(b) if lambda_ != 1 else mixed.add_(b)
-    return out
+    models = tuple(_np(t) for t in tuned)
+    kernel = _kernels().mix
 
+    def one_chunk(start: int, stop: int) -> None:
+        part = slice(start, stop)
+        ts, ps = tuple(t[part] for t in models), tuple(p[part] for p in p_each)
+        kernel(b[part], ts, ps, start, floats, ints, consensus, normalize, plain_divisor, float(lambda_), out[part])
 
-def _weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    out = deltas[0].mul_(weights[0])
-    for d, w in zip(deltas[1:], weights[1:]):
-        out.add_(d, alpha=w)
-    return out
-
-
-def _elect(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """TIES on one block of (unweighted) deltas: elect the sign of `S = Σ w_i·d_i`, keep the
-    agreeing `w_i·d_i`, and (if `normalize`) divide by the agreeing weights, 0 → 1."""
-    if min(weights) <= 0:
-        return _elect_any_weights([d.mul_(w) for d, w in zip(deltas, weights)], weights, normalize)
-    # With positive weights sign(w·d) = sign(d). With e = ±1 the elected sign, `max(e·d, 0)`
-    # is |d| where d agrees and 0 elsewhere (zeros never agree), so both sums are plain adds.
-    total = torch.mul(deltas[0], weights[0])
-    for d, w in zip(deltas[1:], weights[1:]):
-        total.add_(d, alpha=w)
-    sign = torch.where(total >= 0, 1.0, -1.0)
-    mixed = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign) if normalize else None
-    for d, w in zip(deltas, weights):
-        agreeing = d.mul_(sign).clamp_min_(0)
-        mixed.add_(agreeing, alpha=w)
-        if divisor is not None:
-            divisor.add_(agreeing > 0, alpha=w)
-    mixed.mul_(sign)
-    if divisor is None:
-        return mixed
-    # the divisor is 0 or at least min(w), and where it is 0 so is `mixed`: clamping the
-    # zeros to a smaller positive value leaves 0 there, as mergekit's 0 → 1 does
-    return mixed.div_(divisor.clamp_min_(min(weights) / 2))
-
-
-def _elect_any_weights(weighted: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """The general case (some weight <= 0) on weighted deltas: where `S = Σ wd_i` is >= 0 the
-    agreeing values are the positive ones, so the result is `P = Σ max(wd_i, 0)` there and
-    `S − P` elsewhere; the agreeing weights are `Σ w_i·[wd_i > 0]` resp. `Σ w_i·[wd_i < 0]`,
-    i.e. `(A ± Z) / 2` with `Z = Σ w_i·sign(wd_i)`, `A = Σ w_i·|sign(wd_i)|`."""
-    total = weighted[0].clone()
-    for d in weighted[1:]:
-        total.add_(d)
-    positive = total >= 0
-    plus = torch.zeros_like(total)
-    z = torch.zeros_like(total) if normalize else None
-    a = torch.zeros_like(total) if normalize else None
-    for d, w in zip(weighted, weights):
-        if z is not None:
-            sign = torch.sign(d)
-            z.add_(sign, alpha=w)
-            a.add_(sign.abs_(), alpha=w)
-        plus.add_(d.clamp_min_(0))
-    mixed = torch.where(positive, plus, total.sub_(plus))
-    if z is None:
-        return mixed
-    divisor = torch.where(positive, a.add(z), a.sub_(z)).mul_(0.5)
-    return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    _chunked(b.size, one_chunk)
+    return torch.from_numpy(out)

@@ -1,0 +1,274 @@
+"""Fused loops of the sparsify-and-mix family (ties, dare, breadcrumbs, della), compiled by Numba.
+
+In PyTorch the family costs ~15 passes over tensor-sized temporaries per model, or, done in
+cache-sized blocks, ~50 small calls per block: either way several times a plain task
+arithmetic. These loops read each input once per pass and keep every intermediate in a
+block of `BLOCK` elements, and their inner loops are branch-free so that LLVM vectorizes
+them. They release the GIL, so the engine's reader thread keeps prefetching meanwhile.
+
+The loops take NumPy views of flat CPU tensors in one float dtype (float32 or float64: the
+arithmetic runs in that dtype) and describe each model's mask by one row of `floats` (in that
+dtype) and one row of `ints`:
+
+- a magnitude cut: keep `|δ| > CUT`, and `|δ| == CUT` at flat positions `<= CUT_TIE`
+  (−inf and −1 keep everything);
+- minus outliers (breadcrumbs): drop `|δ| > OUTLIER`, and `|δ| == OUTLIER` at positions
+  `<= OUTLIER_TIE` (inf and −1 drop nothing);
+- a random draw: keep where `u < P` (DRAW_ONE) or `u < p_each[pos]` (DRAW_EACH), `u` uniform in
+  [0, 1) from a counter-based generator: splitmix64 of the model's `KEY` and the position, so a
+  draw depends on (seed, model, position) only and a second pass over a tensor sees the same
+  draws without storing them;
+- survivors divided by their keep probability (INVERSE_P: the papers' rescale), then
+  multiplied by `SCALE · WEIGHT`.
+
+Each loop is sequential; callers run them on fixed-size slices in parallel threads (they
+release the GIL), passing each slice's `offset` so that positions stay those of the tensor.
+Compiled code is cached on disk (`cache=True`), so only the first run on a machine compiles.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+BLOCK = 1024  # elements per block: the M + 3 scratch rows of it stay in L1
+
+# columns of `ints`
+CUT_TIE, OUTLIER_TIE, DRAW, INVERSE_P, KEY = range(5)
+# columns of `floats`
+CUT, OUTLIER, P, SCALE, WEIGHT = range(5)
+# values of `ints[:, DRAW]`
+DRAW_NONE, DRAW_ONE, DRAW_EACH = 0, 1, 2
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_UNIT = 2.0**53  # draws are integers in [0, 2^53): u = draw / 2^53
+
+# Lets LLVM vectorize a float sum: the order of the additions, and so the last bits of an L1
+# norm, then follow the CPU's vector width (never the thread count).
+_REASSOCIATE = {"reassoc", "nsz"}
+
+
+def _jit(fn=None, **flags):
+    options = dict(nogil=True, cache=True, **flags)
+    return numba.njit(**options)(fn) if fn is not None else numba.njit(**options)
+
+
+@_jit
+def draw(key, pos):
+    """The draw at flat position `pos` of stream `key` (uint64): splitmix64's output for the
+    state `key + (pos + 1)·golden`, cut to 53 bits (an int64 in [0, 2^53))."""
+    z = key + np.uint64(pos + 1) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return np.int64((z ^ (z >> np.uint64(31))) >> np.uint64(11))
+
+
+@_jit
+def threshold(p):
+    """Keep where `draw < threshold(p)`, i.e. `draw / 2^53 < p`: probability p, exactly."""
+    return np.int64(np.ceil(np.float64(p) * _UNIT))
+
+
+@_jit
+def _kept(base, tuned, p_each, start, floats, ints, j, factor, row, total):
+    """row[:n] = factor · model j's kept delta over one block (base, tuned, p_each: views of
+    n elements from flat position `start`; with INVERSE_P, each survivor of the draw is
+    divided by its p), and total[:n] += row[:n].
+
+    Dropped elements are multiplied by 0 rather than selected away, a cut's ties are handled
+    by splitting the block where its last kept tie falls, and loops index views from 0, so
+    that every loop is branch-free and vectorizes (a NaN or infinite delta stays NaN, as it
+    would in a sum)."""
+    dt = row.dtype.type
+    n = base.size
+    cut, outlier = floats[j, CUT], floats[j, OUTLIER]
+    if cut == -np.inf:
+        for i in range(n):
+            row[i] = tuned[i] - base[i]
+    else:
+        split = _tie_split(ints[j, CUT_TIE], start, n)
+        _delta_cut(row[:split], tuned[:split], base[:split], cut, True)
+        _delta_cut(row[split:n], tuned[split:], base[split:], cut, False)
+    if outlier != np.inf:
+        split = _tie_split(ints[j, OUTLIER_TIE], start, n)
+        _drop_outliers(row[:split], outlier, True)
+        _drop_outliers(row[split:n], outlier, False)
+    kind = ints[j, DRAW]
+    if kind == DRAW_NONE:
+        for i in range(n):
+            x = row[i] * factor
+            row[i] = x
+            total[i] += x
+    elif kind == DRAW_ONE:
+        key, limit = np.uint64(ints[j, KEY]), threshold(floats[j, P])
+        if ints[j, INVERSE_P]:
+            factor = factor / floats[j, P]
+        for i in range(n):
+            x = row[i] * (factor * dt(draw(key, start + i) < limit))
+            row[i] = x
+            total[i] += x
+    else:
+        key, inverse = np.uint64(ints[j, KEY]), ints[j, INVERSE_P] != 0
+        for i in range(n):
+            p = p_each[i]
+            x = row[i] * ((factor / p if inverse else factor) * dt(draw(key, start + i) < threshold(p)))
+            row[i] = x
+            total[i] += x
+
+
+@_jit
+def _tie_split(last_tie, start, n):
+    """How many of the n elements from flat position `start` lie at or before `last_tie`."""
+    return min(max(last_tie - start + 1, 0), n)
+
+
+@_jit
+def _delta_cut(row, tuned, base, cut, ties_kept):
+    """row = (tuned − base) where |·| > cut (or >= cut if `ties_kept`), else 0."""
+    dt = row.dtype.type
+    if ties_kept:
+        for i in range(row.size):
+            d = tuned[i] - base[i]
+            row[i] = d * dt(abs(d) >= cut)
+    else:
+        for i in range(row.size):
+            d = tuned[i] - base[i]
+            row[i] = d * dt(abs(d) > cut)
+
+
+@_jit
+def _drop_outliers(row, outlier, ties_dropped):
+    """Zero row where |row| > outlier (or >= outlier if `ties_dropped`)."""
+    dt = row.dtype.type
+    if ties_dropped:
+        for i in range(row.size):
+            row[i] *= dt(abs(row[i]) < outlier)
+    else:
+        for i in range(row.size):
+            row[i] *= dt(abs(row[i]) <= outlier)
+
+
+@_jit
+def mix(base, tuned, p_each, offset, floats, ints, consensus, normalize, plain_divisor, lambda_, out):
+    """out = base + λ · mix_j(WEIGHT_j · SCALE_j · kept δ_j), over flat arrays that start at
+    flat position `offset` of their tensors.
+
+    With `consensus` (TIES): the sign of the summed weighted deltas is elected (0 → +), only
+    values of that sign are added, and with `normalize` the sum is divided by the weights of
+    the models that agree (0 → 1). Without it: the plain sum, divided by `plain_divisor` when
+    `normalize`.
+    """
+    m, total_n = len(tuned), base.size
+    dt = base.dtype.type
+    zero, one = dt(0), dt(1)
+    rows = np.empty((m, BLOCK), base.dtype)
+    total = np.empty(BLOCK, base.dtype)
+    mixed = np.empty(BLOCK, base.dtype)
+    agreeing = np.empty(BLOCK, base.dtype)
+    lam = dt(lambda_)
+    scale = one / dt(plain_divisor) if normalize and not consensus else one
+    for s in range(0, total_n, BLOCK):
+        e = min(s + BLOCK, total_n)
+        n = e - s
+        b, o = base[s:e], out[s:e]
+        total[:n] = zero
+        for j in range(m):
+            factor = floats[j, SCALE] * floats[j, WEIGHT]
+            _kept(b, tuned[j][s:e], p_each[j][s:e], offset + s, floats, ints, j, factor, rows[j], total)
+        if consensus:
+            mixed[:n] = zero
+            agreeing[:n] = zero
+            for j in range(m):
+                row, w = rows[j], floats[j, WEIGHT]
+                for i in range(n):
+                    x, t = row[i], total[i]
+                    agree = dt(((x > zero) & (t >= zero)) | ((x < zero) & (t < zero)))
+                    mixed[i] += x * agree
+                    agreeing[i] += w * agree
+            if normalize:
+                for i in range(n):
+                    d = agreeing[i]
+                    mixed[i] /= one if d == zero else d
+            for i in range(n):
+                o[i] = b[i] + lam * mixed[i]
+        else:
+            for i in range(n):
+                o[i] = b[i] + lam * (total[i] * scale)
+
+
+@_jit
+def l1_norms(base, tuned, p_each, offset, floats, ints, j):
+    """(‖δ‖₁, ‖kept δ‖₁) of model j, summed in float64."""
+    row = np.empty(BLOCK, base.dtype)
+    scratch = np.zeros(BLOCK, base.dtype)
+    before = 0.0
+    after = 0.0
+    total_n = base.size
+    one = base.dtype.type(1)
+    for s in range(0, total_n, BLOCK):
+        e = min(s + BLOCK, total_n)
+        _kept(base[s:e], tuned[s:e], p_each[s:e], offset + s, floats, ints, j, one, row, scratch)
+        before += _l1_delta(base[s:e], tuned[s:e])
+        after += _l1(row[: e - s])
+    return before, after
+
+
+@_jit(fastmath=_REASSOCIATE)
+def _l1_delta(base, tuned):
+    total = 0.0
+    for i in range(base.size):
+        total += abs(np.float64(tuned[i] - base[i]))
+    return total
+
+
+@_jit(fastmath=_REASSOCIATE)
+def _l1(row):
+    total = 0.0
+    for i in range(row.size):
+        total += abs(np.float64(row[i]))
+    return total
+
+
+@_jit
+def collect(base, tuned, offset, lo, hi, values, positions):
+    """Count |δ| > hi, and collect the |δ| in [lo, hi] with their flat positions (offset + i),
+    in order, into the buffers (size c + 1 holds c: the last slot is scratch). Returns
+    (count above, count in [lo, hi]); a count in [lo, hi] above c means they overflowed."""
+    above = 0
+    found = 0
+    last = values.size - 1
+    for i in range(base.size):
+        a = abs(tuned[i] - base[i])
+        above += a > hi
+        # branch-free compaction: always write, advance only on a hit (a branch here cost 5x)
+        k = min(found, last)
+        values[k] = a
+        positions[k] = offset + i
+        found += (a >= lo) & (a <= hi)
+    return above, found
+
+
+@_jit
+def count_at(base, tuned, value):
+    """(count of |δ| > value, count of |δ| == value)."""
+    above = 0
+    equal = 0
+    for i in range(base.size):
+        a = abs(tuned[i] - base[i])
+        above += a > value
+        equal += a == value
+    return above, equal
+
+
+@_jit
+def nth_at(base, tuned, value, nth):
+    """The index of the `nth` (1-based) element with |δ| == value, or -1."""
+    seen = 0
+    for i in range(base.size):
+        if abs(tuned[i] - base[i]) == value:
+            seen += 1
+            if seen == nth:
+                return i
+    return -1
