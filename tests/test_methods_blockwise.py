@@ -1,5 +1,5 @@
 """The fused path on tensors large enough to take it (several kernel blocks, the sampled
-threshold bracket, several parallel chunks), against whole-tensor computations."""
+threshold bracket, several parallel parts), against whole-tensor computations."""
 
 from __future__ import annotations
 
@@ -13,15 +13,22 @@ from neuroloc_cli.ops.sparsify import top_k_mask
 from tests.test_methods_reference import ref_breadcrumbs_ties, ref_ties
 
 SHAPE = (300, 700)  # 210,000 elements: 206 kernel blocks, above the exact-selection size
-SMALL_CHUNK = 1 << 14  # 13 parallel chunks of SHAPE, the last one short
 
 
-@pytest.fixture(params=["one chunk", "13 chunks"])
-def chunks(request, monkeypatch):
-    """Run each test on one parallel chunk, and on many (regions, offsets, per-chunk counts)."""
-    if request.param == "13 chunks":
-        monkeypatch.setattr(bw, "_CHUNK", SMALL_CHUNK)
-    return request.param
+def _split(monkeypatch, threads):
+    """Share tensors out to `threads` parts, however small (torch's thread count is the knob)."""
+    monkeypatch.setattr(bw, "_MIN_PART", 1)
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return default
+
+
+@pytest.fixture(params=[1, 7], ids=["one part", "7 parts"])
+def parts(request, monkeypatch):
+    """Run each test in one part, and in several (buffers, offsets, per-part counts)."""
+    default = _split(monkeypatch, request.param)
+    yield request.param
+    torch.set_num_threads(default)
 
 
 def _apply(cut, base, tuned):
@@ -43,7 +50,7 @@ def _deltas(kind):
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "skewed"])
 @pytest.mark.parametrize("density", [0.005, 0.3, 0.5, 0.97])
-def test_cut_keeps_exactly_the_top_k_with_position_ties(kind, density, chunks):
+def test_cut_keeps_exactly_the_top_k_with_position_ties(kind, density, parts):
     base, tuned = _deltas(kind)
     k = int(density * base.numel())
     got = _apply(magnitude_cut(base.reshape(-1), tuned.reshape(-1), k), base, tuned)
@@ -83,9 +90,9 @@ def test_breadcrumbs_ties_large_tensor_matches_reference():
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
 
 
-# (0, 100) puts every element in the bracket: the chunks' candidate regions overflow
+# (0, 100) puts every element in the bracket: the parts' candidate buffers overflow
 @pytest.mark.parametrize("bracket", [(0.0, 0.0), (5.0, 6.0), (0.0, 1e-9), (0.0, 100.0)])
-def test_a_missed_bracket_falls_back_to_the_exact_threshold(monkeypatch, bracket, chunks):
+def test_a_missed_bracket_falls_back_to_the_exact_threshold(monkeypatch, bracket, parts):
     monkeypatch.setattr(bw, "_bracket", lambda base, tuned, k: bracket)
     base, tuned = _deltas("bf16")
     k = base.numel() // 3
@@ -94,7 +101,7 @@ def test_a_missed_bracket_falls_back_to_the_exact_threshold(monkeypatch, bracket
 
 
 @pytest.mark.parametrize("share_zero", [1.0, 0.9])
-def test_mostly_unchanged_tensor(share_zero, chunks):
+def test_mostly_unchanged_tensor(share_zero, parts):
     # frozen tensors (all-zero deltas) and nearly frozen ones put one magnitude in the bracket
     base, tuned = _deltas("fp32")
     tuned = torch.where(torch.arange(base.numel()).reshape(SHAPE) < share_zero * base.numel(), base, tuned)
@@ -105,10 +112,9 @@ def test_mostly_unchanged_tensor(share_zero, chunks):
 
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_bytes_do_not_depend_on_threads_or_chunks(monkeypatch, name, rescale):
-    # draws are a function of (seed, model, position) and cuts are exact, so how the work is
-    # split never changes a bit; the float64 L1 sums of `rescale` are added chunk by chunk,
-    # so they are compared at one chunk size, across thread counts
+def test_bytes_do_not_depend_on_the_thread_count(monkeypatch, name, rescale):
+    # draws are a function of (seed, model, position), cuts are exact, and L1 norms are sums
+    # of per-block sums in a fixed order: how the work is shared out never changes a bit
     base, t1 = _deltas("bf16")
     t2 = base + 0.8 * (t1 - base).flip(0)
     m = METHODS.get(name)
@@ -119,16 +125,12 @@ def test_bytes_do_not_depend_on_threads_or_chunks(monkeypatch, name, rescale):
         torch.set_num_threads(threads)
         return m(base, [t1, t2], whole, pm, *([torch.Generator().manual_seed(5)] if m.random else []))
 
-    default = torch.get_num_threads()
+    default = _split(monkeypatch, 1)
     try:
-        one_chunk = run(2)
-        monkeypatch.setattr(bw, "_CHUNK", SMALL_CHUNK)
-        two, one = run(2), run(1)
+        results = [run(threads) for threads in (1, 2, 3, 7)]
     finally:
         torch.set_num_threads(default)
-    assert torch.equal(two, one)
-    if not rescale:
-        assert torch.equal(one_chunk, two)
+    assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -146,3 +148,14 @@ def test_other_compute_dtypes(dtype):
         assert torch.allclose(got, want, atol=1e-12, rtol=1e-12)
     else:  # the float32 results agree to ~1e-7, far inside a bf16 rounding step
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (1, 5000), (7, 1)])
+def test_magnitude_ranks_are_a_stable_sort_of_each_row(shape, parts):
+    # bf16 values: many equal magnitudes, ranked by position; a NaN ranks above everything
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(shape, generator=g).bfloat16().float()
+    rows.view(-1)[len(rows.view(-1)) // 2] = float("nan")
+    order = rows.abs().argsort(dim=1, stable=True)
+    want = torch.empty_like(order).scatter_(1, order, torch.arange(shape[1]).expand(shape).contiguous())
+    assert torch.equal(bw.magnitude_ranks(rows), want.float())

@@ -196,9 +196,10 @@ def test_one_element_tensor(name):
 def test_della_on_a_1d_norm_weight_ranks_the_whole_vector():
     norm = torch.linspace(-1, 1, 11)  # magnitudes 1, .8, ... 0 ... 1
     probs = della_keep_probabilities(norm, 0.5, 0.2)
-    # one row of 11: the zero in the middle is smallest (0.3), the ends largest (ties broken by
-    # the sort, so one end gets rank 9 and the other 10)
-    assert probs[5] == pytest.approx(0.3) and max(probs[0], probs[10]) == pytest.approx(0.7)
+    # one row of 11: the zero in the middle is smallest (0.3), the ends largest; equal
+    # magnitudes rank by position, so the first end gets rank 9 and the last rank 10
+    assert probs[5] == pytest.approx(0.3)
+    assert probs[0] == pytest.approx(0.3 + 0.4 * 9 / 10) and probs[10] == pytest.approx(0.7)
     assert probs.mean() == pytest.approx(0.5)
 
 

@@ -33,7 +33,7 @@ import torch
 _SAMPLE = 1 << 14  # magnitudes sampled to bracket the threshold
 _EXACT_BELOW = 1 << 17  # smaller tensors: one exact kthvalue is cheaper than bracketing
 _ALL_TIES = 2**62  # a last tie past every position: every equal magnitude is kept
-_CHUNK = 1 << 20  # elements per parallel task: fixed, so that no result depends on the thread count
+_MIN_PART = 1 << 16  # elements: a smaller part of a tensor is not worth a thread
 
 T = TypeVar("T")
 
@@ -51,14 +51,21 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).numpy()
 
 
-def _chunked(n: int, fn: Callable[[int, int], T]) -> list[T]:
-    """`fn(start, stop)` over consecutive `_CHUNK`-sized spans of `range(n)`, on as many threads
-    as PyTorch uses (the kernels release the GIL); results in span order."""
-    spans = [(a, min(n, a + _CHUNK)) for a in range(0, n, _CHUNK)]
-    threads = min(torch.get_num_threads(), len(spans))
-    if threads <= 1:
-        return [fn(a, b) for a, b in spans]
-    return list(_pool(threads).map(lambda span: fn(*span), spans))
+def _parts(n: int, fn: Callable[[int, int], T], unit: int | None = None) -> list[T]:
+    """`fn(start, stop)` over consecutive parts of `range(n)`, one per thread PyTorch uses (the
+    kernels release the GIL), each a whole number of `unit`s (default: kernel blocks) and at
+    least `_MIN_PART` elements; results in part order.
+
+    The parts follow the thread count, so every caller combines them into results that do not:
+    counts, candidates in position order, per-block sums.
+    """
+    unit = unit or _kernels().BLOCK
+    parts = max(1, min(torch.get_num_threads(), n // _MIN_PART))
+    step = -(-(-(-n // parts)) // unit) * unit  # ceil(n / parts), rounded up to whole units
+    spans = [(a, min(n, a + step)) for a in range(0, n, step)]
+    if len(spans) == 1:
+        return [fn(0, n)]
+    return list(_pool(len(spans)).map(lambda span: fn(*span), spans))
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,43 +112,41 @@ def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
     lo, hi = _bracket(b, t, k)
     if lo == hi:  # one magnitude fills the bracket (e.g. an unchanged tensor: all zeros)
         return _flat_cut(b, t, k, hi) or _exact_cut(b, t, k)
-    # each chunk collects into its own region of the buffers: an eighth of its size (the
-    # bracket holds ~4% of the elements), + 1024, + the kernel's scratch slot
-    collect, scalar, region = _kernels().collect, b.dtype.type, _CHUNK // 8 + 1025
-    values = np.empty(len(range(0, n, _CHUNK)) * region, b.dtype)
-    positions = np.empty(values.size, np.int64)
+    collect, scalar = _kernels().collect, b.dtype.type
 
-    def one_chunk(start: int, stop: int) -> tuple[int, int]:
-        mine = slice(start // _CHUNK * region, (start // _CHUNK + 1) * region)
-        return collect(b[start:stop], t[start:stop], start, scalar(lo), scalar(hi), values[mine], positions[mine])
+    def one_part(start: int, stop: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        # room for an eighth of the part (the bracket holds ~4% of the elements), + scratch
+        values = np.empty((stop - start) // 8 + 64, b.dtype)
+        positions = np.empty(values.size, np.int64)
+        above, found = collect(b[start:stop], t[start:stop], start, scalar(lo), scalar(hi), values, positions)
+        return above, found, values, positions
 
-    counts = _chunked(n, one_chunk)
-    if any(found >= region for _, found in counts):  # a chunk overflowed its region
+    parts = _parts(n, one_part)
+    if any(found >= values.size for _, found, values, _ in parts):  # a part's buffers overflowed
         return _exact_cut(b, t, k)
-    keep = np.concatenate([np.arange(c * region, c * region + found) for c, (_, found) in enumerate(counts)])
-    above = sum(a for a, _ in counts)
+    above = sum(a for a, _, _, _ in parts)
     need = k - above  # how many of the candidates are kept
-    if not 0 < need <= keep.size:
+    if not 0 < need <= sum(found for _, found, _, _ in parts):
         return _exact_cut(b, t, k)
-    return _select(values[keep], need, above, positions[keep])
+    values = np.concatenate([v[:found] for _, found, v, _ in parts])
+    positions = np.concatenate([p[:found] for _, found, _, p in parts])
+    return _select(values, need, above, positions)
 
 
 def _flat_cut(b: np.ndarray, t: np.ndarray, k: int, value: float) -> Cut | None:
     """The cut when the sample suggests the k-th largest magnitude is exactly `value`: count
-    what is above and equal to it, chunk by chunk, instead of collecting candidates; the last
-    tie kept is then searched for in the one chunk that holds it (None if `value` is not the
+    what is above and equal to it, part by part, instead of collecting candidates; the last
+    tie kept is then searched for in the one part that holds it (None if `value` is not the
     k-th largest)."""
     kernels, v = _kernels(), b.dtype.type(value)
-    counts = _chunked(b.size, lambda start, stop: kernels.count_at(b[start:stop], t[start:stop], v))
-    missing = k - sum(above for above, _ in counts)
-    if not 0 < missing <= sum(equal for _, equal in counts):
+    parts = _parts(b.size, lambda start, stop: (start, stop, *kernels.count_at(b[start:stop], t[start:stop], v)))
+    missing = k - sum(above for _, _, above, _ in parts)
+    if not 0 < missing <= sum(equal for _, _, _, equal in parts):
         return None
-    for start in range(0, b.size, _CHUNK):
-        equal = counts[start // _CHUNK][1]
-        if missing == equal and start + _CHUNK >= b.size:
+    for start, stop, _, equal in parts:
+        if missing == equal and stop == b.size:
             return Cut(value)  # every tie is kept
         if missing <= equal:
-            stop = start + _CHUNK
             return Cut(value, start + int(kernels.nth_at(b[start:stop], t[start:stop], v, missing)))
         missing -= equal
     raise AssertionError("the counts cover every tie")
@@ -230,13 +235,33 @@ def _last(cut: Cut) -> int:
     return _ALL_TIES if cut.last_tie is None else cut.last_tie
 
 
+def magnitude_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """The rank of each |value| within its row of a 2-D float32 tensor (ascending from 0,
+    equal magnitudes by position), as float32: a stable radix sort per row, rows in parallel."""
+    n_rows, m = rows.shape
+    keys = np.abs(_np(rows.contiguous())).view(np.uint32)  # bit patterns order as magnitudes do
+    out = np.empty(keys.size, np.float32)
+    kernel = _kernels().row_ranks
+    _parts(keys.size, lambda start, stop: kernel(keys[start:stop], m, out[start:stop]), unit=m)
+    return torch.from_numpy(out).reshape(n_rows, m)
+
+
 def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float, float]:
     """(‖δ‖₁, ‖keep ⊙ δ‖₁) of flat tensors, summed in float64."""
     b, t = _np(base), _np(tuned)
     floats, ints, (p,) = _kernel_args([keep], [1.0], [1.0], b.dtype)
-    l1 = _kernels().l1_norms
-    sums = _chunked(b.size, lambda start, stop: l1(b[start:stop], t[start:stop], p[start:stop], start, floats, ints, 0))
-    return sum(s for s, _ in sums), sum(s for _, s in sums)
+    kernels = _kernels()
+    # one pair of sums per kernel block, added up here in a fixed order: the total does not
+    # depend on how the blocks were shared out between threads
+    blocks = -(-b.size // kernels.BLOCK)
+    before, after = np.empty(blocks), np.empty(blocks)
+
+    def one_part(start: int, stop: int) -> None:
+        mine = slice(start // kernels.BLOCK, -(-stop // kernels.BLOCK))
+        kernels.l1_norms(b[start:stop], t[start:stop], p[start:stop], start, floats, ints, 0, before[mine], after[mine])
+
+    _parts(b.size, one_part)
+    return float(before.sum()), float(after.sum())
 
 
 def mix(
@@ -265,10 +290,10 @@ def mix(
     models = tuple(_np(t) for t in tuned)
     kernel = _kernels().mix
 
-    def one_chunk(start: int, stop: int) -> None:
+    def one_part(start: int, stop: int) -> None:
         part = slice(start, stop)
         ts, ps = tuple(t[part] for t in models), tuple(p[part] for p in p_each)
         kernel(b[part], ts, ps, start, floats, ints, consensus, normalize, plain_divisor, float(lambda_), out[part])
 
-    _chunked(b.size, one_chunk)
+    _parts(b.size, one_part)
     return torch.from_numpy(out)

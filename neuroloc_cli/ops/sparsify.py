@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from neuroloc_cli.ops.blockwise import magnitude_ranks
+
 RESCALE_EPS = 1e-7  # below this L1 norm a delta counts as zero and is not rescaled (mergekit's)
 
 
@@ -92,8 +94,9 @@ def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune keep probabilities: within each row (a 1-D tensor is one row), the
-    element of rank r (ascending magnitude, 0-based, of m) is kept with probability
-    `density − ε + 2ε · r / (m − 1)`; a row of one element gets `density`.
+    element of rank r (ascending magnitude, 0-based, of m; equal magnitudes by position) is
+    kept with probability `density − ε + 2ε · r / (m − 1)`; a row of one element gets
+    `density`.
 
     Raises:
         ValueError: density ± epsilon leaves (0, 1) (mergekit's rule).
@@ -104,9 +107,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     m = rows.shape[1]
     if m == 1:
         return torch.full(delta.shape, density)
-    order = rows.abs().argsort(dim=1)
-    rank = torch.empty_like(rows)
-    rank.scatter_(1, order, torch.arange(m, dtype=rows.dtype).expand_as(rows).contiguous())
+    rank = magnitude_ranks(rows)
     probs = (density - epsilon) + rank.div_(m - 1).mul_(2 * epsilon)
     return probs.reshape(delta.shape)
 
