@@ -1,6 +1,7 @@
 """Benchmark: ties and dare_ties against a minimal streaming task-arithmetic reference.
 
     python benchmarks/bench_methods.py [--preset 125m] [--runs 3] [--workdir DIR] [--threads N]
+                                       [--methods task_arithmetic,ties,dare_ties]
 
 Builds a synthetic bf16 Llama of the preset (base and two fine-tunes, sharded), then times
 full merges to disk, interleaved round by round (median of `--runs`; wall seconds by
@@ -11,7 +12,8 @@ disturbs less):
   fine-tunes, `base + Σ w·(ft − base)` in fp32, cast to bf16, write size-capped shards with
   `safetensors.torch.save_file`. No checks, no prefetch, no provenance.
 - `ties` and `dare_ties` (density 0.5, weights 0.6 / 0.4), and `task_arithmetic` for scale,
-  through neuroloc's engine (`build_plan` + `run_merge`).
+  through neuroloc's engine (`build_plan` + `run_merge`); `--methods` times others (any
+  method taking `weight` and `density`, e.g. breadcrumbs_ties, della) with the same settings.
 
 Prints one JSON document with the seconds and the ratios merge / reference (target ≤ 2).
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 SHARD_BYTES = 200 * 1024**2
 # neuroloc's own task_arithmetic is timed too: it shows the engine's share of each ratio
-METHODS = ("task_arithmetic", "ties", "dare_ties")
+METHODS = "task_arithmetic,ties,dare_ties"
 
 
 def build_inputs(root: Path, preset: str) -> tuple[Path, Path, Path]:
@@ -121,6 +123,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="keep inputs here between runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 steadies timings on a busy machine)")
+    ap.add_argument("--methods", default=METHODS, help="comma-separated neuroloc methods to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +133,7 @@ def main() -> None:
     out = root / "out"
     results: dict = {"preset": args.preset, "runs": args.runs, "threads": torch.get_num_threads()}
     jobs = {"reference": lambda o: reference_merge(base, [ft1, ft2], [0.6, 0.4], o)}
-    jobs |= {m: (lambda o, m=m: neuroloc_merge(m, base, [ft1, ft2], o)) for m in METHODS}
+    jobs |= {m: (lambda o, m=m: neuroloc_merge(m, base, [ft1, ft2], o)) for m in args.methods.split(",")}
     times = timed_interleaved(jobs, out, args.runs)
     ref = {k: statistics.median(times["reference"][k]) for k in ("wall", "cpu")}
     for name, t in times.items():

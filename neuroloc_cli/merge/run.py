@@ -31,7 +31,7 @@ from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.methods.base import Prepared
 
-# (base in the compute dtype, each model's tensor in the compute dtype, base as stored)
+# (base in the compute dtype, each model's tensor in the compute dtype, base as stored or None)
 _Inputs = tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]
 
 
@@ -132,7 +132,8 @@ def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = Fals
     """Yield each step (or, with `blocks`, each block of rows of a large step) with its
     inputs, reading the next unit on a worker thread meanwhile.
 
-    The inputs are (base, models' tensors) in the compute dtype, and the base as stored.
+    The inputs are (base, models' tensors) in the compute dtype, and the base as stored
+    (masked merges only, else None).
     Use `blocks` only for work that is elementwise or additive over rows.
     """
     units = _units(steps, blocks)
@@ -171,8 +172,8 @@ def _update_config(path: Path, updates: dict) -> None:
 
 
 def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
-    """Read one tensor (or block of rows) of every input, in the compute dtype; and the base
-    as stored."""
+    """Read one tensor (or block of rows) of every input, in the compute dtype; and, for
+    masked merges, the base as stored."""
     if step.origin is not None:  # layer stacking: one tensor of one model, maybe renamed
         index, name = step.origin
         if not step.merge:
@@ -181,8 +182,12 @@ def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
     if not step.merge:
         return plan.reference.checkpoint.read(step.name), [], None
     dtype = plan.compute_dtype
-    raw = plan.base.checkpoint.read(step.name, rows) if plan.base else None
-    base = raw.to(dtype) if raw is not None else None
+    raw = base = None
+    if plan.base and plan.masks is not None:  # masks put the stored base back outside them
+        raw = plan.base.checkpoint.read(step.name, rows)
+        base = raw.to(dtype)
+    elif plan.base:
+        base = plan.base.checkpoint.read(step.name, rows, dtype)
     tensors = []
     for src, present in zip(plan.models, step.present):
         if present:
