@@ -1,6 +1,6 @@
 """Merge methods on 2×3 tensors with values worked out by hand (the reasoning is in comments),
 plus the edge cases the methods document: density 0 and 1, gamma 0, all-zero deltas, a single
-model, one-element tensors and 1-D norm weights."""
+model, one-element and empty tensors and 1-D norm weights."""
 
 from __future__ import annotations
 
@@ -191,6 +191,14 @@ def test_one_element_tensor(name):
     if name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         assert float(out) == 2.0
     assert float(call(name, base, [delta], per_model=[{"weight": 1.0, "density": 1.0}])) == 2.5
+
+
+@pytest.mark.parametrize("name", SPARSE)
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (3, 0)])
+def test_empty_tensor(name, shape):
+    empty = torch.zeros(shape)
+    out = call(name, empty, [empty, empty], {"rescale": True}, [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * 2)
+    assert out.shape == shape
 
 
 def test_della_on_a_1d_norm_weight_ranks_the_whole_vector():

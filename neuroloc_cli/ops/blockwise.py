@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 _SAMPLE = 1 << 14  # magnitudes sampled to bracket the threshold
-_EXACT_BELOW = 1 << 17  # smaller tensors: one exact kthvalue is cheaper than bracketing
+_EXACT_BELOW = 1 << 17  # smaller tensors: one exact selection is cheaper than bracketing
 _ALL_TIES = 2**62  # a last tie past every position: every equal magnitude is kept
 _MIN_PART = 1 << 16  # elements: a smaller part of a tensor is not worth a thread
 
@@ -59,13 +59,17 @@ def _parts(n: int, fn: Callable[[int, int], T], unit: int | None = None) -> list
     The parts follow the thread count, so every caller combines them into results that do not:
     counts, candidates in position order, per-block sums.
     """
-    unit = unit or _kernels().BLOCK
-    parts = max(1, min(torch.get_num_threads(), n // _MIN_PART))
-    step = -(-(-(-n // parts)) // unit) * unit  # ceil(n / parts), rounded up to whole units
-    spans = [(a, min(n, a + step)) for a in range(0, n, step)]
-    if len(spans) == 1:
+    parts = min(torch.get_num_threads(), n // _MIN_PART)
+    if parts <= 1:
         return [fn(0, n)]
+    unit = unit or _kernels().BLOCK
+    step = _ceil_div(_ceil_div(n, parts), unit) * unit
+    spans = [(a, min(n, a + step)) for a in range(0, n, step)]
     return list(_pool(len(spans)).map(lambda span: fn(*span), spans))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=4)
@@ -253,11 +257,11 @@ def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float
     kernels = _kernels()
     # one pair of sums per kernel block, added up here in a fixed order: the total does not
     # depend on how the blocks were shared out between threads
-    blocks = -(-b.size // kernels.BLOCK)
+    blocks = _ceil_div(b.size, kernels.BLOCK)
     before, after = np.empty(blocks), np.empty(blocks)
 
     def one_part(start: int, stop: int) -> None:
-        mine = slice(start // kernels.BLOCK, -(-stop // kernels.BLOCK))
+        mine = slice(start // kernels.BLOCK, _ceil_div(stop, kernels.BLOCK))
         kernels.l1_norms(b[start:stop], t[start:stop], p[start:stop], start, floats, ints, 0, before[mine], after[mine])
 
     _parts(b.size, one_part)

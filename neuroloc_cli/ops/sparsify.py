@@ -13,6 +13,8 @@ density below `1 / n` keeps nothing (mergekit stops with an assertion there; we 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from neuroloc_cli.ops.blockwise import magnitude_ranks
@@ -103,11 +105,10 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     """
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density {density:g}, epsilon {epsilon:g}")
-    rows = delta.float().reshape(1, -1) if delta.dim() < 2 else delta.float().reshape(delta.shape[0], -1)
-    m = rows.shape[1]
-    if m == 1:
+    m = delta.numel() if delta.dim() < 2 else math.prod(delta.shape[1:])  # row length
+    if m <= 1 or delta.numel() == 0:  # one element a row, or none at all
         return torch.full(delta.shape, density)
-    rank = magnitude_ranks(rows)
+    rank = magnitude_ranks(delta.float().reshape(-1, m))
     probs = (density - epsilon) + rank.div_(m - 1).mul_(2 * epsilon)
     return probs.reshape(delta.shape)
 
