@@ -101,6 +101,7 @@ def test_table_shows_models_side_by_side(cli, zoo, monkeypatch):
         (["--limit", "1"], 2, "error: nothing to evaluate (pass --tasks, --ppl or --translate)"),
         (["--translate", "x.jsonl"], 2, "error: --translate needs --src and --tgt language codes"),
         (["--tasks", "neuroloc_mathh=a.jsonl"], 2, "error: --tasks neuroloc_mathh=a.jsonl: only a shipped task takes a data file; unknown task 'neuroloc_mathh'"),
+        (["--tasks", "neuroloc_math="], 2, "error: --tasks neuroloc_math=: no data file after '='"),
         (["--tasks", "neuroloc_math", "--device", "tpu"], 2, "error: --device 'tpu': use cpu, cuda or cuda:N"),
         (["--tasks", "neuroloc_math", "--include-path", "/no/such/dir"], 2, "error: --include-path /no/such/dir: not a folder"),
     ],

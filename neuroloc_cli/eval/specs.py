@@ -73,7 +73,7 @@ def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
     """Parse `--tasks a,b,SHAPE=FILE.jsonl` and the `--ppl FILE.jsonl[:LANG]` options.
 
     Raises:
-        UsageError: an unknown shape before '=', or two tasks with one name.
+        UsageError: an unknown shape before '=', nothing after it, or two tasks with one name.
         InputError: a data file is missing or a record lacks a key its shape needs.
     """
     local: list[LocalTask] = []
@@ -85,6 +85,8 @@ def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
             shape, file = (s.strip() for s in item.split("=", 1))
             if shape not in SHAPES:
                 raise UsageError(f"--tasks {item}: only a shipped task takes a data file; unknown task {shape!r}", hint=f"use one of {', '.join(SHAPES)}")
+            if not file:
+                raise UsageError(f"--tasks {item}: no data file after '='", hint=f"{shape}=FILE.jsonl, or {shape} alone for its sample data")
             data = Path(file)
             local.append(LocalTask(shape, f"{shape}_{_slug(data.stem)}", data.resolve()))
         elif item in SHAPES:
