@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -208,6 +209,33 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one checkpoint's tensors differ from a reference's (names in the reference's order).
+
+    Attributes:
+        reshaped: (name, its shape, the reference's shape) where the shapes differ.
+        missing: reference tensors it lacks.
+        extra: its tensors that the reference lacks.
+    """
+
+    reshaped: list[tuple[str, list[int], list[int]]]
+    missing: list[str]
+    extra: list[str]
+
+
+def compare_tensors(reference: Checkpoint, other: Checkpoint, names: Iterable[str] | None = None) -> TensorDiff:
+    """Compare `other`'s tensor names and shapes with `reference`'s (only `names`, if given:
+    then nothing counts as extra)."""
+    ref, theirs = reference.tensors, other.tensors
+    wanted = list(ref if names is None else names)
+    return TensorDiff(
+        reshaped=[(n, list(theirs[n].shape), list(ref[n].shape)) for n in wanted if n in theirs and theirs[n].shape != ref[n].shape],
+        missing=[n for n in wanted if n not in theirs],
+        extra=[] if names is not None else [n for n in theirs if n not in ref],
+    )
 
 
 def _weight_map(path: Path) -> dict[str, str] | None:

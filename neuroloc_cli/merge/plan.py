@@ -14,7 +14,7 @@ import torch
 
 from neuroloc_cli.arch import layer_position
 from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
-from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
+from neuroloc_cli.io.checkpoint import Checkpoint, compare_tensors, resolve_model_path
 from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
@@ -218,19 +218,14 @@ def _open(role: str, spec: str, base_dir: Path) -> Source:
 def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> list[str]:
     """Missing, extra and mismatched tensors of each model against the reference."""
     problems: list[str] = []
-    ref = reference.checkpoint.tensors
     for src in models:
         if src is reference:
             continue
-        theirs = src.checkpoint.tensors
-        issues = [
-            f"tensor {n} has shape {list(theirs[n].shape)}, {reference.role} has {list(ref[n].shape)}"
-            for n in ref
-            if n in theirs and theirs[n].shape != ref[n].shape
-        ]
+        diff = compare_tensors(reference.checkpoint, src.checkpoint)
+        issues = [f"tensor {n} has shape {theirs}, {reference.role} has {ours}" for n, theirs, ours in diff.reshaped]
         if on_missing == "error":
-            issues += [f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in ref if n not in theirs]
-        issues += [f"tensor {n} is not in {reference.role} (it would be dropped)" for n in theirs if n not in ref]
+            issues += [f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in diff.missing]
+        issues += [f"tensor {n} is not in {reference.role} (it would be dropped)" for n in diff.extra]
         for text in issues[:_MAX_LISTED]:
             problems.append(f"{src.role} ({src.checkpoint.path}): {text}")
         if len(issues) > _MAX_LISTED:

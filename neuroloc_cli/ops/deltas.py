@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.io.checkpoint import Checkpoint, compare_tensors
 
 
 class DeltaReader:
@@ -44,9 +44,9 @@ def check_same_tensors(names: Iterable[str], reference: Checkpoint, others: Sequ
     """
     names = list(names)
     for ckpt in others:
-        for n in names:
-            info = ckpt.tensors.get(n)
-            if info is None:
-                raise InputError(f"{ckpt.path}: tensor {n} is missing (present in {reference.path})")
-            if info.shape != reference.tensors[n].shape:
-                raise InputError(f"{ckpt.path}: tensor {n} has shape {list(info.shape)}, {reference.path} has {list(reference.tensors[n].shape)}")
+        diff = compare_tensors(reference, ckpt, names)
+        if diff.missing:
+            raise InputError(f"{ckpt.path}: tensor {diff.missing[0]} is missing (present in {reference.path})")
+        if diff.reshaped:
+            name, theirs, ours = diff.reshaped[0]
+            raise InputError(f"{ckpt.path}: tensor {name} has shape {theirs}, {reference.path} has {ours}")
