@@ -159,3 +159,51 @@ def test_magnitude_ranks_are_a_stable_sort_of_each_row(shape, parts):
     order = rows.abs().argsort(dim=1, stable=True)
     want = torch.empty_like(order).scatter_(1, order, torch.arange(shape[1]).expand(shape).contiguous())
     assert torch.equal(bw.magnitude_ranks(rows), want.float())
+
+
+@pytest.mark.parametrize("n, k", [(32, 16), (210_000, 1), (210_000, 10_000)])
+def test_a_nan_delta_is_never_selected_and_stays_nan(n, k, parts):
+    # small tensors and small k take the whole-tensor selection, the others the bracket: a
+    # NaN must mean the same on both paths (not selected, not counted) and never crash
+    base = torch.zeros(n)
+    tuned = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    tuned[3] = float("nan")
+    cut = magnitude_cut(base, tuned, k)
+    kept = cut.mask((tuned - base).abs())
+    assert int(kept.sum()) == k and not kept[3]
+    assert torch.equal(kept, top_k_mask(torch.nan_to_num((tuned - base).abs(), nan=-1.0), k))
+    out = METHODS.get("ties")(base, [tuned], {"normalize": True, "rescale": False, "lambda": 1.0}, [{"weight": 1.0, "density": k / n}])
+    assert torch.isnan(out[3]) and int(torch.isnan(out).sum()) == 1
+
+
+def test_infinite_outliers_are_dropped():
+    # breadcrumbs' outlier cut lands on +inf when the largest deltas are infinite: they are
+    # dropped like any outlier (× 0, so NaN), not mistaken for "no outlier cut"
+    base = torch.zeros(8)
+    tuned = torch.tensor([1.0, float("inf"), 2.0, 3.0, float("inf"), 5.0, float("inf"), 7.0])
+    outliers = magnitude_cut(base, tuned, 2)
+    keep = bw.Keep(cut=bw.KEEP_ALL, outliers=outliers)
+    out = bw.mix(base, [tuned], [keep], [1.0], [1.0], consensus=False, normalize=False, lambda_=1.0)
+    dropped = outliers.mask(tuned.abs())
+    assert dropped.tolist() == [False, True, False, False, True, False, False, False]
+    assert torch.isnan(out[dropped]).all() and torch.equal(out[~dropped], tuned[~dropped])
+
+
+def test_tensors_of_other_sizes_are_refused():
+    # the compiled loops do not check bounds: a short tensor must not be read past its end
+    base, short = torch.zeros(32), torch.ones(28)
+    pm = [{"weight": 1.0, "density": 0.5}]
+    with pytest.raises(ValueError, match="28 elements where 32 are expected"):
+        METHODS.get("ties")(base, [short], {"normalize": True, "rescale": False, "lambda": 1.0}, pm)
+    with pytest.raises(ValueError, match="28 elements where 32 are expected"):
+        bw.mix(base, [base], [bw.Keep(p=torch.full((28,), 0.5))], [1.0], [1.0], consensus=False, normalize=False, lambda_=1.0)
+
+
+def test_strided_tensors_are_read_correctly():
+    base, t1 = _deltas("fp32")
+    strided = t1.t().contiguous().t()  # same values, column-major
+    pm = [{"weight": 1.0, "density": 0.3}]
+    whole = {"normalize": True, "rescale": False, "lambda": 1.0}
+    assert torch.equal(METHODS.get("ties")(base, [strided], whole, pm), METHODS.get("ties")(base, [t1], whole, pm))
+    flat = base.reshape(-1)
+    assert torch.equal(bw.mix(flat[::2], [t1.reshape(-1)[::2]], [bw.Keep()], [1.0], [1.0], consensus=False, normalize=False, lambda_=1.0), t1.reshape(-1)[::2])

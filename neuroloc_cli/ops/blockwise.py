@@ -47,8 +47,15 @@ def _kernels():
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    """A flat NumPy view of a contiguous CPU tensor (no copy)."""
-    return t.reshape(-1).numpy()
+    """A flat NumPy view of a CPU tensor (a copy only if it is not contiguous)."""
+    return t.reshape(-1).contiguous().numpy()
+
+
+def _check_sizes(base: torch.Tensor, *others: torch.Tensor) -> None:
+    """The compiled loops do not check bounds: refuse tensors of other sizes up front."""
+    for t in others:
+        if t.numel() != base.numel():
+            raise ValueError(f"tensor of {t.numel()} elements where {base.numel()} are expected")
 
 
 def _parts(n: int, fn: Callable[[int, int], T], unit: int | None = None) -> list[T]:
@@ -106,6 +113,7 @@ def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
     whole tensor instead: the result is the same, only slower.
     """
     n = base.numel()
+    _check_sizes(base, tuned)
     if k >= n:
         return KEEP_ALL
     if k <= 0:
@@ -176,7 +184,11 @@ def _sample_positions(n: int) -> np.ndarray:
 
 
 def _exact_cut(b: np.ndarray, t: np.ndarray, k: int) -> Cut:
-    return _select(np.abs(t - b), k, 0, None)
+    magnitudes = np.abs(t - b)
+    # a NaN delta is never selected (as in the bracketed pass, where it compares false) and
+    # does not count towards k; the merged value there is NaN whatever the mask says
+    magnitudes[np.isnan(magnitudes)] = -1
+    return _select(magnitudes, k, 0, None)
 
 
 def _select(magnitudes: np.ndarray, need: int, above: int, positions: np.ndarray | None) -> Cut:
@@ -252,6 +264,7 @@ def magnitude_ranks(rows: torch.Tensor) -> torch.Tensor:
 
 def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float, float]:
     """(‖δ‖₁, ‖keep ⊙ δ‖₁) of flat tensors, summed in float64."""
+    _check_sizes(base, tuned, *([keep.p] if isinstance(keep.p, torch.Tensor) else []))
     b, t = _np(base), _np(tuned)
     floats, ints, (p,) = _kernel_args([keep], [1.0], [1.0], b.dtype)
     kernels = _kernels()
@@ -286,6 +299,7 @@ def mix(
         keeps: per model, what survives.
         scales: per model, a factor on the survivors (mergekit's L1 rescale; 1 for none).
     """
+    _check_sizes(base, *tuned, *(keep.p for keep in keeps if isinstance(keep.p, torch.Tensor)))
     b = _np(base)
     out = np.empty_like(b)
     floats, ints, p_each = _kernel_args(keeps, scales, weights, b.dtype)
