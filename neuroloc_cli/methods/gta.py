@@ -87,7 +87,8 @@ def sparse_task_arithmetic(
         elif rescale and paper_rescale and keep.p is not None:
             keep = dataclasses.replace(keep, inverse_p=True)
         elif rescale:
-            scale = l1_rescale_factor(*l1_norms(flat_base, t, keep))
+            before, after, keep = l1_norms(flat_base, t, keep)  # keep now holds its draws
+            scale = l1_rescale_factor(before, after)
         keeps.append(keep)
         scales.append(scale)
     out = mix(flat_base, flat, keeps, scales, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)

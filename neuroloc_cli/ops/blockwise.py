@@ -4,7 +4,8 @@ Each model's mask is described, not stored (`Keep`), and `mix` runs the fused lo
 `neuroloc_cli.ops.kernels` over the flat tensors, block by block: one pass reads every
 input once. The only whole-tensor work before it is a magnitude threshold per model (found
 from a sample, then refined exactly on the few candidates near it) and, for mergekit's
-rescale, two L1 norms per model.
+rescale, two L1 norms per model (that pass stores a random mask's draws, a byte each, for
+the mix to read back).
 
 The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (keep_i ⊙ δ_i)`):
 
@@ -20,11 +21,12 @@ brings half-precision inputs to float32).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -34,6 +36,7 @@ _SAMPLE = 1 << 14  # magnitudes sampled to bracket the threshold
 _EXACT_BELOW = 1 << 17  # smaller tensors: one exact selection is cheaper than bracketing
 _ALL_TIES = 2**62  # a last tie past every position: every equal magnitude is kept
 _MIN_PART = 1 << 16  # elements: a smaller part of a tensor is not worth a thread
+_NO_DRAWS = np.empty(0, np.uint8)
 
 T = TypeVar("T")
 
@@ -216,6 +219,8 @@ class Keep:
         p: keep each element with this probability (a number, or a flat tensor, one per
             element), drawn from the stream `key` (see `neuroloc_cli.ops.kernels`).
         inverse_p: divide each survivor by its probability (the DARE and DELLA papers).
+        drawn: the draws already made (1 kept, 0 dropped; see `l1_norms`), read instead of
+            drawing again.
     """
 
     cut: Cut | None = None
@@ -223,28 +228,33 @@ class Keep:
     p: float | torch.Tensor | None = None
     key: int = 0
     inverse_p: bool = False
+    drawn: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def _kernel_args(keeps: Sequence[Keep], scales: Sequence[float], weights: Sequence[float], dtype: np.dtype):
-    """The masks as the kernels' per-model rows (`floats`, `ints`) and per-element probabilities."""
+def _kernel_args(keeps: Sequence[Keep], scales: Sequence[float], weights: Sequence[float], dtype: np.dtype, store: bool = False):
+    """The masks as the kernels' per-model rows (`floats`, `ints`), per-element probabilities
+    and stored draws (with `store`, `Keep.drawn` is where to write the draws, not read them)."""
     k = _kernels()
     floats = np.zeros((len(keeps), 5), dtype)
     ints = np.zeros((len(keeps), 5), np.int64)
-    p_each = []
+    p_each, drawn = [], []
     for j, (keep, scale, weight) in enumerate(zip(keeps, scales, weights)):
         floats[j, k.SCALE], floats[j, k.WEIGHT] = scale, weight
         cut, outliers = keep.cut or KEEP_ALL, keep.outliers or KEEP_NONE
         floats[j, k.CUT], ints[j, k.CUT_TIE] = cut.value, _last(cut)
         floats[j, k.OUTLIER], ints[j, k.OUTLIER_TIE] = outliers.value, _last(outliers)
         each = np.empty(0, dtype)
-        if isinstance(keep.p, torch.Tensor):
+        if keep.drawn is not None and not store:
+            ints[j, k.DRAW] = k.DRAW_STORED
+        elif isinstance(keep.p, torch.Tensor):
             ints[j, k.DRAW] = k.DRAW_EACH
             each = np.ascontiguousarray(_np(keep.p), dtype)
         elif keep.p is not None:
             ints[j, k.DRAW], floats[j, k.P] = k.DRAW_ONE, keep.p
         ints[j, k.KEY], ints[j, k.INVERSE_P] = keep.key, keep.inverse_p
         p_each.append(each)
-    return floats, ints, tuple(p_each)
+        drawn.append(keep.drawn if keep.drawn is not None else _NO_DRAWS)
+    return floats, ints, tuple(p_each), tuple(drawn)
 
 
 def _last(cut: Cut) -> int:
@@ -262,11 +272,15 @@ def magnitude_ranks(rows: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).reshape(n_rows, m)
 
 
-def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float, float]:
-    """(‖δ‖₁, ‖keep ⊙ δ‖₁) of flat tensors, summed in float64."""
+def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float, float, Keep]:
+    """(‖δ‖₁, ‖keep ⊙ δ‖₁) of flat tensors, summed in float64, and `keep` with its draws
+    stored (1 byte an element), so that `mix` reads them instead of drawing again."""
     _check_sizes(base, tuned, *([keep.p] if isinstance(keep.p, torch.Tensor) else []))
     b, t = _np(base), _np(tuned)
-    floats, ints, (p,) = _kernel_args([keep], [1.0], [1.0], b.dtype)
+    store = keep.p is not None and keep.drawn is None
+    if store:
+        keep = dataclasses.replace(keep, drawn=np.empty(b.size, np.uint8))
+    floats, ints, (p,), (drawn,) = _kernel_args([keep], [1.0], [1.0], b.dtype, store=store)
     kernels = _kernels()
     # one pair of sums per kernel block, added up here in a fixed order: the total does not
     # depend on how the blocks were shared out between threads
@@ -275,10 +289,11 @@ def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float
 
     def one_part(start: int, stop: int) -> None:
         mine = slice(start // kernels.BLOCK, _ceil_div(stop, kernels.BLOCK))
-        kernels.l1_norms(b[start:stop], t[start:stop], p[start:stop], start, floats, ints, 0, before[mine], after[mine])
+        part = slice(start, stop)
+        kernels.l1_norms(b[part], t[part], p[part], drawn[part], start, floats, ints, 0, before[mine], after[mine])
 
     _parts(b.size, one_part)
-    return float(before.sum()), float(after.sum())
+    return float(before.sum()), float(after.sum()), keep
 
 
 def mix(
@@ -300,9 +315,10 @@ def mix(
         scales: per model, a factor on the survivors (mergekit's L1 rescale; 1 for none).
     """
     _check_sizes(base, *tuned, *(keep.p for keep in keeps if isinstance(keep.p, torch.Tensor)))
+    _check_sizes(base, *(torch.from_numpy(keep.drawn) for keep in keeps if keep.drawn is not None))
     b = _np(base)
     out = np.empty_like(b)
-    floats, ints, p_each = _kernel_args(keeps, scales, weights, b.dtype)
+    floats, ints, p_each, drawn = _kernel_args(keeps, scales, weights, b.dtype)
     total_weight = float(sum(weights))
     plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
     models = tuple(_np(t) for t in tuned)
@@ -310,8 +326,8 @@ def mix(
 
     def one_part(start: int, stop: int) -> None:
         part = slice(start, stop)
-        ts, ps = tuple(t[part] for t in models), tuple(p[part] for p in p_each)
-        kernel(b[part], ts, ps, start, floats, ints, consensus, normalize, plain_divisor, float(lambda_), out[part])
+        ts, ps, ds = (tuple(x[part] for x in xs) for xs in (models, p_each, drawn))
+        kernel(b[part], ts, ps, ds, start, floats, ints, consensus, normalize, plain_divisor, float(lambda_), out[part])
 
     _parts(b.size, one_part)
     return torch.from_numpy(out)

@@ -16,8 +16,8 @@ dtype) and one row of `ints`:
   `<= OUTLIER_TIE` (inf and −1 drop nothing);
 - a random draw: keep where `u < P` (DRAW_ONE) or `u < p_each[pos]` (DRAW_EACH), `u` uniform on
   the 2^24 steps of [0, 1) from a counter-based generator (`draw`: splitmix64 of the model's
-  `KEY` and the position), so a draw depends on (seed, model, position) only and a second
-  pass over a tensor sees the same draws without storing them;
+  `KEY` and the position), so a draw depends on (seed, model, position) only; a first pass
+  may store its draws (1 byte each) for a second one to read back (DRAW_STORED);
 - survivors divided by their keep probability (INVERSE_P: the papers' rescale), then
   multiplied by `SCALE · WEIGHT`.
 
@@ -38,7 +38,7 @@ CUT_TIE, OUTLIER_TIE, DRAW, INVERSE_P, KEY = range(5)
 # columns of `floats`
 CUT, OUTLIER, P, SCALE, WEIGHT = range(5)
 # values of `ints[:, DRAW]`
-DRAW_NONE, DRAW_ONE, DRAW_EACH = 0, 1, 2
+DRAW_NONE, DRAW_ONE, DRAW_EACH, DRAW_STORED = 0, 1, 2, 3
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -65,10 +65,13 @@ def draw(key, pos):
 
 
 @_jit
-def _kept(base, tuned, p_each, start, floats, ints, j, factor, row, total):
-    """row[:n] = factor · model j's kept delta over one block (base, tuned, p_each: views of
-    n elements from flat position `start`; with INVERSE_P, each survivor of the draw is
-    divided by its p), and total[:n] += row[:n].
+def _kept(base, tuned, p_each, drawn, start, floats, ints, j, factor, row, total):
+    """row[:n] = factor · model j's kept delta over one block (base, tuned, p_each, drawn:
+    views of n elements from flat position `start`; with INVERSE_P, each survivor of the
+    draw is divided by its p), and total[:n] += row[:n].
+
+    A draw (DRAW_ONE, DRAW_EACH) is written to `drawn` (1 kept, 0 dropped) when that is not
+    empty, and DRAW_STORED reads it back: a second pass then costs no hashing.
 
     Dropped elements are multiplied by 0 rather than selected away, a cut's ties are handled
     by splitting the block where its last kept tie falls, and loops index views from 0, so
@@ -96,19 +99,32 @@ def _kept(base, tuned, p_each, start, floats, ints, j, factor, row, total):
             x = row[i] * factor
             row[i] = x
             total[i] += x
+    elif kind == DRAW_STORED:
+        for i in range(n):
+            x = row[i] * (factor * dt(drawn[i]))
+            row[i] = x
+            total[i] += x
     elif kind == DRAW_ONE:
         key, limit = np.uint64(ints[j, KEY]), floats[j, P] * dt(_UNIT)
         if ints[j, INVERSE_P]:
             factor = factor / floats[j, P]
+        store = drawn.size > 0
         for i in range(n):
-            x = row[i] * (factor * dt(dt(draw(key, start + i)) < limit))
+            keep = dt(draw(key, start + i)) < limit
+            if store:
+                drawn[i] = keep
+            x = row[i] * (factor * dt(keep))
             row[i] = x
             total[i] += x
     else:
         key, inverse, unit = np.uint64(ints[j, KEY]), ints[j, INVERSE_P] != 0, dt(_UNIT)
+        store = drawn.size > 0
         for i in range(n):
             p = p_each[i]
-            x = row[i] * ((factor / p if inverse else factor) * dt(dt(draw(key, start + i)) < p * unit))
+            keep = dt(draw(key, start + i)) < p * unit
+            if store:
+                drawn[i] = keep
+            x = row[i] * ((factor / p if inverse else factor) * dt(keep))
             row[i] = x
             total[i] += x
 
@@ -146,7 +162,7 @@ def _drop_outliers(row, outlier, ties_dropped):
 
 
 @_jit
-def mix(base, tuned, p_each, offset, floats, ints, consensus, normalize, plain_divisor, lambda_, out):
+def mix(base, tuned, p_each, drawn, offset, floats, ints, consensus, normalize, plain_divisor, lambda_, out):
     """out = base + λ · mix_j(WEIGHT_j · SCALE_j · kept δ_j), over flat arrays that start at
     flat position `offset` of their tensors.
 
@@ -171,7 +187,7 @@ def mix(base, tuned, p_each, offset, floats, ints, consensus, normalize, plain_d
         total[:n] = zero
         for j in range(m):
             factor = floats[j, SCALE] * floats[j, WEIGHT]
-            _kept(b, tuned[j][s:e], p_each[j][s:e], offset + s, floats, ints, j, factor, rows[j], total)
+            _kept(b, tuned[j][s:e], p_each[j][s:e], drawn[j][s:e], offset + s, floats, ints, j, factor, rows[j], total)
         if consensus:
             mixed[:n] = zero
             agreeing[:n] = zero
@@ -194,14 +210,15 @@ def mix(base, tuned, p_each, offset, floats, ints, consensus, normalize, plain_d
 
 
 @_jit
-def l1_norms(base, tuned, p_each, offset, floats, ints, j, before, after):
-    """Per block of model j: before[b] = ‖δ‖₁ and after[b] = ‖kept δ‖₁, in float64."""
+def l1_norms(base, tuned, p_each, drawn, offset, floats, ints, j, before, after):
+    """Per block of model j: before[b] = ‖δ‖₁ and after[b] = ‖kept δ‖₁, in float64; and
+    the draws into `drawn` (see `_kept`)."""
     row = np.empty(BLOCK, base.dtype)
     scratch = np.zeros(BLOCK, base.dtype)
     one = base.dtype.type(1)
     for b, s in enumerate(range(0, base.size, BLOCK)):
         e = min(s + BLOCK, base.size)
-        _kept(base[s:e], tuned[s:e], p_each[s:e], offset + s, floats, ints, j, one, row, scratch)
+        _kept(base[s:e], tuned[s:e], p_each[s:e], drawn[s:e], offset + s, floats, ints, j, one, row, scratch)
         before[b] = _l1_delta(base[s:e], tuned[s:e])
         after[b] = _l1(row[: e - s])
 
