@@ -245,6 +245,8 @@ def _kernel_args(keeps: Sequence[Keep], scales: Sequence[float], weights: Sequen
         floats[j, k.OUTLIER], ints[j, k.OUTLIER_TIE] = outliers.value, _last(outliers)
         each = np.empty(0, dtype)
         if keep.drawn is not None and not store:
+            if keep.inverse_p:  # the mix reads stored draws without their probabilities
+                raise ValueError("stored draws cannot be rescaled by 1/p")
             ints[j, k.DRAW] = k.DRAW_STORED
         elif isinstance(keep.p, torch.Tensor):
             ints[j, k.DRAW] = k.DRAW_EACH
