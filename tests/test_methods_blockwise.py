@@ -207,3 +207,25 @@ def test_strided_tensors_are_read_correctly():
     assert torch.equal(METHODS.get("ties")(base, [strided], whole, pm), METHODS.get("ties")(base, [t1], whole, pm))
     flat = base.reshape(-1)
     assert torch.equal(bw.mix(flat[::2], [t1.reshape(-1)[::2]], [bw.Keep()], [1.0], [1.0], consensus=False, normalize=False, lambda_=1.0), t1.reshape(-1)[::2])
+
+
+def test_the_loops_run_where_no_cache_folder_is_writable():
+    # Numba refuses `cache=True` when it finds no writable cache folder (a read-only install
+    # and a read-only home): the loops must still compile and run, uncached
+    import subprocess
+    import sys
+
+    import numba.core.caching
+
+    if not hasattr(numba.core.caching.CacheImpl, "_locator_classes"):
+        pytest.skip("this Numba locates caches differently")
+    code = (
+        "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+        "import torch\n"
+        "from neuroloc_cli.methods import METHODS\n"
+        "b = torch.zeros(8); t = torch.arange(8.0)\n"
+        "out = METHODS.get('ties')(b, [t], {'normalize': True, 'rescale': False, 'lambda': 1.0}, [{'weight': 1.0, 'density': 0.5}])\n"
+        "assert out.tolist() == [0, 0, 0, 0, 4, 5, 6, 7], out\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
