@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -143,3 +144,29 @@ def test_read_returns_a_private_tensor(zoo):
     ckpt.read(name, rows=(0, 2)).zero_()
     assert torch.equal(ckpt.read(name), original)
     assert ckpt.read(name, dtype=torch.float64).dtype == torch.float64
+
+
+@pytest.mark.skipif(os.name != "posix", reason="checks process ids the POSIX way")
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from neuroloc_cli.io.output import atomic_output_dir
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid, host = int(gone.stdout), socket.gethostname()
+    stale = tmp_path / f".out.neuroloc-tmp-{host}-{dead_pid}-0123abcd"
+    live = tmp_path / f".out.neuroloc-tmp-{host}-{os.getpid()}-0123abcd"  # a run still going
+    elsewhere = tmp_path / f".out.neuroloc-tmp-{host}x-{dead_pid}-0123abcd"  # another machine's
+    older = tmp_path / ".out.neuroloc-tmp-0123abcd"  # the form without host and process
+    other = tmp_path / f".other.neuroloc-tmp-{host}-{dead_pid}-0123abcd"  # another target's
+    for folder in (stale, live, elsewhere, older, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        assert tmp.name.startswith(f".out.neuroloc-tmp-{host}-{os.getpid()}-")
+        (tmp / "x").write_text("done")
+    assert not stale.exists()
+    assert live.exists() and elsewhere.exists() and older.exists() and other.exists()
+    assert (tmp_path / "out" / "x").read_text() == "done"

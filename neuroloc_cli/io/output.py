@@ -1,15 +1,18 @@
 """Output folders that appear atomically, and the files copied beside the weights.
 
 Everything is written into a hidden temporary folder beside the target and renamed into
-place at the very end, so an error, Ctrl-C or `kill -9` leaves nothing at the target path
-(a killed run may leave a `.NAME.neuroloc-tmp-*` folder beside it, which is safe to delete).
+place at the very end, so an error, Ctrl-C or `kill -9` leaves nothing at the target path.
+A killed run leaves its `.NAME.neuroloc-tmp-HOST-PID-*` folder beside it; the next run for
+that target on the same machine deletes the ones whose process is gone.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -63,7 +66,8 @@ def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool
     check_output_path(target, inputs, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.neuroloc-tmp-{uuid.uuid4().hex[:8]}"
+        _remove_stale(target)
+        tmp = target.parent / f"{_tmp_prefix(target)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as e:
         raise OutputError(f"{target}: cannot create output folder ({e.strerror})") from None
@@ -79,6 +83,33 @@ def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.neuroloc-tmp-"
+
+
+def _remove_stale(target: Path) -> None:
+    """Delete the temporary folders for `target` left by killed runs on this machine: those
+    named with this host and the id of a process that no longer exists (POSIX only; a
+    folder of a live process, of another host or of another form is left alone)."""
+    if os.name != "posix":
+        return
+    prefix, host = _tmp_prefix(target), socket.gethostname()
+    for folder in target.parent.glob(glob.escape(prefix) + "*"):
+        named_host, _, rest = folder.name[len(prefix) :].rpartition("-")[0].rpartition("-")
+        if named_host == host and rest.isdigit() and not _alive(int(rest)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = None) -> list[str]:
