@@ -180,7 +180,7 @@ def test_resume_reproduces_uninterrupted_run(zoo, corpus, tmp_path, arch, extra)
     if "mask" in extra:
         _random_row_mask(base, extra["mask"], 0.2, seed=1).save(tmp_path / "n.mask")
         kw["train_mask"] = str(tmp_path / "n.mask")
-    run_training(_config(base, corpus, tmp_path / "straight", **kw))
+    whole = run_training(_config(base, corpus, tmp_path / "straight", **kw))
 
     def crash_after_step_5(event):
         if event["event"] == "step" and event["step"] == 5:
@@ -190,7 +190,9 @@ def test_resume_reproduces_uninterrupted_run(zoo, corpus, tmp_path, arch, extra)
         run_training(_config(base, corpus, tmp_path / "resumed", **kw), crash_after_step_5)
     assert not (tmp_path / "resumed").exists()
     assert sorted(p.name for p in (tmp_path / "resumed.run").glob("step-*")) == ["step-00000002", "step-00000004"]
-    run_training(_config(base, corpus, tmp_path / "resumed", resume=True, **kw))
+    again = run_training(_config(base, corpus, tmp_path / "resumed", resume=True, **kw))
+    # the start of the run is recalled from its log: the weights it was measured on are gone
+    assert again.perplexity == whole.perplexity and again.first_loss == whole.first_loss
     straight, resumed = load_all(tmp_path / "straight"), load_all(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for name in straight:

@@ -235,6 +235,7 @@ class MaskedCPTRecipe:
             self.step, self.tokens = resumed.step, resumed.tokens
             self.sampler.counters = list(resumed.counters)
             self._truncate_log(resumed.step)
+            self._recall_start()
         elif found or self.log_path.exists():
             if not self.cfg.overwrite:
                 raise UsageError(f"{self.run_dir}: holds the checkpoints or log of an earlier run",
@@ -244,6 +245,21 @@ class MaskedCPTRecipe:
                     shutil.rmtree(old)
                 self.log_path.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
+
+    def _recall_start(self) -> None:
+        """Take what the interrupted run measured at its start from its log: the perplexity
+        before training and the first step's loss (the weights to measure them are gone)."""
+        if not self.log_path.is_file():
+            return
+        for line in self.log_path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "eval" and event.get("step") == 0:
+                self.perplexity.setdefault("before", event["perplexity"])
+            elif event.get("event") == "step" and event.get("step") == 1 and self.first_loss is None:
+                self.first_loss = event["loss"]
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines of steps after the checkpoint: the resumed run writes them again."""
@@ -261,6 +277,7 @@ class MaskedCPTRecipe:
                     "optimizer_state_bytes": self.optimizer_state_bytes(), "world_size": self.world})
         if self.step == 0:
             self.perplexity["before"] = self.evaluate()
+            self._emit({"event": "eval", "step": 0, "perplexity": self.perplexity["before"]})
         start = time.perf_counter()
         tokens_at_start = self.tokens
         while self.step < self.total_steps:
