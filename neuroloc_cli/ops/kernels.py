@@ -45,18 +45,15 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _UNIT = 2.0**24  # draws are integers in [0, 2^24): u = draw / 2^24
 
-def _jit(fn=None, **flags):
+
+def _jit(fn):
     """`numba.njit` releasing the GIL and caching the machine code on disk. Where no cache
     folder is writable (neither beside this file nor the user's cache folder) Numba refuses
     `cache=True`; the loops then compile in every process instead of failing."""
-
-    def build(f):
-        try:
-            return numba.njit(nogil=True, cache=True, **flags)(f)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return numba.njit(nogil=True, **flags)(f)
-
-    return build(fn) if fn is not None else build
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
 
 
 @_jit
