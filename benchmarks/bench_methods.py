@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -109,6 +110,7 @@ def timed_interleaved(jobs: dict, out: Path, runs: int) -> dict[str, dict[str, l
     for _ in range(runs):
         for name, fn in jobs.items():
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # start with the previous job's output on disk, not in dirty pages
             wall, cpu = time.perf_counter(), time.process_time()
             fn(out)
             times[name]["wall"].append(round(time.perf_counter() - wall, 3))
