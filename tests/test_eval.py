@@ -7,9 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
 import yaml
 
 from neuroloc_cli.eval.specs import SAMPLES_DIR, TASKS_DIR

@@ -8,9 +8,6 @@ import time
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-
 from neuroloc_cli.eval import runner
 
 

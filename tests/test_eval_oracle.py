@@ -8,9 +8,6 @@ import math
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-
 from neuroloc_cli.eval import runner
 from neuroloc_cli.eval.specs import SAMPLES_DIR
 from tests.eval_fakes import OracleLM

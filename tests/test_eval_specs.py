@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.eval.harness import metrics_of
 from neuroloc_cli.eval.specs import SAMPLES_DIR, LocalTask, parse_ppl, parse_tasks

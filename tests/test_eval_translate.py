@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-pytest.importorskip("sacrebleu", reason="needs the eval extra: pip install 'neuroloc[eval]'")
-
 from neuroloc_cli.eval import runner
 from neuroloc_cli.eval.specs import SAMPLES_DIR
 from neuroloc_cli.eval.translate import TEMPLATES, TranslationSettings, build_prompts

@@ -15,6 +15,7 @@ from neuroloc_cli.errors import InputError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.format import read_header
 from neuroloc_cli.io.writer import OutTensor, ShardedWriter, parse_size, plan_shards
+from neuroloc_cli.synthetic import ARCHITECTURES
 from tests.helpers import load_all
 
 
@@ -84,7 +85,7 @@ def test_parse_size(text, expected):
 
 
 def test_checkpoint_matches_safetensors_for_every_architecture(zoo):
-    for arch in ("llama", "mistral", "qwen2", "gpt2"):
+    for arch in ARCHITECTURES:
         for sharded in (True, False):
             fam = zoo.get(arch, sharded=sharded)
             ckpt = Checkpoint.open(fam.base)

@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 
 from neuroloc_cli.arch import layer_index
+from neuroloc_cli.synthetic import ARCHITECTURES
 from tests.conftest import write_recipe
 from tests.helpers import load_all
 
-ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
+ARCHS = list(ARCHITECTURES)
 
 
 def _f64(d):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from neuroloc_cli.methods import METHODS
-from neuroloc_cli.ops.sparsify import della_keep_probabilities, magnitude_mask, top_k_mask
+from neuroloc_cli.ops.sparsify import della_keep_probabilities, keep_count
+from tests.helpers import top_k_mask
 
 BASE = torch.ones(2, 3)
 D1 = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
@@ -39,11 +40,10 @@ def test_top_k_keeps_exactly_k_and_breaks_ties_by_position():
     assert top_k_mask(magnitude, 0).sum() == 0 and top_k_mask(magnitude, 5).all()
 
 
-def test_magnitude_mask_keeps_floor_of_density():
-    # 6 elements, density 0.5 -> 3 kept: |-4|, |5|, |-6|
-    assert magnitude_mask(D1, 0.5).tolist() == [[False, False, False], [True, True, True]]
-    # density 0.49 -> floor(2.94) = 2: 5 and -6
-    assert magnitude_mask(D1, 0.49).sum() == 2
+def test_density_keeps_floor_of_density_times_n():
+    # 6 elements, density 0.5 -> 3 kept (|-4|, |5|, |-6| in ties); density 0.49 -> floor(2.94) = 2
+    assert keep_count(0.5, 6) == 3 and keep_count(0.49, 6) == 2
+    assert top_k_mask(D1.abs(), keep_count(0.5, 6)).tolist() == [[False, False, False], [True, True, True]]
 
 
 def test_ties_hand_computed():

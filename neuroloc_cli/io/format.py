@@ -81,7 +81,7 @@ class Header:
 
 
 def itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize
 
 
 def read_header(path: Path) -> Header:

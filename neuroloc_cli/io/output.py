@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli.errors import OutputError
+from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 
 # Files of a HF checkpoint that are not weights and that a merged model needs to load.
 HF_SIDE_FILES = (
@@ -112,12 +113,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = None) -> list[str]:
+@contextmanager
+def checkpoint_output(
+    out_dir: Path,
+    tensors: Sequence[OutTensor],
+    *,
+    kind: str,
+    provenance: dict,
+    source: Path,
+    inputs: Sequence[Path] = (),
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config_dtype: torch.dtype | None = None,
+    config_updates: dict | None = None,
+) -> Iterator[tuple[ShardedWriter, Path]]:
+    """Write a Hugging Face checkpoint atomically: yield a `ShardedWriter` laid out for
+    `tensors` (and the temporary folder, for extra files); once every tensor is written, add
+    `source`'s side files and `neuroloc.json`, and move the folder into place.
+
+    Every shard's metadata records `kind` ("model" or "delta"), the neuroloc version and the
+    provenance; see `copy_side_files` for `config_dtype` and `config_updates`.
+
+    Raises:
+        OutputError: see `atomic_output_dir`.
+    """
+    from neuroloc_cli import __version__
+    from neuroloc_cli.io.checkpoint import KIND_KEY
+
+    metadata = {
+        KIND_KEY: kind,
+        "neuroloc.version": __version__,
+        "neuroloc.provenance": json.dumps(provenance, separators=(",", ":"), default=str),
+    }
+    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
+        writer = ShardedWriter(tmp, tensors, max_shard_bytes, metadata)
+        try:
+            yield writer, tmp
+        finally:
+            writer.abort()
+        writer.close()
+        copy_side_files(source, tmp, config_dtype, config_updates)
+        write_provenance(tmp, provenance)
+
+
+def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = None, config_updates: dict | None = None) -> list[str]:
     """Copy config, tokenizer and generation files from `source` to `dest`.
 
     Args:
         out_dtype: when all output tensors share one dtype, recorded in config.json so that
             `from_pretrained(..., dtype="auto")` picks it.
+        config_updates: keys to set in config.json (e.g. a changed layer count).
 
     Returns:
         The names of the files copied.
@@ -129,11 +174,12 @@ def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = No
             shutil.copyfile(src, dest / name)
             copied.append(name)
     config = dest / "config.json"
-    if out_dtype is not None and config.is_file():
+    if (out_dtype is not None or config_updates) and config.is_file():
         doc = json.loads(config.read_text())
-        keys = [k for k in ("torch_dtype", "dtype") if k in doc] or ["torch_dtype"]
-        for k in keys:
-            doc[k] = str(out_dtype).removeprefix("torch.")
+        if out_dtype is not None:
+            for k in [k for k in ("torch_dtype", "dtype") if k in doc] or ["torch_dtype"]:
+                doc[k] = str(out_dtype).removeprefix("torch.")
+        doc.update(config_updates or {})
         config.write_text(json.dumps(doc, indent=2) + "\n")
     return copied
 

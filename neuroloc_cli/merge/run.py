@@ -12,7 +12,6 @@ compute dtype, the result and one scratch buffer), whatever the model size.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,9 +24,9 @@ import torch
 
 from neuroloc_cli import __version__
 from neuroloc_cli.errors import UsageError
-from neuroloc_cli.io.checkpoint import KIND_KEY
-from neuroloc_cli.io.output import atomic_output_dir, check_output_path, copy_side_files, write_provenance
+from neuroloc_cli.io.output import check_output_path, checkpoint_output
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from neuroloc_cli.merge.masking import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.methods.base import Prepared
 
@@ -79,30 +78,25 @@ def run_merge(
     prepared = _prepare(plan)
     if prepared is not None:
         provenance[plan.method.name] = prepared.provenance
-    metadata = {
-        KIND_KEY: plan.method.output_kind,
-        "neuroloc.version": __version__,
-        "neuroloc.provenance": json.dumps(provenance, separators=(",", ":"), default=str),
-    }
-    with atomic_output_dir(out_dir, plan.input_paths(), overwrite) as tmp:
-        writer = ShardedWriter(tmp, [s.out for s in plan.steps], max_shard_bytes, metadata)
-        try:
-            _stream(plan, writer, seed, on_tensor, prepared)
-        finally:
-            writer.abort()
-        writer.close()
-        dtypes = {s.out.dtype for s in plan.steps if s.merge}
-        copy_side_files(plan.reference.checkpoint.path, tmp, dtypes.pop() if len(dtypes) == 1 else None)
-        if plan.config_updates:
-            _update_config(tmp / "config.json", plan.config_updates)
-        write_provenance(tmp, provenance)
+    dtypes = {s.out.dtype for s in plan.steps if s.merge}
+    with checkpoint_output(
+        out_dir,
+        [s.out for s in plan.steps],
+        kind=plan.method.output_kind,
+        provenance=provenance,
+        source=plan.reference.checkpoint.path,
+        inputs=plan.input_paths(),
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+        config_updates=plan.config_updates,
+    ) as (writer, _):
+        _stream(plan, writer, seed, on_tensor, prepared)
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
 
 
 # Elementwise work processes tensors larger than this in blocks of rows (8 MB in float32).
 BLOCK_ELEMENTS = 2 * 2**20
-
-Rows = tuple[int, int] | None
 
 
 def _prepare(plan: MergePlan) -> Prepared | None:
@@ -162,13 +156,6 @@ def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor:
         writer.write(step.name, out)
         if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
             on_tensor(step)
-
-
-def _update_config(path: Path, updates: dict) -> None:
-    if path.is_file():
-        doc = json.loads(path.read_text())
-        doc.update(updates)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:

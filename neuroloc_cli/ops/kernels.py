@@ -220,18 +220,21 @@ def l1_norms(base, tuned, p_each, drawn, offset, floats, ints, j, before, after)
     """Per block of model j: before[b] = ‖δ‖₁ and after[b] = ‖kept δ‖₁, in float64; and
     the draws into `drawn` (see `_kept`)."""
     row = np.empty(BLOCK, base.dtype)
-    scratch = np.zeros(BLOCK, base.dtype)
+    total = np.zeros(BLOCK, base.dtype)  # _kept adds up into it; not needed here
+    zeros = np.zeros(BLOCK, base.dtype)
     one = base.dtype.type(1)
     for b, s in enumerate(range(0, base.size, BLOCK)):
         e = min(s + BLOCK, base.size)
-        _kept(base[s:e], tuned[s:e], p_each[s:e], drawn[s:e], offset + s, floats, ints, j, one, row, scratch)
-        before[b] = _l1_delta(base[s:e], tuned[s:e])
-        after[b] = _l1(row[: e - s])
+        _kept(base[s:e], tuned[s:e], p_each[s:e], drawn[s:e], offset + s, floats, ints, j, one, row, total)
+        before[b] = _l1(tuned[s:e], base[s:e])
+        after[b] = _l1(row[: e - s], zeros[: e - s])
 
 
 @_jit
-def _l1_delta(base, tuned):
-    """Σ |tuned − base| in float64, in four interleaved partial sums (see `_l1`)."""
+def _l1(tuned, base):
+    """Σ |tuned − base| in float64. Four interleaved partial sums in a fixed order vectorize
+    without fast-math reassociation, so the sum, and a rescale factor made from it, has the
+    same bits on every CPU."""
     s0 = s1 = s2 = s3 = 0.0
     n = base.size
     for i in range(0, n - n % 4, 4):
@@ -241,23 +244,6 @@ def _l1_delta(base, tuned):
         s3 += abs(np.float64(tuned[i + 3] - base[i + 3]))
     for i in range(n - n % 4, n):
         s0 += abs(np.float64(tuned[i] - base[i]))
-    return (s0 + s1) + (s2 + s3)
-
-
-@_jit
-def _l1(row):
-    """Σ |row| in float64. Four interleaved partial sums in a fixed order vectorize without
-    fast-math reassociation, so the sum, and a rescale factor made from it, has the same bits
-    on every CPU."""
-    s0 = s1 = s2 = s3 = 0.0
-    n = row.size
-    for i in range(0, n - n % 4, 4):
-        s0 += abs(np.float64(row[i]))
-        s1 += abs(np.float64(row[i + 1]))
-        s2 += abs(np.float64(row[i + 2]))
-        s3 += abs(np.float64(row[i + 3]))
-    for i in range(n - n % 4, n):
-        s0 += abs(np.float64(row[i]))
     return (s0 + s1) + (s2 + s3)
 
 

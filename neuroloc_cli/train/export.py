@@ -7,17 +7,15 @@ back, cast to the input tensor's dtype (or `--out-dtype`).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neuroloc_cli import __version__
-from neuroloc_cli.io.checkpoint import KIND_KEY, Checkpoint
-from neuroloc_cli.io.output import atomic_output_dir, copy_side_files, write_provenance
-from neuroloc_cli.io.writer import OutTensor, ShardedWriter
+from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.io.output import checkpoint_output
+from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.train.masking import TrainableModel
 
 LOG_FILE = "train_log.jsonl"
@@ -54,23 +52,21 @@ def write_model(
         dt = info.torch_dtype
         return out_dtype if out_dtype is not None and dt.is_floating_point else dt
 
-    metadata = {
-        KIND_KEY: "model",
-        "neuroloc.version": __version__,
-        "neuroloc.provenance": json.dumps(provenance, separators=(",", ":"), default=str),
-    }
-    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
-        writer = ShardedWriter(tmp, [OutTensor(i.name, i.shape, dtype_of(i)) for i in infos], max_shard_bytes, metadata)
-        try:
-            for info in infos:
-                t = trained.tensor(info.name) if info.name in changed else source.read(info.name)
-                writer.write(info.name, t.to("cpu").to(dtype_of(info)))
-        finally:
-            writer.abort()
-        writer.close()
-        dtypes = {dtype_of(i) for i in infos if i.torch_dtype.is_floating_point}
-        copy_side_files(source.path, tmp, dtypes.pop() if len(dtypes) == 1 else None)
-        write_provenance(tmp, provenance)
+    dtypes = {dtype_of(i) for i in infos if i.torch_dtype.is_floating_point}
+    with checkpoint_output(
+        out_dir,
+        [OutTensor(i.name, i.shape, dtype_of(i)) for i in infos],
+        kind="model",
+        provenance=provenance,
+        source=source.path,
+        inputs=inputs,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+    ) as (writer, tmp):
+        for info in infos:
+            t = trained.tensor(info.name) if info.name in changed else source.read(info.name)
+            writer.write(info.name, t.to("cpu").to(dtype_of(info)))
         if log_file is not None and log_file.is_file():
             shutil.copyfile(log_file, tmp / LOG_FILE)
     return writer.files

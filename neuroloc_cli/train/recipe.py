@@ -101,10 +101,7 @@ class MaskedCPTRecipe:
             InputError / UsageError / OutputError: naming the file, tensor or flag at fault;
                 nothing has been written when they are raised.
         """
-        try:
-            from accelerate import Accelerator
-        except ImportError:
-            raise UsageError("neuroloc train needs the accelerate package", hint="pip install 'neuroloc[train]'") from None
+        from accelerate import Accelerator
 
         if self.cfg.output is None:
             raise UsageError("train needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the run")
@@ -234,8 +231,7 @@ class MaskedCPTRecipe:
             self.trainable.after_step()  # the loaded slices into their tensors' rows
             self.step, self.tokens = resumed.step, resumed.tokens
             self.sampler.counters = list(resumed.counters)
-            self._truncate_log(resumed.step)
-            self._recall_start()
+            self._resume_log(resumed.step)
         elif found or self.log_path.exists():
             if not self.cfg.overwrite:
                 raise UsageError(f"{self.run_dir}: holds the checkpoints or log of an earlier run",
@@ -246,27 +242,20 @@ class MaskedCPTRecipe:
                 self.log_path.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
-    def _recall_start(self) -> None:
-        """Take what the interrupted run measured at its start from its log: the perplexity
-        before training and the first step's loss (the weights to measure them are gone)."""
-        if not self.log_path.is_file():
-            return
-        for line in self.log_path.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "eval" and event.get("step") == 0:
-                self.perplexity.setdefault("before", event["perplexity"])
-            elif event.get("event") == "step" and event.get("step") == 1 and self.first_loss is None:
-                self.first_loss = event["loss"]
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines of steps after the checkpoint: the resumed run writes them again."""
+    def _resume_log(self, step: int) -> None:
+        """Drop log lines of steps after the checkpoint (the resumed run writes them again), and
+        take what the run measured at its start from the rest: the perplexity before training
+        and the first step's loss (the weights to measure them are gone). One read, on the main
+        process, which alone writes the log and reports."""
         if not self.is_main or not self.log_path.is_file():
             return
         keep = [line for line in self.log_path.read_text().splitlines() if _logged_step(line) <= step]
         self.log_path.write_text("".join(line + "\n" for line in keep))
+        for event in map(json.loads, keep):  # every kept line parses: _logged_step saw to it
+            if event.get("event") == "eval" and event.get("step") == 0:
+                self.perplexity.setdefault("before", event["perplexity"])
+            elif event.get("event") == "step" and event.get("step") == 1 and self.first_loss is None:
+                self.first_loss = event["loss"]
 
     # -- training ---------------------------------------------------------------------------
 
