@@ -297,7 +297,7 @@ def row_ranks(keys, m, out):
     patterns of magnitudes: for floats >= 0 they order as the values do).
 
     A least-significant-digit radix sort per row, one byte a pass: stable and linear in m
-    (~15 ns an element for float32 keys, 3x PyTorch's stable argsort); a pass is skipped
+    (10–25 ns an element here, against 35–38 for PyTorch's stable argsort); a pass is skipped
     where every key of the row shares that byte."""
     cur = np.empty(m, np.uint64)
     nxt = np.empty(m, np.uint64)
