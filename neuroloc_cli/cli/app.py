@@ -1,46 +1,93 @@
-"""The `neuroloc` command: its Typer app, and the one place errors become exit codes."""
+"""The `neuroloc` command: its Typer app, and the one place errors become exit codes.
+
+Command modules define plain functions (and the sub-apps `recipe`, `locate`, `mask`); this
+module registers them. They never import this module, so each can be imported on its own.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 import traceback
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from neuroloc_cli import __version__
+from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, eval_cmd, locate_cmds, mask_cmds, merge_cmds, rank_cmd, train_cmd
 from neuroloc_cli.errors import NeurolocError, RecipeError
+
+# Exceptions through which the command-line layer itself reports: `--help` and `--version`
+# (Exit), usage errors of the command line (a missing argument, an unknown option, `--seed
+# abc`), and aborts. They are passed on untouched, so that Typer prints them and exits 0 or 2.
+_CLI_SIGNALS: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort, typer.TyperException)
+
+# A full disk or quota is the output's problem, wherever it is met.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by `timeout`, schedulers and containers), handled like Ctrl-C: every
+    atomic output removes its temporary folder on the way out."""
 
 
 class _Group(TyperGroup):
     """Maps the core's errors to one stderr line and an exit code (see `neuroloc_cli.errors`)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Run the command; usage errors of the command line, too, are one line on stderr."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:
+            ctx = getattr(e, "ctx", None)
+            if ctx is None or type(e).__name__ == "NoArgsIsHelpError":  # `neuroloc mask`: the help, exit 2
+                e.show()  # type: ignore[attr-defined]
+            else:
+                typer.echo(f"error: {e.format_message()} (see '{ctx.command_path} --help')", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("neuroloc: aborted; nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except _CLI_SIGNALS:
             raise
-        except KeyboardInterrupt:
-            click.echo("neuroloc: interrupted; nothing was written", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            _fail(ctx, f"neuroloc: {what}; nothing was written", 143 if isinstance(e, Terminated) else 130)
         except NeurolocError as e:
             if _debug(ctx):
                 traceback.print_exc()
-            lines = e.lines() if isinstance(e, RecipeError) else [str(e)]
-            for line in lines:
-                click.echo(f"error: {line}", err=True)
-            ctx.exit(e.exit_code)
+            _fail(ctx, [f"error: {line}" for line in (e.lines() if isinstance(e, RecipeError) else [str(e)])], e.exit_code)
+        except OSError as e:
+            if e.errno not in _FULL or _debug(ctx):
+                return _bug(ctx, e)
+            _fail(ctx, f"error: {e.filename or 'output'}: cannot write ({os.strerror(e.errno)})", 4)
         except Exception as e:  # a bug: say so briefly, show the traceback on request
-            if _debug(ctx):
-                raise
-            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-            ctx.exit(1)
+            _bug(ctx, e)
 
 
-def _debug(ctx: click.Context) -> bool:
+def _fail(ctx: Any, lines: str | list[str], code: int) -> None:
+    for line in [lines] if isinstance(lines, str) else lines:
+        typer.echo(line, err=True)
+    ctx.exit(code)
+
+
+def _bug(ctx: Any, e: Exception) -> None:
+    if _debug(ctx):
+        raise e
+    _fail(ctx, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
+
+
+def _debug(ctx: Any) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug")) or os.environ.get("NEUROLOC_DEBUG") == "1"
 
 
@@ -71,23 +118,24 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
-def _register() -> None:
-    # Each module adds its commands to `app`; imports stay light so `--help` is instant.
-    from neuroloc_cli.cli import (  # noqa: F401
-        checkpoint_cmds,
-        demo_cmd,
-        eval_cmd,
-        locate_cmds,
-        mask_cmds,
-        merge_cmds,
-        rank_cmd,
-        train_cmd,
-    )
+app.command()(checkpoint_cmds.inspect)
+app.command()(checkpoint_cmds.delta)
+app.command()(merge_cmds.merge)
+app.command()(merge_cmds.methods)
+app.add_typer(merge_cmds.recipe_app, name="recipe")
+app.command()(rank_cmd.rank)
+app.add_typer(locate_cmds.locate_app, name="locate")
+app.add_typer(mask_cmds.mask_app, name="mask")
+app.command()(train_cmd.train)
+app.command("eval")(eval_cmd.eval_)
+app.command()(demo_cmd.demo)
 
 
-_register()
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     sys.exit(app(prog_name="neuroloc"))

@@ -8,13 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt, render_result, shard_size_option
-
-ModelArg = Annotated[Path, typer.Argument(help="Checkpoint folder (safetensors, config.json).", show_default=False)]
+from neuroloc_cli.cli.options import JsonOpt, ModelArg, shard_size_option
 
 
-@app.command()
+
 def inspect(model: ModelArg, as_json: JsonOpt = False) -> None:
     """Show a checkpoint's architecture, parameter count, dtypes, shards and tensors."""
     from rich.table import Table
@@ -45,7 +42,6 @@ def inspect(model: ModelArg, as_json: JsonOpt = False) -> None:
     console.print(tensors)
 
 
-@app.command()
 def delta(
     base: Annotated[Path, typer.Argument(help="Base checkpoint folder.", show_default=False)],
     tuned: Annotated[Path, typer.Argument(help="Fine-tuned checkpoint folder.", show_default=False)],
@@ -67,4 +63,4 @@ def delta(
     plan = plan_delta(base, tuned, out_dtype)
     with render.progress("delta", len(plan.steps)) as advance:
         result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance(), command="delta")
-    render_result(result, as_json)
+    render.merge_result(result, as_json)

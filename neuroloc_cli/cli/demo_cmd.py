@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
 
 _RECIPE = """\
 # Written by `neuroloc demo`: task arithmetic of two tiny "fine-tunes" onto their base.
@@ -30,7 +29,6 @@ out_dtype: bfloat16
 """
 
 
-@app.command()
 def demo(
     folder: Annotated[Path, typer.Argument(help="Where to build the example.")] = Path("example"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing example folder.")] = False,

@@ -8,13 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt
+from neuroloc_cli.cli.options import JsonOpt
 
 _TASKS, _MT, _RUN = "Tasks", "Translation", "Running"
 
 
-@app.command("eval")
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folders to compare.", show_default=False)],
     tasks: Annotated[Optional[str], typer.Option("--tasks", "-t", help="Comma-separated lm-eval tasks (mgsm_direct_es, m_mmlu_es, …) or shipped ones: neuroloc_math, neuroloc_choice, neuroloc_ppl, each optionally =FILE.jsonl.", rich_help_panel=_TASKS)] = None,

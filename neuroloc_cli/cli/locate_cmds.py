@@ -8,11 +8,9 @@ from typing import Annotated
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt
+from neuroloc_cli.cli.options import JsonOpt
 
 locate_app = typer.Typer(help="Find the units that matter and save them as a mask.", no_args_is_help=True)
-app.add_typer(locate_app, name="locate")
 
 
 @locate_app.command("delta")

@@ -8,11 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt
+from neuroloc_cli.cli.options import JsonOpt
 
 mask_app = typer.Typer(help="Inspect, combine and draw masks.", no_args_is_help=True)
-app.add_typer(mask_app, name="mask")
 
 MaskArg = Annotated[Path, typer.Argument(help="Mask file (.safetensors, written by `neuroloc locate`).", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Mask file to write.")]

@@ -8,13 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
+from neuroloc_cli.cli.options import JsonOpt, shard_size_option
 
 recipe_app = typer.Typer(help="Check and explain merge recipes.", no_args_is_help=True)
-app.add_typer(recipe_app, name="recipe")
 
 RecipeArg = Annotated[Path, typer.Argument(help="Merge recipe (YAML, mergekit's shape).", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 
 
 def _load_plan(recipe: Path):
@@ -51,7 +49,6 @@ def validate(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
     _render_plan(_load_plan(recipe), as_json)
 
 
-@app.command()
 def merge(
     recipe: RecipeArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (appears atomically).")] = None,
@@ -74,31 +71,9 @@ def merge(
     shard_bytes = shard_size_option(max_shard_size)
     with render.progress(f"{plan.method.name}", len(plan.steps)) as advance:
         result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance())
-    render_result(result, as_json)
+    render.merge_result(result, as_json)
 
 
-def shard_size_option(text: str) -> int:
-    """Parse `--max-shard-size`, naming the option in the error."""
-    from neuroloc_cli.errors import UsageError
-    from neuroloc_cli.io.writer import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise UsageError(f"--max-shard-size: {e}") from None
-
-
-def render_result(result, as_json: bool) -> None:
-    doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3)}
-    if as_json:
-        render.print_json(doc)
-    else:
-        render.out().print(
-            f"wrote [bold]{result.path}[/bold]: {result.tensors} tensors, {render.human_bytes(result.bytes)} in {len(result.shards)} shard(s), {result.seconds:.1f}s"
-        )
-
-
-@app.command()
 def methods(as_json: JsonOpt = False) -> None:
     """List merge methods with their parameters, defaults and papers."""
     from rich.table import Table

@@ -10,11 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt
+from neuroloc_cli.cli.options import JsonOpt
 
 
-@app.command()
 def rank(
     a: Annotated[Path, typer.Argument(help="Model A (with --base) or delta checkpoint A.", show_default=False)],
     b: Annotated[Path, typer.Argument(help="Model B (with --base) or delta checkpoint B.", show_default=False)],

@@ -67,3 +67,14 @@ def progress(description: str, total: int) -> Iterator[Any]:
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def merge_result(result: Any, as_json: bool) -> None:
+    """What `merge` and `delta` print about the checkpoint they wrote (a `MergeResult`)."""
+    doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3)}
+    if as_json:
+        print_json(doc)
+    else:
+        out().print(
+            f"wrote [bold]{result.path}[/bold]: {result.tensors} tensors, {human_bytes(result.bytes)} in {len(result.shards)} shard(s), {result.seconds:.1f}s"
+        )

@@ -8,15 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.app import app
-from neuroloc_cli.cli.merge_cmds import JsonOpt
+from neuroloc_cli.cli.options import JsonOpt
 
 _SEL = "What trains"
 _OPT = "Optimisation"
 _RUN = "Run"
 
 
-@app.command()
 def train(
     model: Annotated[Optional[Path], typer.Argument(help="Base checkpoint folder (or `model:` in --config).", show_default=False)] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Corpus: .txt, .jsonl with a 'text' field, or a folder; PATH:WEIGHT sets its mixture weight. Repeatable.", show_default=False)] = None,

@@ -1,0 +1,27 @@
+"""Options and parsers that several commands share.
+
+This module imports no command module (and nothing heavy), so that any command module can be
+imported on its own: `app.py` imports the commands, never the other way round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint folder (safetensors, config.json).", show_default=False)]
+
+
+def shard_size_option(text: str) -> int:
+    """Parse `--max-shard-size`, naming the option in the error."""
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.io.writer import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
