@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -76,27 +76,19 @@ class Checkpoint:
         """Open a checkpoint folder, reading its index and every shard header.
 
         Raises:
-            InputError: the folder, a shard or the index is missing or invalid.
+            InputError: the folder, a shard or the index is missing or invalid, or the
+                checkpoint holds no tensors.
         """
         path = Path(path)
         check_model_folder(path, spec)
         shard_of = _weight_map(path)
         if shard_of is None:  # single file: every tensor of its header
             header = read_header(path / SINGLE_FILE)
+            if not header.tensors:
+                raise InputError(f"{path / SINGLE_FILE}: holds no tensors", hint="the checkpoint is empty; give one with weights")
             return cls(path=path, tensors=dict(header.tensors), headers={SINGLE_FILE: header}, config=_read_config(path))
-        headers: dict[str, Header] = {}
-        for shard in sorted(set(shard_of.values())):
-            file = path / shard
-            if not file.is_file():
-                raise InputError(f"{file}: shard listed in {INDEX_FILE} is missing")
-            headers[shard] = read_header(file)
-        tensors: dict[str, TensorInfo] = {}
-        for name, shard in shard_of.items():
-            info = headers[shard].tensors.get(name)
-            if info is None:
-                raise InputError(f"{path / shard}: tensor {name!r} is listed in {INDEX_FILE} but not in the shard")
-            tensors[name] = info
-        return cls(path=path, tensors=tensors, headers=headers, config=_read_config(path))
+        headers = _read_shards(path, shard_of)
+        return cls(path=path, tensors=_indexed_tensors(path, shard_of, headers), headers=headers, config=_read_config(path))
 
     # -- what the checkpoint is -------------------------------------------------------------
 
@@ -113,8 +105,8 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str | None:
-        archs = (self.config or {}).get("architectures") or []
-        return archs[0] if archs else None
+        archs = (self.config or {}).get("architectures")
+        return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
     @property
     def num_layers(self) -> int | None:
@@ -242,14 +234,7 @@ def _weight_map(path: Path) -> dict[str, str] | None:
     """Tensor name -> shard file from the index; None for a single-file checkpoint."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            doc = json.loads(index.read_text())
-            weight_map = doc["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{index}: invalid index (expected a JSON object with a 'weight_map')") from None
-        return {str(k): str(v) for k, v in weight_map.items()}
+        return _read_index(index)
     if (path / SINGLE_FILE).is_file():
         return None
     if any(path.glob("*.bin")) or any(path.glob("*.pth")):
@@ -260,11 +245,78 @@ def _weight_map(path: Path) -> dict[str, str] | None:
     raise InputError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} in this folder")
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight map, refused unless every tensor maps to a shard file of the folder
+    itself: an empty map would make a merge "succeed" with no weights, and a path such as
+    `../x.safetensors` would read (and fingerprint) a file outside the checkpoint."""
+    doc = _read_json(index, "index")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: invalid index (expected a JSON object with a 'weight_map')")
+    if not weight_map:
+        raise InputError(f"{index}: 'weight_map' lists no tensors", hint="the index is incomplete; write or download it again")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(f"{index}: tensor {name!r} is mapped to {shard!r}, not a shard file name")
+        if not _is_plain_file_name(shard):
+            raise InputError(
+                f"{index}: tensor {name!r} is mapped to {shard!r}, which is not a file in the checkpoint folder",
+                hint="the index must name shard files that sit next to it",
+            )
+    return weight_map
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """Whether `name` is a bare file name: no folder part, not absolute, not `.` or `..`."""
+    return name not in ("", ".", "..") and PurePath(name).name == name
+
+
+def _read_shards(path: Path, shard_of: dict[str, str]) -> dict[str, Header]:
+    """Every shard's header, each read once, in file-name order."""
+    first_tensor: dict[str, str] = {}
+    for name, shard in shard_of.items():
+        first_tensor.setdefault(shard, name)
+    headers: dict[str, Header] = {}
+    for shard in sorted(first_tensor):
+        file = path / shard
+        if not file.is_file():
+            raise InputError(f"{file}: shard listed in {INDEX_FILE} is missing (it should hold tensor {first_tensor[shard]!r})")
+        headers[shard] = read_header(file)
+    return headers
+
+
+def _indexed_tensors(path: Path, shard_of: dict[str, str], headers: dict[str, Header]) -> dict[str, TensorInfo]:
+    """The index's tensors, in its order, each from the shard it names."""
+    tensors: dict[str, TensorInfo] = {}
+    for name, shard in shard_of.items():
+        info = headers[shard].tensors.get(name)
+        if info is None:
+            elsewhere = [s for s, h in headers.items() if name in h.tensors]
+            raise InputError(
+                f"{path / shard}: tensor {name!r} is listed in {INDEX_FILE} but not in the shard",
+                hint=f"it is in {elsewhere[0]}; fix the index" if elsewhere else None,
+            )
+        tensors[name] = info
+    return tensors
+
+
 def _read_config(path: Path) -> dict[str, Any] | None:
     file = path / "config.json"
     if not file.is_file():
         return None
+    return _read_json(file, "config")
+
+
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `file` (`what` it is, for messages)."""
     try:
-        return json.loads(file.read_text())
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"{file}: cannot read ({e.strerror or e})") from None
+    except RecursionError:
+        raise InputError(f"{file}: invalid JSON (nested too deeply)") from None
     except ValueError as e:
         raise InputError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{file}: invalid {what} (expected a JSON object)")
+    return doc
