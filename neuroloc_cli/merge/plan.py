@@ -140,7 +140,7 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     if method is not None and all(sources) and models:
         opened = [s for s in models if s is not None]
         reference = base or opened[0]
-        tensor_problems = _check_tensors(reference, opened, recipe.on_missing)
+        tensor_problems = _check_tensors(reference, opened, recipe.on_missing) + _check_config(reference, method)
         input_problems += len(tensor_problems)
         problems += tensor_problems
         if not tensor_problems:
@@ -215,6 +215,14 @@ def _open(role: str, spec: str, base_dir: Path) -> Source:
     return Source(role=role, spec=spec, checkpoint=ckpt)
 
 
+def _check_config(reference: Source, method: MergeMethod) -> list[str]:
+    """A model output takes the reference's config.json; without one it could not be loaded."""
+    if method.output_kind != "model" or reference.checkpoint.config is not None:
+        return []
+    file = reference.checkpoint.path / "config.json"
+    return [f"{reference.role}: {file} is missing (the merged model takes its config from {reference.role}, and could not be loaded without one)"]
+
+
 def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> list[str]:
     """Missing, extra and mismatched tensors of each model against the reference."""
     problems: list[str] = []
@@ -267,17 +275,24 @@ def make_step(
 
 
 def _check_resolution(plan: MergePlan) -> list[str]:
-    """Every tensor must get a value for every required parameter (filters can miss)."""
-    problems = []
+    """Every tensor must get a value for every required parameter (filters can miss), and
+    values the method can use (`MergeMethod.check_values`): one problem per kind, naming the
+    first tensor and how many more share it."""
+    found: dict[str, list[str]] = {}
     for step in plan.steps:
         if not step.merge:
             continue
         try:
-            plan.resolver.at(step.name, step.t)
+            whole, per_model = plan.resolver.at(step.name, step.t)
         except ValueError as e:
-            problems.append(f"parameters: {e} (add an entry without 'filter' as the default)")
-            break
-    return problems
+            return [f"parameters: {e} (add an entry without 'filter' as the default)"]
+        problem = plan.method.check_values(whole, per_model) if plan.method.check_values else None
+        if problem is not None:
+            found.setdefault(problem, []).append(step.name)
+    return [
+        f"parameters: at tensor {names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''}: {problem}"
+        for problem, names in found.items()
+    ]
 
 
 def plan_delta(base: Path, tuned: Path, out_dtype: str | None = None) -> MergePlan:

@@ -65,6 +65,11 @@ class MergeMethod:
         prepare: the statistics pass, `prepare(plan) -> Prepared`, or None.
         context: names of the per-tensor arguments `prepare` provides.
         check: extra recipe checks, `check(recipe) -> list of problems`, or None.
+        check_values: a check of the parameters as resolved at one tensor,
+            `check_values(whole, per_model) -> problem or None`; the planner runs it at every
+            merged tensor, so that values the method cannot use (weights summing to zero
+            under `normalize`) are a recipe error before any tensor is read, and a
+            `ValueError` from the method itself stays what it is: a bug.
     """
 
     name: str
@@ -81,6 +86,7 @@ class MergeMethod:
     prepare: Callable[..., Prepared] | None = None
     context: tuple[str, ...] = ()
     check: Callable[..., list[str]] | None = None
+    check_values: Callable[[dict[str, Scalar], Sequence[dict[str, Scalar]]], str | None] | None = None
 
     @property
     def summary(self) -> str:
@@ -129,6 +135,7 @@ def merge_method(
     prepare: Callable[..., Prepared] | None = None,
     context: Sequence[str] = (),
     check: Callable[..., list[str]] | None = None,
+    check_values: Callable[[dict[str, Scalar], Sequence[dict[str, Scalar]]], str | None] | None = None,
 ) -> Callable[[MethodFn], MergeMethod]:
     """Register a tensor function as the merge method `name`.
 
@@ -143,7 +150,7 @@ def merge_method(
             raise TypeError(f"merge method {name}: function takes {sorted(accepted)}, declared {sorted(expected)}")
         return MergeMethod(
             name, fn, tuple(params), needs_base, min_models, max_models, random, elementwise, output_kind, paper,
-            inputs, prepare, tuple(context), check,
+            inputs, prepare, tuple(context), check, check_values,
         )
 
     return METHODS.decorator(name, wrap)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -20,12 +20,23 @@ from neuroloc_cli.methods.gta import (
 )
 from neuroloc_cli.ops.blockwise import KEEP_NONE, Keep
 from neuroloc_cli.ops.sparsify import della_keep_probabilities
+from neuroloc_cli.recipe.params import Scalar
 
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
 
 
 def _params(normalize: bool):
     return (WEIGHT, DENSITY, EPSILON, normalize_param(normalize), rescale_param(True), PAPER_RESCALE, LAMBDA)
+
+
+def _probabilities_fit(whole: Mapping[str, Scalar], per_model: Sequence[Mapping[str, Scalar]]) -> str | None:
+    """MagPrune's keep probabilities `density ± epsilon` must lie in (0, 1) (mergekit's rule)
+    for every model whose density does not keep or drop everything."""
+    for m in per_model:
+        d, e = float(m["density"]), float(m["epsilon"])
+        if 0 < d < 1 and not (0 < d - e and d + e < 1):
+            return f"density ± epsilon must lie in (0, 1), got density {d:g}, epsilon {e:g} (lower epsilon)"
+    return None
 
 
 def _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus):
@@ -46,7 +57,7 @@ def _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_re
     )
 
 
-@merge_method("della", needs_base=True, params=_params(True), random=True, paper=_PAPER)
+@merge_method("della", needs_base=True, params=_params(True), random=True, paper=_PAPER, check_values=_probabilities_fit)
 def della(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -71,7 +82,7 @@ def della(
     return _della(base, tensors, weight, density, epsilon, normalize, rescale, paper_rescale, lambda_, generator, consensus=True)
 
 
-@merge_method("della_linear", needs_base=True, params=_params(False), random=True, paper=_PAPER)
+@merge_method("della_linear", needs_base=True, params=_params(False), random=True, paper=_PAPER, check_values=_probabilities_fit)
 def della_linear(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.ops.combine import weighted_sum
-from neuroloc_cli.recipe.params import Param
+from neuroloc_cli.recipe.params import Param, Scalar
+
+
+def normalizable(whole: Mapping[str, Scalar], per_model: Sequence[Mapping[str, Scalar]]) -> str | None:
+    """`normalize` divides by the sum of the weights, which must not be zero at any tensor."""
+    if whole.get("normalize") and sum(float(m["weight"]) for m in per_model) == 0:
+        return "the weights sum to zero, so normalize cannot divide by them (set normalize: false, or change a weight)"
+    return None
 
 
 @merge_method(
@@ -20,6 +27,7 @@ from neuroloc_cli.recipe.params import Param
         Param("normalize", default=True, boolean=True, help="divide by the sum of the weights"),
     ),
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+    check_values=normalizable,
 )
 def linear(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool) -> torch.Tensor:
     """Weighted average of the models' weights: `Σ w_i·θ_i / Σ w_i` (no division if not normalize).

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param
 
 
@@ -31,18 +32,19 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     base (mergekit would write inf/NaN).
     """
     shape = base.shape
-    if filter_wise:
-        view = (lambda w: w.reshape(1, -1)) if base.dim() < 2 else (lambda w: w)
-    else:
+    if filter_wise and base.dim() >= 2:  # row sums: PyTorch gives each row to one thread
+        view = lambda w: w  # noqa: E731
+        dot = lambda x, y: (x * y).sum(dim=-1)  # noqa: E731
+    else:  # one sum over the whole tensor, in a fixed order (`ops.sums`)
         view = lambda w: w.reshape(-1)  # noqa: E731
+        dot = lambda x, y: torch.tensor(fixed_dot(x, y), dtype=x.dtype)  # noqa: E731
     w0 = view(base)
     offsets = [view(w) - w0 for w in tensors]
-    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    norms = [dot(o, o).sqrt() for o in offsets]
     cosines = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
-            dot = (offsets[i] * offsets[j]).sum(dim=-1)
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+            cosines.append((dot(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(tensors)
     denominator = 1 + (n - 1) * cos

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param
 
 DOT_THRESHOLD = 0.9995  # above this |cos| the two tensors count as colinear: plain lerp (mergekit's)
@@ -31,9 +32,8 @@ def slerp(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, t: float) -> t
     interpolated linearly, and `models:` may list the base model too (it is the start point).
     """
     v0, v1 = base, tensors[0]
-    n0 = float(torch.linalg.vector_norm(v0, dtype=torch.float64))
-    n1 = float(torch.linalg.vector_norm(v1, dtype=torch.float64))
-    dot = float(torch.sum(v0 * v1, dtype=torch.float64))
+    n0, n1 = fixed_dot(v0, v0) ** 0.5, fixed_dot(v1, v1) ** 0.5
+    dot = fixed_dot(v0, v1)
     dot /= (n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0)
     if abs(dot) > DOT_THRESHOLD:
         return torch.lerp(v0, v1, float(t)) if v0.is_floating_point() else v0

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.methods.linear import normalizable
 from neuroloc_cli.ops.combine import weighted_delta_sum
 from neuroloc_cli.recipe.params import Param
 
@@ -21,6 +22,7 @@ from neuroloc_cli.recipe.params import Param
         Param("normalize", default=False, boolean=True, help="divide the sum by the sum of the weights"),
     ),
     paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+    check_values=normalizable,
 )
 def task_arithmetic(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], lambda_: float, normalize: bool

@@ -1,8 +1,8 @@
 """Per-tensor similarity of two weight deltas (MAET Eq. 4), and ranking tensors by it.
 
 `S(τ) = ⟨Δ_A[τ], Δ_B[τ]⟩`, the dot product of the flattened slices (the paper's choice), or
-their cosine. Sums are accumulated in float64 so that the ranking of millions of small
-products does not depend on the order of summation.
+their cosine. Sums are accumulated in float64, in a fixed order (`ops.sums`), so that a
+ranking of millions of small products is the same on every machine and thread count.
 """
 
 from __future__ import annotations
@@ -16,31 +16,20 @@ from neuroloc_cli.arch import layer_index, tensor_kind
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
+from neuroloc_cli.ops.sums import fixed_dot
 
 METRICS = ("dot", "cosine")
 
 
-_CHUNK = 1 << 22  # elements converted to float64 at a time, so the sums cost no whole-tensor copy
-
-
-def _chunks(a: torch.Tensor, b: torch.Tensor):
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    for i in range(0, fa.numel(), _CHUNK):
-        yield fa[i : i + _CHUNK].double(), fb[i : i + _CHUNK].double()
-
-
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """⟨a, b⟩ of the flattened tensors, accumulated in float64."""
-    return float(sum(torch.dot(x, y) for x, y in _chunks(a, b)))
+    """⟨a, b⟩ of the flattened tensors, in float64, the same at any thread count."""
+    return fixed_dot(a, b)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """⟨a, b⟩ / (‖a‖·‖b‖); 0 when either is all zeros (no direction to compare)."""
-    ab = aa = bb = 0.0
-    for x, y in _chunks(a, b):
-        ab, aa, bb = ab + float(torch.dot(x, y)), aa + float(torch.dot(x, x)), bb + float(torch.dot(y, y))
-    norms = (aa * bb) ** 0.5
-    return ab / norms if norms else 0.0
+    norms = (fixed_dot(a, a) * fixed_dot(b, b)) ** 0.5
+    return fixed_dot(a, b) / norms if norms else 0.0
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, metric: str = "dot") -> float:
