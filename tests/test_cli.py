@@ -170,7 +170,7 @@ def test_merge_json_result(zoo, cli, tmp_path):
     assert doc["shards"] == ["model.safetensors"] and doc["tensors"] > 0
 
 
-def test_failure_mid_merge_leaves_nothing(zoo, cli, tmp_path, monkeypatch):
+def test_full_disk_mid_merge_is_an_output_error_and_leaves_nothing(zoo, cli, tmp_path, monkeypatch):
     from neuroloc_cli.io import writer as writer_mod
 
     fam = zoo.get("llama")
@@ -185,7 +185,7 @@ def test_failure_mid_merge_leaves_nothing(zoo, cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer_mod.ShardedWriter, "write", failing_write)
     r = cli("merge", write_recipe(tmp_path, _ta(fam)), "-o", tmp_path / "out")
-    assert r.exit_code == 1 and "internal error: OSError" in r.stderr and "--debug" in r.stderr
+    assert r.exit_code == 4 and r.stderr == f"error: {tmp_path / 'out'}: cannot write the output (No space left on device)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 

@@ -25,15 +25,15 @@ def delta(
     as_json: JsonOpt = False,
 ) -> None:
     """Select the units whose weights changed most (importance = norm of the change)."""
-    from neuroloc_cli.errors import OutputError
+    from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.locate import LOCATORS
     from neuroloc_cli.masks.stats import mask_stats
 
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it, or choose another path")
+    check_output_file(output, [base, tuned], overwrite)
     mask = LOCATORS.get("delta").fn(base, tuned, top=top, granularity=granularity, scope=scope)
+    stats = mask_stats(mask)
     mask.save(output)
-    _render_saved(output, mask_stats(mask), mask.provenance, as_json)
+    _render_saved(output, stats, mask.provenance, as_json)
 
 
 def _render_saved(path: Path, stats: dict, provenance: dict, as_json: bool) -> None:

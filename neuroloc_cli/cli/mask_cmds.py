@@ -8,13 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.options import JsonOpt
+from neuroloc_cli.cli.options import JsonOpt, OverwriteOpt
 
 mask_app = typer.Typer(help="Inspect, combine and draw masks.", no_args_is_help=True)
 
 MaskArg = Annotated[Path, typer.Argument(help="Mask file (.safetensors, written by `neuroloc locate`).", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="Mask file to write.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 
 
 @mask_app.command("stats")
@@ -44,16 +43,15 @@ def stats(mask: MaskArg, as_json: JsonOpt = False) -> None:
 
 
 def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: bool) -> None:
-    from neuroloc_cli.errors import OutputError
+    from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.masks import Mask
     from neuroloc_cli.masks.ops import combine
     from neuroloc_cli.masks.stats import mask_stats
 
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it, or choose another path")
+    check_output_file(output, [a, b], overwrite)
     result = combine(op, Mask.load(a), Mask.load(b), str(a), str(b))
-    result.save(output)
     doc = mask_stats(result)
+    result.save(output)
     doc = {"output": str(output), "operation": op, **{k: doc[k] for k in ("granularity", "selected", "total", "share")}}
     if as_json:
         render.print_json(doc)
@@ -104,12 +102,15 @@ def show(
     mask: MaskArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")],
     tensor: Annotated[Optional[str], typer.Option("--tensor", help="Also draw this tensor's density by row and column (name, glob or unique substring).")] = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw a heat map of the selected share per layer × tensor kind (and one tensor's rows/columns)."""
+    from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.masks import Mask
     from neuroloc_cli.masks.show import render_png
 
+    check_output_file(output, [mask], overwrite)
     doc = render_png(Mask.load(mask), output, tensor)
     if as_json:
         render.print_json(doc)

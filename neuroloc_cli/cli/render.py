@@ -71,7 +71,9 @@ def progress(description: str, total: int) -> Iterator[Any]:
 
 def merge_result(result: Any, as_json: bool) -> None:
     """What `merge` and `delta` print about the checkpoint they wrote (a `MergeResult`)."""
-    doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3)}
+    doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3), "warnings": result.warnings}
+    for line in result.warnings:
+        err().print(f"warning: {line}", markup=False, highlight=False)
     if as_json:
         print_json(doc)
     else:

@@ -8,6 +8,8 @@ that target on the same machine deletes the ones whose process is gone.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import json
 import os
@@ -57,6 +59,27 @@ def check_output_path(target: Path, inputs: Sequence[Path], overwrite: bool) -> 
         raise OutputError(f"{target}: exists and is not a folder")
 
 
+def check_output_file(target: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output file that is one of the inputs (even with `--overwrite`: the input
+    is still being read) or lies inside an input folder (inputs stay untouched), is a folder,
+    or exists already without `overwrite`.
+
+    Raises:
+        OutputError: naming the input that clashes, or the existing target.
+    """
+    out = target.resolve()
+    for p in inputs:
+        inp = p.resolve()
+        if out == inp:
+            raise OutputError(f"{target}: output is also an input", hint="write to another path")
+        if inp in out.parents:
+            raise OutputError(f"{target}: output lies inside input {p}", hint="write outside every input folder")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder", hint="give a file name")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists", hint="pass --overwrite to replace it, or choose another path")
+
+
 @contextmanager
 def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `target` only if the block succeeds.
@@ -74,16 +97,49 @@ def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool
         raise OutputError(f"{target}: cannot create output folder ({e.strerror})") from None
     try:
         yield tmp
-    except BaseException:
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.neuroloc-old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_write_error(e, tmp):
+            raise
+        raise OutputError(f"{target}: cannot write {Path(e.filename).name if e.filename else 'the output'} ({e.strerror or e})") from None
+    except BaseException:  # errors, Ctrl-C and SIGTERM (see `cli.app.Terminated`)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.neuroloc-old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_write_error(e: OSError, tmp: Path) -> bool:
+    """A full disk or quota, or any failure on a file inside the output's temporary folder."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return True
+    return any(f and tmp in Path(f).parents for f in (e.filename, e.filename2))
+
+
+@contextmanager
+def atomic_file(target: Path, what: str = "file") -> Iterator[Path]:
+    """Yield a temporary path beside `target` that is renamed to `target` only if the block
+    succeeds; on any error, Ctrl-C or SIGTERM it is removed.
+
+    Raises:
+        OutputError: the file cannot be written (a full disk, a read-only folder), naming
+            `target` and saying it is a `what`.
+    """
+    tmp = target.parent / f"{_tmp_prefix(target)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write {what} ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):  # absent, or on a read-only file system
+            tmp.unlink()
 
 
 def _tmp_prefix(target: Path) -> str:
@@ -126,13 +182,17 @@ def checkpoint_output(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     config_dtype: torch.dtype | None = None,
     config_updates: dict | None = None,
+    shard_provenance: dict | None = None,
 ) -> Iterator[tuple[ShardedWriter, Path]]:
     """Write a Hugging Face checkpoint atomically: yield a `ShardedWriter` laid out for
     `tensors` (and the temporary folder, for extra files); once every tensor is written, add
     `source`'s side files and `neuroloc.json`, and move the folder into place.
 
-    Every shard's metadata records `kind` ("model" or "delta"), the neuroloc version and the
-    provenance; see `copy_side_files` for `config_dtype` and `config_updates`.
+    Every shard's metadata records `kind` ("model" or "delta"), the neuroloc version and
+    `shard_provenance` (default: the provenance less its `created` time); `neuroloc.json`
+    holds the whole provenance. Shards thus say nothing about when (or, as the caller
+    decides, where) a run wrote them: the same inputs and settings give byte-identical shard
+    files. See `copy_side_files` for `config_dtype` and `config_updates`.
 
     Raises:
         OutputError: see `atomic_output_dir`.
@@ -143,7 +203,11 @@ def checkpoint_output(
     metadata = {
         KIND_KEY: kind,
         "neuroloc.version": __version__,
-        "neuroloc.provenance": json.dumps(provenance, separators=(",", ":"), default=str),
+        "neuroloc.provenance": json.dumps(
+            shard_provenance if shard_provenance is not None else {k: v for k, v in provenance.items() if k != "created"},
+            separators=(",", ":"),
+            default=str,
+        ),
     }
     with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
         writer = ShardedWriter(tmp, tensors, max_shard_bytes, metadata)

@@ -44,9 +44,13 @@ def parse_size(text: str) -> int:
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGIB")
     unit = s[len(num):]
-    if unit not in units or not num:
+    try:
+        value = float(num) * units[unit]
+    except (KeyError, ValueError):
+        value = float("nan")
+    if not value >= 1 or value == float("inf"):
         raise ValueError(f"invalid size {text!r} (use e.g. 5GB, 500MB or a byte count)")
-    return int(float(num) * units[unit])
+    return int(value)
 
 
 def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -130,14 +134,24 @@ class ShardedWriter:
             self._file = None
 
     def _open_shard(self, shard: int) -> BinaryIO:
-        header: dict[str, object] = {"__metadata__": self.metadata}
-        offset = 0
-        for t in self.shards[shard]:
-            header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
         f = open(self.folder / self.files[shard], "wb")
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(encode_header(self.shards[shard], self.metadata))
         return f
+
+
+def encode_header(tensors: Sequence[OutTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file that holds `tensors`, in
+    this order, back to back; the same tensors and metadata always give the same bytes."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_tensor_bytes(f: BinaryIO, tensor: torch.Tensor) -> None:
+    """Append a tensor's raw little-endian bytes (as `encode_header` laid them out)."""
+    f.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))

@@ -17,7 +17,7 @@ from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_count, top_units
 from neuroloc_cli.locate.units import UnitGroup, element_tensors, ffn_groups, row_groups
-from neuroloc_cli.masks.format import GRANULARITIES, Mask, MaskEntry
+from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
 from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
 
 SCOPES = ("global", "tensor")
@@ -79,6 +79,7 @@ def locate_delta(
         "base": str(Path(base).resolve()),
         "tuned": str(Path(tuned).resolve()),
         "base_fingerprint": deltas.base.fingerprint,
+        LAYOUT_KEY: layout_digest({n: t.shape for n, t in deltas.base.tensors.items()}),
         "tuned_fingerprint": deltas.tuned.ckpt.fingerprint,
         "top": top,
         "granularity": granularity,

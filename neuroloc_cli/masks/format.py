@@ -19,7 +19,10 @@ A tensor of the model that the mask does not list is entirely unselected.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from neuroloc_cli.errors import InputError, OutputError
+from neuroloc_cli.errors import InputError
+from neuroloc_cli.io.output import atomic_file
+from neuroloc_cli.io.writer import OutTensor, encode_header, write_tensor_bytes
 
 GRANULARITIES = ("row", "ffn", "element")
 MASK_VERSION = "1"
+LAYOUT_KEY = "model_layout"  # provenance key: `layout_digest` of the model a mask was made for
 
 
 @dataclass
@@ -67,6 +72,12 @@ class MaskEntry:
         return self.selected.numel()
 
     @property
+    def span(self) -> int:
+        """Elements of the model tensor that one unit covers (1 for element masks); computed
+        without dividing, so that a tensor with a zero-size dimension spans 0 elements."""
+        return 1 if self.axis is None else math.prod(d for i, d in enumerate(self.shape) if i != self.axis)
+
+    @property
     def selected_units(self) -> int:
         return int(self.selected.sum())
 
@@ -86,7 +97,15 @@ class Mask:
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Write the mask to `path` atomically (a temporary file renamed into place)."""
+        """Write the mask to `path` atomically (a temporary file renamed into place).
+
+        The same mask always gives the same bytes: the header is written in a fixed order
+        (`safetensors.save_file` orders `__metadata__` differently in each process).
+
+        Raises:
+            OutputError: the file cannot be written.
+        """
+
         tensors, layout = {}, {}
         for name, e in self.entries.items():
             layout[name] = {"shape": list(e.shape), "axis": e.axis}
@@ -102,14 +121,11 @@ class Mask:
             "tensors": json.dumps(layout, separators=(",", ":")),
             "provenance": json.dumps(self.provenance, separators=(",", ":"), default=str),
         }
-        tmp = path.with_name(f".{path.name}.neuroloc-tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata=metadata)
-            tmp.replace(path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{path}: cannot write mask ({e.strerror})") from None
+        layout_out = [OutTensor(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        with atomic_file(path, "mask") as tmp, open(tmp, "wb") as f:
+            f.write(encode_header(layout_out, metadata))
+            for t in tensors.values():
+                write_tensor_bytes(f, t)
 
     @classmethod
     def load(cls, path: Path | str) -> Mask:
@@ -158,6 +174,14 @@ class Mask:
     def selected(self) -> int:
         """Number of selected elements of the model (a selected row counts all its elements)."""
         return sum(int(e.dense().sum()) for e in self.entries.values())
+
+
+def layout_digest(shapes: Mapping[str, Sequence[int]]) -> str:
+    """A short digest of a model's tensor names and shapes: masks record the layout of the
+    model they were made for (provenance key `model_layout`), so that masks of two different
+    architectures are not combined by accident."""
+    text = "\n".join(f"{name}:{','.join(map(str, shape))}" for name, shape in sorted(shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _read_entry(f: Any, name: str, spec: dict[str, Any], path: Path) -> MaskEntry:

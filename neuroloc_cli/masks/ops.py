@@ -9,14 +9,13 @@ naming the tensor.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from neuroloc_cli.errors import InputError
-from neuroloc_cli.masks.format import Mask, MaskEntry
+from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry
 
 _BoolOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,11 +27,15 @@ SET_OPS: dict[str, _BoolOp] = {
 
 
 def check_compatible(a: Mask, b: Mask, a_name: str = "A", b_name: str = "B") -> None:
-    """Refuse two masks that list one tensor with different shapes.
+    """Refuse two masks made for models of different layouts (their `model_layout`
+    provenance differs), or that list one tensor with different shapes.
 
     Raises:
-        InputError: naming the first such tensor.
+        InputError: naming both masks, or the first tensor that differs.
     """
+    la, lb = a.provenance.get(LAYOUT_KEY), b.provenance.get(LAYOUT_KEY)
+    if la and lb and la != lb:
+        raise InputError(f"{a_name} and {b_name} were made for models with different tensors (layout {la} vs {lb})", hint="combine masks of one architecture")
     for name, ea in a.entries.items():
         eb = b.entries.get(name)
         if eb is not None and ea.shape != eb.shape:
@@ -61,6 +64,9 @@ def combine(op: str, a: Mask, b: Mask, a_name: str = "A", b_name: str = "B") -> 
     if granularity == "element":  # an element mask holds element entries only, as its readers expect
         entries = {n: to_element(e) for n, e in entries.items()}
     provenance = {"operation": op, "inputs": [a_name, b_name], "of": [a.provenance, b.provenance]}
+    layout = a.provenance.get(LAYOUT_KEY) or b.provenance.get(LAYOUT_KEY)
+    if layout:
+        provenance[LAYOUT_KEY] = layout
     return Mask(granularity, entries, provenance)
 
 
@@ -116,7 +122,7 @@ def _overlap_entry(name: str, ea: MaskEntry | None, eb: MaskEntry | None) -> Ove
         return Overlap(name, n if ea is not None else 0, n if eb is not None else 0, 0, n)
     if ea.axis == eb.axis and ea.axis is not None:
         # Same unit axis: count units, then scale by the elements each unit spans.
-        span = math.prod(ea.shape) // ea.shape[ea.axis]
+        span = ea.span
         inter = int((ea.selected & eb.selected).sum()) * span
         union = int((ea.selected | eb.selected).sum()) * span
         return Overlap(name, ea.selected_units * span, eb.selected_units * span, inter, union)
@@ -133,4 +139,4 @@ def selected_elements(entry: MaskEntry) -> int:
     """Selected elements of one entry, without expanding row/FFN entries."""
     if entry.axis is None:
         return int(entry.selected.sum())
-    return entry.selected_units * (math.prod(entry.shape) // entry.shape[entry.axis])
+    return entry.selected_units * entry.span

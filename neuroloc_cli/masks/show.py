@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from neuroloc_cli.arch import layer_index, tensor_kind
-from neuroloc_cli.errors import OutputError, UsageError, did_you_mean
+from neuroloc_cli.errors import UsageError, did_you_mean
+from neuroloc_cli.io.output import atomic_file
 from neuroloc_cli.masks.format import Mask, MaskEntry
 from neuroloc_cli.masks.ops import selected_elements
 
@@ -148,14 +149,8 @@ def render_png(mask: Mask, out: Path, tensor: str | None = None) -> dict:
     for p in panels:
         image.paste(p, (_PAD, y))
         y += p.height + _PAD
-    tmp = out.with_name(f".{out.name}.neuroloc-tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out, "image") as tmp:
         image.save(tmp, format="PNG")
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{out}: cannot write image ({e.strerror})") from None
     return {"output": str(out), "width": width, "height": height, "tensor": name}
 
 

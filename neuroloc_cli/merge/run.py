@@ -16,14 +16,13 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from neuroloc_cli import __version__
-from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.output import check_output_path, checkpoint_output
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from neuroloc_cli.merge.masking import Rows
@@ -43,6 +42,7 @@ class MergeResult:
     bytes: int
     shards: list[str]
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def run_merge(
@@ -68,7 +68,6 @@ def run_merge(
     Raises:
         OutputError: the output path is unusable.
         InputError: a tensor cannot be read.
-        UsageError: the method rejects its parameters at some tensor (named).
     """
     start = time.perf_counter()
     seed = seed if seed is not None else plan.recipe.random_seed
@@ -91,8 +90,11 @@ def run_merge(
         config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
         config_updates=plan.config_updates,
     ) as (writer, _):
-        _stream(plan, writer, seed, on_tensor, prepared)
-    return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start)
+        nonfinite = _stream(plan, writer, seed, on_tensor, prepared)
+        if nonfinite:  # neuroloc.json is written as the block ends
+            provenance["nonfinite_tensors"] = nonfinite
+    warnings = [f"tensor {name}: {n} NaN or inf value(s) in the output (its inputs hold them)" for name, n in nonfinite.items()]
+    return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start, warnings)
 
 
 # Elementwise work processes tensors larger than this in blocks of rows (8 MB in float32).
@@ -101,12 +103,7 @@ BLOCK_ELEMENTS = 2 * 2**20
 
 def _prepare(plan: MergePlan) -> Prepared | None:
     """Run the method's statistics pass, if it has one."""
-    if plan.method.prepare is None:
-        return None
-    try:
-        return plan.method.prepare(plan)
-    except ValueError as e:
-        raise UsageError(f"{plan.method.name}: {e}") from None
+    return None if plan.method.prepare is None else plan.method.prepare(plan)
 
 
 def _units(steps: Sequence[Step], blocks: bool) -> list[tuple[Step, Rows]]:
@@ -142,8 +139,16 @@ def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = Fals
             yield step, rows, inputs
 
 
-def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None, prepared: Prepared | None = None) -> None:
-    """Compute and write each unit while the next one is read."""
+def _stream(
+    plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None, prepared: Prepared | None = None
+) -> dict[str, int]:
+    """Compute and write each unit while the next one is read.
+
+    Returns:
+        The merged tensors that came out with NaN or inf values, with their counts: inputs
+        that hold them pass them on (as in mergekit), and the caller warns.
+    """
+    nonfinite: dict[str, int] = {}
     for step, rows, inputs in stream_inputs(plan, plan.steps, blocks=plan.method.elementwise):
         context = prepared.per_tensor.get(step.name) if prepared is not None else None
         out = _compute(plan, step, rows, inputs, seed, context).to(step.out.dtype)
@@ -153,9 +158,12 @@ def _stream(plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor:
             # Outside the mask a model keeps the base; a delta output keeps zero.
             outside = torch.zeros_like(out) if plan.method.output_kind == "delta" else raw.to(step.out.dtype)
             out = plan.masks.apply(step.name, out, outside, rows)
+        if step.merge and not bool(torch.isfinite(out).all()):
+            nonfinite[step.name] = nonfinite.get(step.name, 0) + int(out.numel() - torch.isfinite(out).sum())
         writer.write(step.name, out)
         if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
             on_tensor(step)
+    return nonfinite
 
 
 def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
@@ -197,10 +205,7 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: _Inputs, seed: int
     if step.origin is not None:
         per_model = [per_model[step.origin[0]]]
     generator = _generator(seed, step.name) if plan.method.random else None
-    try:
-        return plan.method(base, tensors, whole, per_model, generator, context)
-    except ValueError as e:
-        raise UsageError(f"tensor {step.name}: {e}") from None
+    return plan.method(base, tensors, whole, per_model, generator, context)
 
 
 def _generator(seed: int | None, tensor_name: str) -> torch.Generator:

@@ -32,8 +32,18 @@ class DeltaReader:
             raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
 
     def read(self, name: str) -> torch.Tensor:
+        """`Δ` of one tensor in float32.
+
+        Raises:
+            InputError: `Δ` holds NaN or inf (a broken input): no ranking of it means anything.
+        """
         x = self.ckpt.read(name, dtype=torch.float32)
-        return x if self.base is None else x.sub_(self.base.read(name, dtype=torch.float32))
+        d = x if self.base is None else x.sub_(self.base.read(name, dtype=torch.float32))
+        if not bool(torch.isfinite(d).all()):
+            bad = int(d.numel() - torch.isfinite(d).sum())
+            where = self.ckpt.path if self.base is None else f"{self.ckpt.path} or {self.base.path}"
+            raise InputError(f"{where}: tensor {name} holds NaN or inf ({bad} of {d.numel()} values of its delta)", hint="check that checkpoint")
+        return d
 
 
 def check_same_tensors(names: Iterable[str], reference: Checkpoint, others: Sequence[Checkpoint]) -> None:

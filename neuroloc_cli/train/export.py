@@ -20,6 +20,11 @@ from neuroloc_cli.train.masking import TrainableModel
 
 LOG_FILE = "train_log.jsonl"
 
+# Settings that say where a run wrote its files and how it was started, not what it computed:
+# left out of the shards' provenance (`neuroloc.json` keeps them), so that two runs with the
+# same inputs and settings write byte-identical weight files whatever their output paths.
+RUN_ONLY_SETTINGS = ("output", "run_dir", "log", "overwrite", "resume")
+
 
 def write_model(
     out_dir: Path,
@@ -63,6 +68,7 @@ def write_model(
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
         config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+        shard_provenance=_shard_provenance(provenance),
     ) as (writer, tmp):
         for info in infos:
             t = trained.tensor(info.name) if info.name in changed else source.read(info.name)
@@ -70,3 +76,11 @@ def write_model(
         if log_file is not None and log_file.is_file():
             shutil.copyfile(log_file, tmp / LOG_FILE)
     return writer.files
+
+
+def _shard_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The provenance less its `created` time and the `RUN_ONLY_SETTINGS` of its `config`."""
+    shard = {k: v for k, v in provenance.items() if k != "created"}
+    if isinstance(shard.get("config"), dict):
+        shard["config"] = {k: v for k, v in shard["config"].items() if k not in RUN_ONLY_SETTINGS}
+    return shard
