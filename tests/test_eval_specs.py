@@ -96,7 +96,7 @@ def test_record_values_are_checked(tmp_path, shape, record, problem):
     f.write_text('\n' + record + '\n')
     with pytest.raises(InputError) as e:
         parse_tasks(f"{shape}={f}")
-    assert str(e.value) == f"{f}: record 1: {problem}"
+    assert str(e.value) == f"{f}:2: {problem}"  # the line, not the record: the file starts with a blank line
 
 
 def test_null_values_are_refused_with_the_line(tmp_path):

@@ -20,7 +20,7 @@ def eval_(
     ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="FILE.jsonl[:LANG] of {\"text\": …} records: perplexity task ppl_LANG (repeatable).", rich_help_panel=_TASKS)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N documents per task (and translations).", rich_help_panel=_TASKS)] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0, help="Override every task's few-shot count.", rich_help_panel=_TASKS)] = None,
-    max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks", min=1, help="Cap on generated tokens (tasks' own setting; 256 for translation).", rich_help_panel=_TASKS)] = None,
+    max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks", min=1, help="Cap on generated tokens (default: tasks' own, 256 for translation, at most half the model's positions).", rich_help_panel=_TASKS)] = None,
     translate_file: Annotated[Optional[Path], typer.Option("--translate", help="jsonl of {\"source\", \"target\"} records to translate.", rich_help_panel=_MT)] = None,
     src: Annotated[Optional[str], typer.Option("--src", help="Source language code (en, de, zh, …).", rich_help_panel=_MT)] = None,
     tgt: Annotated[Optional[str], typer.Option("--tgt", help="Target language code.", rich_help_panel=_MT)] = None,
@@ -35,6 +35,7 @@ def eval_(
     online: Annotated[bool, typer.Option("--online", help="Allow dataset downloads (offline by default).", rich_help_panel=_RUN)] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder for results.json, samples and hypotheses.txt (appears atomically).", rich_help_panel=_RUN)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.", rich_help_panel=_RUN)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show progress, and lm-eval's, transformers' and datasets' logs, on stderr.", rich_help_panel=_RUN)] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate checkpoints on lm-eval tasks, perplexity and translation; print them side by side."""
@@ -48,7 +49,7 @@ def eval_(
     if translate_file is not None:
         if not src or not tgt:
             raise UsageError("--translate needs --src and --tgt language codes")
-        translation = TranslationSettings(translate_file, src, tgt, template, max_gen_toks or 256, bleu_tokenize, bleu_smooth, limit)
+        translation = TranslationSettings(translate_file, src, tgt, template, max_gen_toks, bleu_tokenize, bleu_smooth, limit)
     seeds = dict.fromkeys(DEFAULT_SEEDS, seed) if seed is not None else dict(DEFAULT_SEEDS)
     request = EvalRequest(
         models=list(models), tasks=parse_tasks(tasks, ppl), include_paths=list(include_path or []), translation=translation,
@@ -59,7 +60,9 @@ def eval_(
         from neuroloc_cli.io.output import check_output_path
 
         check_output_path(output, request.models, overwrite)  # fail before hours of evaluation
-    result, artifacts = evaluate(request, on_model=lambda label: render.err().print(f"evaluating {label}", markup=False))
+    # Progress lines for people; piped, stderr holds nothing but an error, first.
+    progress = verbose or render.err().is_terminal
+    result, artifacts = evaluate(request, on_model=_progress if progress else None, verbose=verbose)
     if output is not None:
         from neuroloc_cli.eval.results import save
         from neuroloc_cli.io.output import atomic_output_dir
@@ -70,5 +73,9 @@ def eval_(
         render.print_json(result.to_json())
         return
     render.out().print(result.table())
-    for line in result.signatures():
+    for line in result.signatures() + result.notes():
         render.out().print(line, highlight=False, markup=False)
+
+
+def _progress(label: str) -> None:
+    render.err().print(f"evaluating {label}", markup=False)

@@ -33,7 +33,7 @@ def train(
     grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Gradient norm clip, 0 = off [1.0].", rich_help_panel=_OPT)] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1].", rich_help_panel=_OPT)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch per process [8].", rich_help_panel=_OPT)] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed sequence [512].", rich_help_panel=_OPT)] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed sequence [512, or the model's positions if fewer].", rich_help_panel=_OPT)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and dropout [0].", rich_help_panel=_OPT)] = None,
     eval_share: Annotated[Optional[float], typer.Option("--eval-share", help="Held-out share of each corpus, for perplexity [0.05].", rich_help_panel=_RUN)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out perplexity every N steps (and at start and end).", rich_help_panel=_RUN)] = None,
@@ -57,6 +57,8 @@ def train(
     if adam_betas is not None:
         try:
             betas = tuple(float(b) for b in adam_betas.split(","))
+            if len(betas) != 2:
+                raise ValueError
         except ValueError:
             raise UsageError(f"--adam-betas: {adam_betas!r} is not B1,B2 (e.g. 0.9,0.95)") from None
     given = dict(locals())
@@ -97,7 +99,7 @@ class _Progress:
             self.console.print(
                 f"training {render.human_count(e['trainable'])} of {render.human_count(e['parameters'])} parameters "
                 f"({share:.2%}), frozen {render.human_count(e['frozen'])}; optimizer state "
-                f"{render.human_bytes(e['optimizer_state_bytes'])}; {e['world_size']} process(es)"
+                f"{render.human_bytes(e['optimizer_state_bytes'])}; sequences of {e['seq_len']} tokens; {e['world_size']} process(es)"
             )
             self.task = self.bar.add_task("train", total=e["total_steps"], completed=e["step"], loss="-", tps="-",
                                           trainable=render.human_count(e["trainable"]))
@@ -135,9 +137,15 @@ def _render_plan(doc: dict, as_json: bool) -> None:
     share = doc["trainable"] / max(1, doc["parameters"])
     render.out().print(
         f"would train {render.human_count(doc['trainable'])} of {render.human_count(doc['parameters'])} parameters ({share:.2%}) "
-        f"for {doc['total_steps']} steps of {doc['tokens_per_step']} tokens; AdamW state about "
-        f"{render.human_bytes(doc['optimizer_state_bytes'])}"
+        f"for {doc['total_steps']} steps of {doc['tokens_per_step']} tokens in sequences of {doc['seq_len']}{_seq_len_source(doc)}; "
+        f"AdamW state about {render.human_bytes(doc['optimizer_state_bytes'])}"
     )
     for d in doc["data"]:
         render.out().print(f"  {d['path']}: {d['tokens']} tokens, {d['train_sequences']} training / {d['held_out_sequences']} held-out sequences, weight {d['weight']:g}")
     render.err().print("[green]run is valid[/green]: no weights were loaded, nothing was written")
+
+
+def _seq_len_source(doc: dict) -> str:
+    if not doc["seq_len_default"]:
+        return ""
+    return f" (default: the model's {doc['positions']} positions)" if doc["seq_len"] == doc["positions"] else " (default)"

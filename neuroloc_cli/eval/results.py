@@ -23,6 +23,10 @@ class ModelResult:
         tasks: task → metric → {"value", "stderr" (None where not meaningful), "signature" (sacrebleu)}.
         n_samples: task → documents scored.
         n_shot: task → few-shot examples per prompt (lm-eval tasks).
+        positions: the model's positions, prompt and generation together (config.json; None: not given).
+        max_gen_toks: task → tokens generated at most, for generative tasks and translation.
+        capped: task → the default generation length that was lowered to fit `positions`
+            (half of them) because no --max-gen-toks was given.
     """
 
     label: str
@@ -31,6 +35,9 @@ class ModelResult:
     tasks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     n_samples: dict[str, int] = field(default_factory=dict)
     n_shot: dict[str, int] = field(default_factory=dict)
+    positions: int | None = None
+    max_gen_toks: dict[str, int] = field(default_factory=dict)
+    capped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +94,15 @@ class EvalResult:
                     if v.get("signature"):
                         lines[f"{task} {metric}: {v['signature']}"] = None
         return list(lines)
+
+    def notes(self) -> list[str]:
+        """One line per generation length lowered to fit a model: scores made with a shorter
+        generation than asked for must not pass unnoticed."""
+        return [
+            f"{m.label}: {task}: generated at most {m.max_gen_toks[task]} tokens, not {default}, to fit the model's "
+            f"{m.positions} positions (--max-gen-toks sets it)"
+            for m in self.models for task, default in m.capped.items()
+        ]
 
 
 def _cell(v: dict[str, Any] | None) -> str:

@@ -4,17 +4,19 @@ serves the lm-eval tasks, the perplexity tasks and the translations."""
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.eval.harness import HarnessSettings, load_tasks, run_tasks, task_manager
+from neuroloc_cli.eval.context import DEFAULT_GEN_TOKS, check_max_gen_toks, fitting_gen_toks, model_positions
+from neuroloc_cli.eval.harness import HarnessSettings, LoadedTasks, fit_generation, load_tasks, run_tasks, task_manager
 from neuroloc_cli.eval.offline import offline_mode
+from neuroloc_cli.eval.quiet import library_output
 from neuroloc_cli.eval.results import EvalResult, ModelArtifacts, ModelResult
 from neuroloc_cli.eval.specs import TaskRequest
+from neuroloc_cli.eval.task_names import check_task_names
 from neuroloc_cli.eval.translate import TranslationSettings, check_settings, resolve_template, translate
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,55 +63,112 @@ def load_lm(path: Path, device: str, dtype: str, batch_size: int):
         raise InputError(f"{path}: cannot be loaded as a causal language model ({' '.join(str(e).split())[:300]})") from None
 
 
-def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None) -> tuple[EvalResult, list[ModelArtifacts]]:
+def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None, verbose: bool = False) -> tuple[EvalResult, list[ModelArtifacts]]:
     """Evaluate every model of `request`; see `EvalRequest`.
 
     Args:
         on_model: called with each model's label before it loads (progress).
+        verbose: let lm-eval, transformers and datasets write their logs and progress bars to
+            stderr (by default they are silenced, see `quiet.library_output`).
 
     Returns:
         The result object and, per model, what `--output` saves.
 
     Raises:
-        UsageError: nothing to evaluate, a CUDA device that is not there, an unknown task.
+        UsageError: nothing to evaluate, a CUDA device that is not there, an unknown task, a
+            --max-gen-toks that a model cannot hold, a task YAML of the user's that is wrong.
         InputError: a checkpoint or data file is missing or invalid, a dataset is not available offline.
+    """
+    models, records = check_request(request)
+    results, artifacts = [], []
+    with offline_mode(not request.online):
+        with library_output(verbose):
+            manager = task_manager(request.tasks, request.include_paths) if request.tasks.names else None
+        for model in models:
+            with library_output(verbose):
+                # Tasks first: a dataset that cannot be loaded fails before a big model loads.
+                tasks = load_tasks(manager, request.tasks, request.include_paths, request.online) if manager else LoadedTasks()
+            if on_model:
+                on_model(model.label)
+            with library_output(verbose):
+                result, art = _evaluate_model(model, tasks, manager, records, request)
+            results.append(result)
+            artifacts.append(art)
+            gc.collect()  # the model's weights, before the next model loads
+    return EvalResult(models=results, config=_config(request), seeds=dict(request.harness.seeds), versions=versions()), artifacts
+
+
+@dataclass(frozen=True)
+class ModelToEvaluate:
+    """A checkpoint folder, checked: its label in the results, fingerprint and positions."""
+
+    path: Path
+    label: str
+    fingerprint: str
+    positions: int | None
+
+
+def check_request(request: EvalRequest) -> tuple[list[ModelToEvaluate], list[dict[str, Any]] | None]:
+    """Check all that can be checked before lm-eval is imported or a model loads, so that a
+    mistake is reported at once, as the first line on stderr.
+
+    Returns:
+        The models, and the translation records (None without --translate).
+
+    Raises:
+        UsageError / InputError: as `evaluate`, except what only loading can tell.
     """
     if not request.tasks.names and request.translation is None:
         raise UsageError("nothing to evaluate", hint="pass --tasks, --ppl or --translate")
     _check_device(request.device)
     if request.dtype not in DTYPES:
         raise UsageError(f"--dtype {request.dtype!r}: use one of {', '.join(DTYPES)}")
-    fingerprints = [_fingerprint(p) for p in request.models]
-    labels = _labels(request.models)
+    check_task_names(request.tasks.named, request.include_paths)
     records = check_settings(request.translation) if request.translation else None
-    results, artifacts = [], []
-    with offline_mode(not request.online):
-        _quiet_libraries()
-        manager = task_manager(request.tasks, request.include_paths) if request.tasks.names else None
-        for path, label, fingerprint in zip(request.models, labels, fingerprints):
-            # Tasks first: a dataset that cannot be loaded fails before a big model loads.
-            tasks = load_tasks(manager, request.tasks, request.online) if manager else []
-            if on_model:
-                on_model(label)
-            lm = load_lm(path, request.device, request.dtype, request.batch_size)
-            model, art = ModelResult(label, str(path.resolve()), fingerprint), ModelArtifacts()
-            if tasks:
-                out = run_tasks(lm, tasks, manager, request.harness)
-                model.tasks.update(out.metrics)
-                model.n_samples.update(out.n_samples)
-                model.n_shot.update(out.n_shot)
-                art.samples = out.samples
-            if request.translation and records is not None:
-                tr = translate(lm, records, request.translation)
-                model.tasks[request.translation.task_name] = tr.metrics
-                model.n_samples[request.translation.task_name] = len(records)
-                art.hypotheses = tr.hypotheses
-                art.translations = [{**r, "prompt": p, "hypothesis": h} for r, p, h in zip(tr.records, tr.prompts, tr.hypotheses)]
-            results.append(model)
-            artifacts.append(art)
-            del lm
-            gc.collect()
-    return EvalResult(models=results, config=_config(request), seeds=dict(request.harness.seeds), versions=versions()), artifacts
+    models = [_open_model(path, label) for path, label in zip(request.models, _labels(request.models))]
+    asked = {request.harness.max_gen_toks, request.translation.max_gen_toks if request.translation else None}
+    for model in models:
+        for max_gen_toks in asked:
+            check_max_gen_toks(max_gen_toks, model.path, model.positions)
+    return models, records
+
+
+def _open_model(path: Path, label: str) -> ModelToEvaluate:
+    from neuroloc_cli.io.checkpoint import Checkpoint
+    from neuroloc_cli.train.data import check_tokenizer_files
+
+    with Checkpoint.open(path, spec=str(path)) as checkpoint:
+        model = ModelToEvaluate(path, label, checkpoint.fingerprint, model_positions(checkpoint.config))
+    check_tokenizer_files(path)
+    return model
+
+
+def _evaluate_model(model: ModelToEvaluate, tasks: LoadedTasks, manager, records: list[dict[str, Any]] | None,
+                    request: EvalRequest) -> tuple[ModelResult, ModelArtifacts]:
+    """Load one model and run its tasks and translations on it."""
+    lm = load_lm(model.path, request.device, request.dtype, request.batch_size)
+    result = ModelResult(model.label, str(model.path.resolve()), model.fingerprint, positions=model.positions)
+    art = ModelArtifacts()
+    fit = fitting_gen_toks(model.positions)
+    if tasks.top:
+        result.max_gen_toks, result.capped = fit_generation(tasks.leaves, request.harness, fit)
+        out = run_tasks(lm, tasks.top, manager, request.harness)
+        result.tasks.update(out.metrics)
+        result.n_samples.update(out.n_samples)
+        result.n_shot.update(out.n_shot)
+        art.samples = out.samples
+    if request.translation and records is not None:
+        t = request.translation
+        gen = t.max_gen_toks or min(DEFAULT_GEN_TOKS, fit or DEFAULT_GEN_TOKS)
+        result.max_gen_toks[t.task_name] = gen
+        if gen < DEFAULT_GEN_TOKS and not t.max_gen_toks:
+            result.capped[t.task_name] = DEFAULT_GEN_TOKS
+        tr = translate(lm, records, t, gen)
+        result.tasks[t.task_name] = tr.metrics
+        result.n_samples[t.task_name] = len(records)
+        art.hypotheses = tr.hypotheses
+        art.translations = [{**r, "prompt": p, "hypothesis": h} for r, p, h in zip(tr.records, tr.prompts, tr.hypotheses)]
+    return result, art
 
 
 def versions() -> dict[str, str]:
@@ -162,25 +221,8 @@ def _check_device(device: str) -> None:
     raise UsageError(f"--device {device!r}: use cpu, cuda or cuda:N")
 
 
-def _fingerprint(path: Path) -> str:
-    from neuroloc_cli.io.checkpoint import Checkpoint
-
-    return Checkpoint.open(path, spec=str(path)).fingerprint
-
-
 def _labels(paths: list[Path]) -> list[str]:
     names = [p.resolve().name or "model" for p in paths]
     if len(set(names)) == len(names):
         return names
     return [f"{i}-{n}" for i, n in enumerate(names, 1)]
-
-
-def _quiet_libraries() -> None:
-    # lm-eval logs every setting at INFO; datasets draws a bar per file. Keep stderr readable.
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass

@@ -8,8 +8,10 @@ serves the shipped sample and any user file, from any working directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +98,7 @@ def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
     for spec in ppl or []:
         local.append(parse_ppl(spec))
     for task in local:
-        for number, record in enumerate(read_jsonl(task.data, SHAPES[task.shape]), 1):
-            problem = _record_problem(task.shape, record)
-            if problem:
-                raise InputError(f"{task.data}: record {number}: {problem}")
+        read_jsonl(task.data, SHAPES[task.shape], functools.partial(_record_problem, task.shape))
     request = TaskRequest(tuple(local), tuple(named))
     seen: set[str] = set()
     for name in request.names:
@@ -147,11 +146,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "data"
 
 
-def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Read a jsonl file whose every record has `keys`.
+def read_jsonl(path: Path, keys: tuple[str, ...], check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Read a jsonl file whose every record has `keys` (and passes `check`, which returns a
+    problem or None).
 
     Raises:
-        InputError: naming the file (and line) that is missing, not JSON, lacks a key, or is empty.
+        InputError: naming the file (and line) that is missing, not JSON, lacks a key, fails
+            `check`, or is empty.
     """
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
@@ -175,6 +176,9 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
         empty = [k for k in keys if record[k] is None]
         if empty:
             raise InputError(f"{path}:{number}: key(s) {', '.join(map(repr, empty))} are null", hint=f"each record needs {', '.join(keys)}")
+        problem = check(record) if check else None
+        if problem:
+            raise InputError(f"{path}:{number}: {problem}")
         records.append(record)
     if not records:
         raise InputError(f"{path}: no records")

@@ -41,7 +41,8 @@ class TranslationSettings:
         data: jsonl file of records with `source` and `target`.
         src, tgt: language codes; `{src_lang}`/`{tgt_lang}` in templates become their English names.
         template: a name of TEMPLATES, or a literal template with `{source}`.
-        max_gen_toks: generation length cap per record.
+        max_gen_toks: generation length cap per record; None: 256 (`context.DEFAULT_GEN_TOKS`),
+            lowered to half the model's positions where that is less.
         bleu_tokenize: sacrebleu tokenizer; None: `zh` for Chinese targets, else `13a`.
         bleu_smooth: sacrebleu smoothing method (LANDeRMT: none).
         limit: translate only the first N records.
@@ -51,7 +52,7 @@ class TranslationSettings:
     src: str
     tgt: str
     template: str = DEFAULT_TEMPLATE
-    max_gen_toks: int = 256
+    max_gen_toks: int | None = None
     bleu_tokenize: str | None = None
     bleu_smooth: str = "none"
     limit: int | None = None
@@ -150,9 +151,10 @@ def _scorers(s: TranslationSettings):
     return BLEU(tokenize=s.tokenize, smooth_method=s.bleu_smooth), CHRF()
 
 
-def translate(lm, records: list[dict[str, Any]], s: TranslationSettings) -> Translations:
-    """Translate every record with `lm` and score the result."""
+def translate(lm, records: list[dict[str, Any]], s: TranslationSettings, max_gen_toks: int) -> Translations:
+    """Translate every record with `lm`, generating at most `max_gen_toks` tokens each (the
+    setting, or the default fitted to the model), and score the result."""
     prompts = build_prompts(records, s)
-    hypotheses = generate(lm, prompts, s.max_gen_toks, records)
+    hypotheses = generate(lm, prompts, max_gen_toks, records)
     metrics = score(hypotheses, [str(r["target"]) for r in records], s)
     return Translations(records=records, prompts=prompts, hypotheses=hypotheses, metrics=metrics)

@@ -20,10 +20,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from neuroloc_cli.errors import RecipeError, did_you_mean
+from neuroloc_cli.errors import RecipeError, UsageError, did_you_mean
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
+DEFAULT_SEQ_LEN = 512
 _PATH_KEYS = ("model", "output", "train_mask", "freeze_mask", "run_dir", "log")
+_ARGUMENTS = ("model",)  # command-line arguments, not flags
 
 
 class _Frozen(BaseModel):
@@ -60,7 +62,9 @@ class TrainConfig(_Frozen):
     grad_clip: float = Field(default=1.0, ge=0)
     grad_accum: int = Field(default=1, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    seq_len: int = Field(default=512, gt=1)
+    seq_len: int | None = Field(default=None, gt=1)
+    """Tokens per packed sequence; None: the smaller of DEFAULT_SEQ_LEN and the model's positions
+    (the recipe sets it before anything reads it, see `MaskedCPTRecipe`)."""
     seed: int = 0
 
     eval_share: float = Field(default=0.05, ge=0, lt=1)
@@ -135,6 +139,7 @@ def build_config(recipe: Path | None, overrides: dict[str, Any]) -> TrainConfig:
         The validated configuration, every path made absolute or cwd-relative.
 
     Raises:
+        UsageError: a flag's value is wrong (naming the flag; the first such flag).
         RecipeError: unreadable YAML, unknown keys, wrong values — every problem at once.
     """
     source = str(recipe) if recipe else "command line"
@@ -142,11 +147,16 @@ def build_config(recipe: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     if recipe is not None:
         doc = _read_yaml(recipe)
         _rebase_paths(doc, recipe.resolve().parent)
-    doc.update({k: v for k, v in overrides.items() if v is not None and v != [] and v != ()})
+    flags = {k: v for k, v in overrides.items() if v is not None and v != [] and v != ()}
+    doc.update(flags)
     try:
         return TrainConfig.model_validate(doc)
     except ValidationError as e:
-        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
+        errors = e.errors()
+    for err in errors:  # a value typed on the command line is named as it was typed
+        if err["loc"] and err["loc"][0] in flags and err["loc"][0] not in _ARGUMENTS:
+            raise UsageError(_describe_flag(err, flags[err["loc"][0]])) from None
+    raise RecipeError(source, [_describe(err) for err in errors]) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -155,12 +165,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError(str(path), [f"{where}invalid YAML ({getattr(e, 'problem', None) or e})"]) from None
+        raise RecipeError(str(path), [yaml_problem(e)]) from None
     if not isinstance(doc, dict):
         raise RecipeError(str(path), ["a training recipe is a mapping with at least 'model' and 'data'"])
     return doc
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """'line N: invalid YAML (what PyYAML says)': the line is where the user looks first."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark else ""
+    return f"{where}invalid YAML ({getattr(e, 'problem', None) or e})"
 
 
 def _rebase_paths(doc: dict[str, Any], root: Path) -> None:
@@ -179,6 +194,16 @@ def _rebase_paths(doc: dict[str, Any], root: Path) -> None:
         rebased.append(item)
     if data is not None:
         doc["data"] = rebased
+
+
+def _describe_flag(err: Any, value: Any) -> str:
+    """'--lr -1.0: Input should be greater than 0': the flag, and its value as given."""
+    key, *inner = (str(p) for p in err["loc"])
+    if isinstance(value, list) and inner and inner[0].isdigit():  # one value of a repeated flag (--data)
+        value, inner = value[int(inner[0])], inner[1:]
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    where = f" {'.'.join(inner)}:" if inner else ""
+    return f"--{key.replace('_', '-')} {shown}:{where} {err['msg'].removeprefix('Value error, ')}"
 
 
 def _describe(err: Any) -> str:

@@ -28,6 +28,10 @@ from neuroloc_cli.train.config import DataSource
 
 SUFFIXES = (".txt", ".jsonl")
 
+# Files a tokenizer's vocabulary is read from: fast (tokenizer.json), SentencePiece (*.model),
+# BPE/WordPiece (vocab.json, vocab.txt) and tiktoken ones.
+_VOCABULARY_FILES = ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")
+
 
 @dataclass
 class Corpus:
@@ -51,15 +55,30 @@ def load_tokenizer(model: Path) -> Any:
     Raises:
         InputError: the folder holds no usable tokenizer.
     """
-    if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
-        raise InputError(f"{model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder",
-                         hint="copy the base model's tokenizer files into it")
+    check_tokenizer_files(model)
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(model))
     except Exception as e:  # transformers raises many types for a broken tokenizer
-        raise InputError(f"{model}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+        reason = " ".join(str(e).split())[:300]  # its messages span lines; ours is one
+        raise InputError(f"{model}: cannot load the tokenizer ({type(e).__name__}: {reason})",
+                         hint="copy all of the base model's tokenizer files into the folder") from None
+
+
+def check_tokenizer_files(model: Path) -> None:
+    """Refuse a model folder without tokenizer files, or with a tokenizer config but no vocabulary,
+    before any weights load (transformers' own error for these spans several lines).
+
+    Raises:
+        InputError: naming the folder and the files it lacks.
+    """
+    if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise InputError(f"{model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder",
+                         hint="copy the base model's tokenizer files into it")
+    if not any(any(model.glob(pattern)) for pattern in _VOCABULARY_FILES):
+        raise InputError(f"{model}: tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder",
+                         hint="copy the base model's tokenizer files into it")
 
 
 def load_corpora(sources: list[DataSource], tokenizer: Any, seq_len: int, eval_share: float) -> list[Corpus]:

@@ -33,6 +33,7 @@ import torch
 
 from neuroloc_cli import __version__
 from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.eval.context import model_positions
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.format import DTYPE_NAMES
 from neuroloc_cli.io.output import check_output_path
@@ -40,7 +41,7 @@ from neuroloc_cli.io.writer import parse_size
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.train import data as datalib
 from neuroloc_cli.train import state as statelib
-from neuroloc_cli.train.config import TrainConfig
+from neuroloc_cli.train.config import DEFAULT_SEQ_LEN, TrainConfig
 from neuroloc_cli.train.export import write_model
 from neuroloc_cli.train.masking import SelectionPlan, apply_selection, plan_selection, resolve_names, tied_duplicates
 
@@ -129,20 +130,20 @@ class MaskedCPTRecipe:
         plan = self._selection_plan(model)
         counts = plan.counts()
         return {"output": self.cfg.output, "total_steps": self._total_steps(), "tokens_per_step": self.global_batch * self.cfg.seq_len,
+                "seq_len": self.cfg.seq_len, "seq_len_default": self.seq_len_default, "positions": self.positions,
                 **counts, "optimizer_state_bytes": 8 * counts["optimizer_elements"],
                 "data": [c.describe() for c in self.corpora], "hyper_parameters": self.cfg.hyper_parameters()}
 
     def _check_inputs(self) -> None:
-        cfg = self.cfg
-        self.model_path = Path(cfg.model)
-        self.source = Checkpoint.open(self.model_path, spec=cfg.model)
+        self.model_path = Path(self.cfg.model)
+        self.source = Checkpoint.open(self.model_path, spec=self.cfg.model)
         try:
-            self.max_shard_bytes = parse_size(cfg.max_shard_size)
+            self.max_shard_bytes = parse_size(self.cfg.max_shard_size)
         except ValueError as e:
             raise UsageError(f"--max-shard-size: {e}") from None
-        limit = (self.source.config or {}).get("max_position_embeddings") or (self.source.config or {}).get("n_positions")
-        if isinstance(limit, int) and cfg.seq_len > limit:
-            raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's {limit} positions", hint=f"use --seq-len {limit} or less")
+        self.positions = model_positions(self.source.config)
+        self.seq_len_default = self.cfg.seq_len is None
+        self.cfg = cfg = self.cfg.model_copy(update={"seq_len": self._seq_len()})
         mask_path = cfg.train_mask or cfg.freeze_mask
         self.mask = self._load_mask(Path(mask_path)) if mask_path else None
         self.inputs = [self.model_path, *(Path(d.path) for d in cfg.data), *([Path(mask_path)] if mask_path else [])]
@@ -150,6 +151,17 @@ class MaskedCPTRecipe:
             check_output_path(self.output, self.inputs, cfg.overwrite)
         self.tokenizer = datalib.load_tokenizer(self.model_path)
         self.corpora = datalib.load_corpora(cfg.data, self.tokenizer, cfg.seq_len, cfg.eval_share)
+
+    def _seq_len(self) -> int:
+        """--seq-len, which must fit the model's positions; without it, the smaller of 512 and
+        those positions. Every later step (packing, the resume check, provenance) reads the
+        value chosen here from the config."""
+        seq_len, limit = self.cfg.seq_len, self.positions
+        if seq_len is None:
+            return min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+        if limit is not None and seq_len > limit:
+            raise UsageError(f"--seq-len {seq_len} exceeds the model's {limit} positions", hint=f"use --seq-len {limit} or less")
+        return seq_len
 
     def _load_mask(self, path: Path) -> Mask:
         mask = Mask.load(path)
@@ -262,7 +274,8 @@ class MaskedCPTRecipe:
     def train(self) -> None:
         """Run optimizer steps until `total_steps`, evaluating and checkpointing as configured."""
         cfg = self.cfg
-        self._emit({"event": "start", "step": self.step, "total_steps": self.total_steps, **self.counts,
+        self._emit({"event": "start", "step": self.step, "total_steps": self.total_steps, "seq_len": cfg.seq_len,
+                    "seq_len_default": self.seq_len_default, "positions": self.positions, **self.counts,
                     "optimizer_state_bytes": self.optimizer_state_bytes(), "world_size": self.world})
         if self.step == 0:
             self.perplexity["before"] = self.evaluate()
