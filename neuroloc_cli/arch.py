@@ -6,7 +6,10 @@ Works from names alone so that Llama, Mistral, Qwen2 (`model.layers.N.…`), GPT
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _PRE = re.compile(r"embed|wte|wpe|word_embeddings")
@@ -46,3 +49,45 @@ def layer_position(name: str, num_layers: int | None) -> float:
     if not num_layers or num_layers <= 1:
         return 0.0
     return min(1.0, i / (num_layers - 1))
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """The one matching rule for tensor names written by users (recipe filters, `--include`,
+    `--tensor`): a substring of the name (mergekit's rule), or, when the pattern has `*`, `?`
+    or `[`, a glob matched against the whole name."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+def in_blocks(name: str) -> bool:
+    """Inside a transformer block (`layers.N.`, `h.N.`): not embeddings, final norm or head."""
+    return layer_index(name) is not None
+
+
+@dataclass(frozen=True)
+class NameFilter:
+    """Which tensors take part, by name: those matching any `include` pattern (or, with no
+    `include`, those `default` accepts), less those matching any `exclude` pattern.
+
+    Attributes:
+        include: patterns (see `name_matches`); empty means `default`.
+        exclude: patterns.
+        default: the selection without `include`, e.g. `in_blocks`.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    default: Callable[[str], bool] = in_blocks
+
+    @classmethod
+    def of(cls, include: Sequence[str] | None, exclude: Sequence[str] | None, default: Callable[[str], bool] = in_blocks) -> NameFilter:
+        return cls(tuple(include or ()), tuple(exclude or ()), default)
+
+    def __call__(self, name: str) -> bool:
+        chosen = any(name_matches(p, name) for p in self.include) if self.include else self.default(name)
+        return chosen and not any(name_matches(p, name) for p in self.exclude)
+
+    def describe(self) -> dict:
+        """For provenance: the patterns, and the default's name when no `include` was given."""
+        return {"include": list(self.include) or f"default: {self.default.__name__}", "exclude": list(self.exclude)}

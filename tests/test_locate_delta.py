@@ -26,11 +26,12 @@ def _in_block(name: str) -> bool:
     return ".layers." in name or name.startswith(("transformer.h.", "h."))
 
 
-def _row_importance(base, ft):
-    """{weight name: (axis, ‖Δ row‖ including its bias entry)} for every block weight."""
+def _row_importance(base, ft, keep=lambda name: True):
+    """{weight name: (axis, ‖Δ row‖ including its bias entry)} for every 2-D weight `keep`
+    accepts (by default all of them: token rows of the embedding and head are rows too)."""
     out = {}
     for name, w in base.items():
-        if not _in_block(name) or w.dim() < 2:
+        if not keep(name) or w.dim() < 2:
             continue
         axis = 1 if name.endswith(CONV1D) else 0
         d = ft[name].double() - w.double()
@@ -81,6 +82,34 @@ def test_row_locate_matches_eq1(zoo, cli, tmp_path, arch, scope):
         for name, (_, v) in imp.items():
             _check_top(mask.entries[name].selected, v, 0.1)
     assert r.json()["selected_units"] == sum(int(mask.entries[n].selected.sum()) for n in imp)
+
+
+@pytest.mark.parametrize(
+    "flags,keep",
+    [
+        (["--include", "*.layers.*"], _in_block),
+        (["--exclude", "embed_tokens", "--exclude", "lm_head.*"], lambda n: "embed_tokens" not in n and not n.startswith("lm_head.")),
+        (["--include", "*embed*", "--include", "lm_head.weight"], lambda n: "embed" in n or n == "lm_head.weight"),
+    ],
+    ids=["blocks only", "without token rows", "token rows only"],
+)
+def test_row_locate_include_and_exclude(zoo, cli, tmp_path, flags, keep):
+    fam = zoo.get("llama")
+    out = tmp_path / "m.safetensors"
+    r = cli("locate", "delta", fam.base, fam.ft1, "--top", "0.1", *flags, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    mask, base, ft = Mask.load(out), load_all(fam.base), load_all(fam.ft1)
+    imp = _row_importance(base, ft, keep)
+    assert set(mask.entries) == set(imp)
+    _check_top(torch.cat([mask.entries[n].selected for n in imp]), torch.cat([v for _, v in imp.values()]), 0.1)
+    assert mask.provenance["tensors"]["include" if "--include" in flags else "exclude"] == flags[1::2]
+
+
+def test_filters_that_leave_nothing_are_a_usage_error(zoo, cli, tmp_path):
+    fam = zoo.get("llama")
+    r = cli("locate", "delta", fam.base, fam.ft1, "--include", "nothing*", "-o", tmp_path / "m.safetensors")
+    assert r.exit_code == 2 and r.stderr.startswith("error: --include/--exclude leave no tensor to rank at row granularity")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -165,11 +194,11 @@ def test_locate_refuses_bad_options(zoo, cli, tmp_path, args, code, message):
 def test_locate_refuses_another_architecture_naming_the_tensor(zoo, cli, tmp_path):
     r = cli("locate", "delta", zoo.get("llama").base, zoo.get("gpt2").ft1, "-o", tmp_path / "m.safetensors")
     assert r.exit_code == 3
-    assert "tensor model.layers.0.self_attn.q_proj.weight is missing" in r.stderr
+    assert "tensor model.embed_tokens.weight is missing" in r.stderr
     other = build_checkpoint(tiny_config("llama", hidden=32), tmp_path / "small", tokenizer=False)
     r = cli("locate", "delta", zoo.get("llama").base, other, "-o", tmp_path / "m.safetensors")
     assert r.exit_code == 3
-    assert "tensor model.layers.0.self_attn.q_proj.weight has shape [32, 32]" in r.stderr
+    assert "tensor model.embed_tokens.weight has shape [512, 32]" in r.stderr
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -170,11 +170,11 @@ def test_default_entry_applies_even_when_listed_first():
 
 
 def test_glob_does_not_match_substrings_the_way_filters_do():
-    from neuroloc_cli.recipe.params import filter_matches
+    from neuroloc_cli.arch import name_matches
 
-    assert filter_matches("attn", "model.layers.0.linear_attn.q.weight")  # the known substring trap
-    assert not filter_matches("*.self_attn.*", "model.layers.0.linear_attn.q.weight")
-    assert filter_matches("*.self_attn.*", "model.layers.0.self_attn.q_proj.weight")
+    assert name_matches("attn", "model.layers.0.linear_attn.q.weight")  # the known substring trap
+    assert not name_matches("*.self_attn.*", "model.layers.0.linear_attn.q.weight")
+    assert name_matches("*.self_attn.*", "model.layers.0.self_attn.q_proj.weight")
 
 
 def test_out_dtype_defaults_to_each_base_tensor_dtype(zoo, cli, tmp_path):

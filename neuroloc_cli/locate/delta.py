@@ -7,16 +7,17 @@ units is kept, over the whole model (`global`, the paper) or within each tensor 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_count, top_units
-from neuroloc_cli.locate.units import UnitGroup, element_tensors, ffn_groups, row_groups
+from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
 from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
 
@@ -46,6 +47,8 @@ def locate_delta(
     top: float = 0.05,
     granularity: str = "row",
     scope: str = "global",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     cap: int = DEFAULT_CAP,
 ) -> Mask:
     """Units whose weights changed most from BASE to TUNED (MAET Eq. 1).
@@ -57,6 +60,10 @@ def locate_delta(
         granularity: "row", "ffn" or "element".
         scope: "global" (rank all units of the model together) or "tensor" (each tensor, or
             each MLP block for ffn, keeps its own top share).
+        include, exclude: name patterns of the tensors that take part (see
+            `arch.NameFilter`); without `include`, rows come from every 2-D weight, token rows
+            included, and FFN neurons and elements from the transformer blocks
+            (`locate.units`).
         cap: values held at once when settling a global element threshold.
 
     Returns:
@@ -72,6 +79,7 @@ def locate_delta(
         raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if scope not in SCOPES:
         raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    keep = NameFilter.of(include, exclude, (ROW_DEFAULT if granularity == "row" else BLOCKS).default)
     deltas = _Deltas(base, tuned)
     provenance = {
         "locator": "delta",
@@ -84,12 +92,16 @@ def locate_delta(
         "top": top,
         "granularity": granularity,
         "scope": scope,
+        "tensors": keep.describe(),
     }
+    tensors = deltas.base.tensors
     if granularity == "element":
-        entries, extra = _element_mask(deltas, top, scope, cap)
+        units: list = element_tensors(tensors, keep)
     else:
-        groups = row_groups(deltas.base.tensors) if granularity == "row" else ffn_groups(deltas.base.tensors, str(deltas.base.path))
-        entries, extra = _unit_mask(deltas, groups, top, scope)
+        units = row_groups(tensors, keep) if granularity == "row" else ffn_groups(tensors, str(deltas.base.path), keep)
+    if not units:
+        raise UsageError(f"--include/--exclude leave no tensor to rank at {granularity} granularity", hint=f"patterns: {keep.describe()}")
+    entries, extra = _element_mask(deltas, units, top, scope, cap) if granularity == "element" else _unit_mask(deltas, units, top, scope)
     return Mask(granularity, entries, {**provenance, **extra})
 
 
@@ -116,8 +128,7 @@ def _unit_mask(deltas: _Deltas, groups: list[UnitGroup], top: float, scope: str)
     return entries, {"units": units, "selected_units": int(sum(int(s.sum()) for s in chosen))}
 
 
-def _element_mask(deltas: _Deltas, top: float, scope: str, cap: int) -> tuple[dict[str, MaskEntry], dict]:
-    names = element_tensors(deltas.base.tensors)
+def _element_mask(deltas: _Deltas, names: list[str], top: float, scope: str, cap: int) -> tuple[dict[str, MaskEntry], dict]:
     deltas.check(names)
     shapes = {n: deltas.base.tensors[n].shape for n in names}
     if scope == "tensor":

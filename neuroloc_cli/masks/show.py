@@ -12,7 +12,6 @@ floats at once.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neuroloc_cli.arch import layer_index, tensor_kind
+from neuroloc_cli.arch import layer_index, name_matches, tensor_kind
 from neuroloc_cli.errors import UsageError, did_you_mean
 from neuroloc_cli.io.output import atomic_file
 from neuroloc_cli.masks.format import Mask, MaskEntry
@@ -73,8 +72,7 @@ def find_tensor(mask: Mask, pattern: str) -> str:
     """
     if pattern in mask.entries:
         return pattern
-    glob = any(c in pattern for c in "*?[")
-    hits = [n for n in mask.entries if (fnmatch.fnmatchcase(n, pattern) if glob else pattern in n)]
+    hits = [n for n in mask.entries if name_matches(pattern, n)]
     if len(hits) == 1:
         return hits[0]
     if not hits:

@@ -17,13 +17,13 @@ top-level `parameters` → the method's default.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from neuroloc_cli.arch import name_matches
 from neuroloc_cli.errors import did_you_mean
 
 Scalar = float | bool
@@ -70,13 +70,6 @@ def _fmt(x: float | None) -> str:
     return "-inf" if x is None else f"{x:g}"
 
 
-def filter_matches(filter_: str, tensor_name: str) -> bool:
-    """mergekit's substring rule, or a whole-name glob when the filter has `*`, `?` or `[`."""
-    if any(c in filter_ for c in "*?["):
-        return fnmatch.fnmatchcase(tensor_name, filter_)
-    return filter_ in tensor_name
-
-
 def check_value(value: Any, param: Param, where: str) -> list[str]:
     """Every problem with a parameter value in any of its forms; [] if it is valid."""
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
@@ -104,7 +97,7 @@ def resolve_value(value: Any, tensor_name: str, t: float) -> Scalar | None:
     """The value a (checked) parameter takes at one tensor; None if no filter applies."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         default = next((e["value"] for e in value if e.get("filter") is None), None)
-        chosen = next((e["value"] for e in value if e.get("filter") is not None and filter_matches(e["filter"], tensor_name)), default)
+        chosen = next((e["value"] for e in value if e.get("filter") is not None and name_matches(e["filter"], tensor_name)), default)
         return None if chosen is None else resolve_value(chosen, tensor_name, t)
     if isinstance(value, list):
         if len(value) == 1:
