@@ -10,7 +10,7 @@ import torch
 
 from neuroloc_cli.errors import InputError, RecipeError
 from neuroloc_cli.train.config import DataSource, build_config, parse_data_spec
-from neuroloc_cli.train.data import Corpus, MixtureSampler, load_corpora, load_tokenizer, read_documents
+from neuroloc_cli.train.data import Corpus, MixtureSampler, framing_of, load_corpora, load_tokenizer, read_documents
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("train-*.yaml"))
 
@@ -20,15 +20,20 @@ def tokenizer(zoo):
     return load_tokenizer(zoo.get("llama").base)
 
 
+@pytest.fixture(scope="module")
+def packed(tokenizer):
+    return framing_of(tokenizer, "packed", "paragraph")
+
+
 def _jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     return path
 
 
-def test_packing_matches_independent_tokenization(tmp_path, tokenizer):
+def test_packing_matches_independent_tokenization(tmp_path, tokenizer, packed):
     texts = [f"The fox number {i} jumps over the lazy dog." for i in range(40)]
     path = _jsonl(tmp_path / "c.jsonl", texts)
-    [corpus] = load_corpora([DataSource(path=str(path))], tokenizer, seq_len=16, eval_share=0.25)
+    [corpus] = load_corpora([DataSource(path=str(path))], tokenizer, packed, seq_len=16, eval_share=0.25)
     stream = []
     for t in texts:
         stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -43,11 +48,11 @@ def test_packing_matches_independent_tokenization(tmp_path, tokenizer):
 def test_txt_documents_split_at_blank_lines(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("first line\nstill first\n\nsecond\n\n\n")
-    docs, digest = read_documents(path)
-    assert docs == ["first line\nstill first", "second"]
+    docs = read_documents(path)
+    assert docs.texts == ["first line\nstill first", "second"]
     import hashlib
 
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert docs.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -59,19 +64,19 @@ def test_txt_documents_split_at_blank_lines(tmp_path):
         ("data.csv", "a,b\n", "data.csv: unknown corpus kind '.csv'"),
     ],
 )
-def test_bad_corpora(tmp_path, tokenizer, name, content, message):
+def test_bad_corpora(tmp_path, tokenizer, packed, name, content, message):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(InputError) as e:
-        load_corpora([DataSource(path=str(path))], tokenizer, seq_len=8, eval_share=0.0)
+        load_corpora([DataSource(path=str(path))], tokenizer, packed, seq_len=8, eval_share=0.0)
     assert message in str(e.value)
 
 
-def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer):
+def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer, packed):
     path = _jsonl(tmp_path / "short.jsonl", ["The quick brown fox."])
     n = len(tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]) + 1
     with pytest.raises(InputError) as e:
-        load_corpora([DataSource(path=str(path))], tokenizer, seq_len=512, eval_share=0.0)
+        load_corpora([DataSource(path=str(path))], tokenizer, packed, seq_len=512, eval_share=0.0)
     assert str(e.value).startswith(f"{path}: corpus has {n} tokens, shorter than one sequence of 512 tokens")
 
 
@@ -153,8 +158,7 @@ def test_crlf_text_still_splits_documents_at_blank_lines(tmp_path):
 
     f = tmp_path / "c.txt"
     f.write_bytes(b"doc one line\r\n\r\ndoc two line\r\n\r\ndoc three\r\n")
-    docs, _ = read_documents(f)
-    assert docs == ["doc one line", "doc two line", "doc three"]
+    assert read_documents(f).texts == ["doc one line", "doc two line", "doc three"]
 
 
 def test_mixing_weighted_and_unweighted_corpora_is_refused(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from neuroloc_cli.synthetic import _CORPUS, build_checkpoint, tiny_config
+from neuroloc_cli.train.state import default_run_dir
 
 POSITIONS = 128
 
@@ -40,7 +41,7 @@ def _one_error_line(r, code: int) -> str:
 
 
 def _assert_nothing_written(tmp_path: Path) -> None:
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+    assert not (tmp_path / "out").exists() and not default_run_dir(tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.neuroloc-tmp-*"))
 
 

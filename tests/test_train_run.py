@@ -15,6 +15,7 @@ from neuroloc_cli.masks import Mask, MaskEntry
 from neuroloc_cli.synthetic import _CORPUS
 from neuroloc_cli.train.config import build_config
 from neuroloc_cli.train.recipe import MaskedCPTRecipe, run_training
+from neuroloc_cli.train.state import default_run_dir
 
 FAST = dict(seq_len=32, batch_size=2, lr=1e-2, weight_decay=0.1, eval_share=0.1, max_steps=4)
 
@@ -68,9 +69,10 @@ def test_full_cpt_loss_falls_and_writes_hf_checkpoint(zoo, cli, corpus, tmp_path
     assert doc["counts"]["frozen"] == 0 and doc["counts"]["trainable"] == doc["counts"]["parameters"]
     # The loss on the training data falls, computed here with transformers, independently.
     recipe = MaskedCPTRecipe(_config(base, corpus, tmp_path / "unused"))
-    from neuroloc_cli.train.data import load_corpora, load_tokenizer
+    from neuroloc_cli.train.data import framing_of, load_corpora, load_tokenizer
 
-    [c] = load_corpora(recipe.cfg.data, load_tokenizer(base), 32, 0.1)
+    tokenizer = load_tokenizer(base)
+    [c] = load_corpora(recipe.cfg.data, tokenizer, framing_of(tokenizer, "packed", "paragraph"), 32, 0.1)
     assert _loss_on(out, c.train) < _loss_on(base, c.train) - 0.3
     [(_, before)] = doc["perplexity"]["before"].items()
     [(_, after)] = doc["perplexity"]["after"].items()
@@ -189,7 +191,9 @@ def test_resume_reproduces_uninterrupted_run(zoo, corpus, tmp_path, arch, extra)
     with pytest.raises(_Crash):
         run_training(_config(base, corpus, tmp_path / "resumed", **kw), crash_after_step_5)
     assert not (tmp_path / "resumed").exists()
-    assert sorted(p.name for p in (tmp_path / "resumed.run").glob("step-*")) == ["step-00000002", "step-00000004"]
+    state = tmp_path / ".resumed.neuroloc-run"
+    assert default_run_dir(tmp_path / "resumed") == state
+    assert sorted(p.name for p in state.glob("step-*")) == ["step-00000002", "step-00000004"]
     again = run_training(_config(base, corpus, tmp_path / "resumed", resume=True, **kw))
     # the start of the run is recalled from its log: the weights it was measured on are gone
     assert again.perplexity == whole.perplexity and again.first_loss == whole.first_loss
@@ -199,20 +203,23 @@ def test_resume_reproduces_uninterrupted_run(zoo, corpus, tmp_path, arch, extra)
         assert torch.equal(_bits(straight[name]), _bits(resumed[name])), name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    # completed: the run folders of both runs are gone, their logs live in the outputs
+    assert not state.exists() and not default_run_dir(tmp_path / "straight").exists()
 
 
 def test_resume_refuses_other_settings(zoo, corpus, tmp_path, cli):
     base = zoo.get("llama").base
-    run_training(_config(base, corpus, tmp_path / "a", max_steps=3, save_every=2))
-    r = cli("train", base, "--data", corpus, "-o", tmp_path / "a2", "--run-dir", tmp_path / "a.run", "--resume",
+    run_training(_config(base, corpus, tmp_path / "a", max_steps=3, save_every=2, keep_state=True))
+    state = default_run_dir(tmp_path / "a")
+    r = cli("train", base, "--data", corpus, "-o", tmp_path / "a2", "--run-dir", state, "--resume",
             "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-2", "--weight-decay", "0.1", "--eval-share", "0.1")
     assert r.exit_code == 2
-    assert f"--resume: {tmp_path / 'a.run' / 'step-00000002'} was made with a different hyper_parameters" in r.stderr
+    assert f"--resume: {state / 'step-00000002'} was made with a different hyper_parameters" in r.stderr
     assert not (tmp_path / "a2").exists()
 
 
 def _assert_nothing_written(tmp_path: Path) -> None:
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+    assert not (tmp_path / "out").exists() and not default_run_dir(tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.neuroloc-tmp-*"))
 
 

@@ -12,6 +12,7 @@ from neuroloc_cli.cli.options import JsonOpt
 
 _SEL = "What trains"
 _OPT = "Optimisation"
+_DATA = "Data"
 _RUN = "Run"
 
 
@@ -29,17 +30,20 @@ def train(
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW decoupled weight decay, matrices only [0.01].", rich_help_panel=_OPT)] = None,
     adam_betas: Annotated[Optional[str], typer.Option("--adam-betas", help="AdamW betas as B1,B2 [0.9,0.95].", rich_help_panel=_OPT)] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear warm-up steps [0].", rich_help_panel=_OPT)] = None,
-    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine (to 0) or constant [cosine].", rich_help_panel=_OPT)] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine (to 0) or constant \\[cosine].", rich_help_panel=_OPT)] = None,
     grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Gradient norm clip, 0 = off [1.0].", rich_help_panel=_OPT)] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1].", rich_help_panel=_OPT)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch per process [8].", rich_help_panel=_OPT)] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per packed sequence [512, or the model's positions if fewer].", rich_help_panel=_OPT)] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per row, packed or padded [512, or the model's positions if fewer].", rich_help_panel=_OPT)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and dropout [0].", rich_help_panel=_OPT)] = None,
+    packing: Annotated[Optional[str], typer.Option("--packing", help="packed (documents joined and cut into rows) or padded (one document per row, padding not scored) \\[packed].", rich_help_panel=_DATA)] = None,
+    txt_docs: Annotated[Optional[str], typer.Option("--txt-docs", help="A .txt document ends at a blank line (paragraph) or at every line (line) \\[paragraph].", rich_help_panel=_DATA)] = None,
     eval_share: Annotated[Optional[float], typer.Option("--eval-share", help="Held-out share of each corpus, for perplexity [0.05].", rich_help_panel=_RUN)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out perplexity every N steps (and at start and end).", rich_help_panel=_RUN)] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Periodic checkpoint every N steps, into the run folder.", rich_help_panel=_RUN)] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept [2].", rich_help_panel=_RUN)] = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints and log [OUTPUT.run].", rich_help_panel=_RUN)] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints and log, kept after the run \\[hidden .OUTPUT.neuroloc-run beside the output, removed when the run completes].", rich_help_panel=_RUN)] = None,
+    keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep the hidden run folder (checkpoints, log) after a successful run.", rich_help_panel=_RUN)] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.", rich_help_panel=_RUN)] = False,
     log: Annotated[Optional[Path], typer.Option("--log", help="JSONL log file [RUN_DIR/log.jsonl].", rich_help_panel=_RUN)] = None,
     out_dtype: Annotated[Optional[str], typer.Option("--out-dtype", help="Output dtype [each input tensor's].", rich_help_panel=_RUN)] = None,
@@ -66,6 +70,7 @@ def train(
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()
                  if k not in ("config", "as_json", "dry_run", "betas", "UsageError", "build_config", "run_training", "plan_training")}
     overrides["resume"] = resume or None
+    overrides["keep_state"] = keep_state or None
     overrides["overwrite"] = overwrite or None
     cfg = build_config(config, overrides)
     if dry_run:
@@ -101,6 +106,8 @@ class _Progress:
                 f"({share:.2%}), frozen {render.human_count(e['frozen'])}; optimizer state "
                 f"{render.human_bytes(e['optimizer_state_bytes'])}; sequences of {e['seq_len']} tokens; {e['world_size']} process(es)"
             )
+            self.console.print(f"documents: {_framing(e['framing'])}", markup=False, highlight=False)
+            _warn(e["warnings"])
             self.task = self.bar.add_task("train", total=e["total_steps"], completed=e["step"], loss="-", tps="-",
                                           trainable=render.human_count(e["trainable"]))
         elif e["event"] == "step" and self.task is not None:
@@ -140,9 +147,26 @@ def _render_plan(doc: dict, as_json: bool) -> None:
         f"for {doc['total_steps']} steps of {doc['tokens_per_step']} tokens in sequences of {doc['seq_len']}{_seq_len_source(doc)}; "
         f"AdamW state about {render.human_bytes(doc['optimizer_state_bytes'])}"
     )
+    render.out().print(f"documents: {_framing(doc['framing'])}", markup=False, highlight=False)
     for d in doc["data"]:
         render.out().print(f"  {d['path']}: {d['tokens']} tokens, {d['train_sequences']} training / {d['held_out_sequences']} held-out sequences, weight {d['weight']:g}")
+    _warn(doc["warnings"])
     render.err().print("[green]run is valid[/green]: no weights were loaded, nothing was written")
+
+
+def _framing(f: dict) -> str:
+    """The `framing` of a start event or plan in words, e.g. 'BOS from the tokenizer, EOS
+    appended; packed into rows; .txt: a document per blank-line-separated paragraph'."""
+    bos = "BOS from the tokenizer" if f["bos_added"] else "no BOS"
+    eos = "EOS from the tokenizer" if f["eos_added"] else "EOS appended" if f["eos_appended"] else "no EOS"
+    rows = "packed into rows" if f["packing"] == "packed" else f"one per row, padded with token {f['pad_token_id']} (not scored)"
+    txt = "a document per line" if f["txt_docs"] == "line" else "a document per blank-line-separated paragraph"
+    return f"{bos}, {eos}; {rows}; .txt: {txt}"
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        render.err().print(f"warning: {line}", markup=False, highlight=False)
 
 
 def _seq_len_source(doc: dict) -> str:

@@ -63,16 +63,24 @@ class TrainConfig(_Frozen):
     grad_accum: int = Field(default=1, gt=0)
     batch_size: int = Field(default=8, gt=0)
     seq_len: int | None = Field(default=None, gt=1)
-    """Tokens per packed sequence; None: the smaller of DEFAULT_SEQ_LEN and the model's positions
+    """Tokens per row (packed or padded); None: the smaller of DEFAULT_SEQ_LEN and the model's positions
     (the recipe sets it before anything reads it, see `MaskedCPTRecipe`)."""
     seed: int = 0
+    packing: Literal["packed", "padded"] = "packed"
+    """packed: documents joined and cut into rows, no padding; padded: one document per row,
+    padding left out of the loss (see `neuroloc_cli.train.data`)."""
+    txt_docs: Literal["paragraph", "line"] = "paragraph"
+    """Where a .txt document ends: at a blank line, or at every line."""
 
     eval_share: float = Field(default=0.05, ge=0, lt=1)
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
     run_dir: str | None = None
-    """Periodic checkpoints and the live JSONL log; default `OUTPUT.run` beside the output."""
+    """Periodic checkpoints and the live JSONL log, kept; default a hidden `.OUTPUT.neuroloc-run`
+    beside the output, removed once the run completes (see `keep_state`)."""
+    keep_state: bool = False
+    """Keep the default run folder after a successful run."""
     resume: bool = False
     log: str | None = None
     out_dtype: DtypeName | None = None

@@ -23,7 +23,7 @@ LOG_FILE = "train_log.jsonl"
 # Settings that say where a run wrote its files and how it was started, not what it computed:
 # left out of the shards' provenance (`neuroloc.json` keeps them), so that two runs with the
 # same inputs and settings write byte-identical weight files whatever their output paths.
-RUN_ONLY_SETTINGS = ("output", "run_dir", "log", "overwrite", "resume")
+RUN_ONLY_SETTINGS = ("output", "run_dir", "keep_state", "log", "overwrite", "resume")
 
 
 def write_model(

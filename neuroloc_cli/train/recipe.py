@@ -43,6 +43,7 @@ from neuroloc_cli.train import data as datalib
 from neuroloc_cli.train import state as statelib
 from neuroloc_cli.train.config import DEFAULT_SEQ_LEN, TrainConfig
 from neuroloc_cli.train.export import write_model
+from neuroloc_cli.train.loss import scored_targets, summed_nll
 from neuroloc_cli.train.masking import SelectionPlan, apply_selection, plan_selection, resolve_names, tied_duplicates
 
 Event = dict[str, Any]
@@ -84,7 +85,9 @@ class MaskedCPTRecipe:
         self.cfg = config
         self.on_event = on_event or (lambda e: None)
         self.output = Path(config.output or "neuroloc-train-out")  # only --dry-run may omit it
-        self.run_dir = Path(config.run_dir) if config.run_dir else self.output.with_name(self.output.name + ".run")
+        self.run_dir = Path(config.run_dir) if config.run_dir else statelib.default_run_dir(self.output)
+        # Our own hidden folder is removed once the output is written; a --run-dir is the user's.
+        self.remove_run_dir = config.run_dir is None and not config.keep_state
         self.log_path = Path(config.log) if config.log else self.run_dir / "log.jsonl"
         self.step = 0
         self.tokens = 0
@@ -132,7 +135,8 @@ class MaskedCPTRecipe:
         return {"output": self.cfg.output, "total_steps": self._total_steps(), "tokens_per_step": self.global_batch * self.cfg.seq_len,
                 "seq_len": self.cfg.seq_len, "seq_len_default": self.seq_len_default, "positions": self.positions,
                 **counts, "optimizer_state_bytes": 8 * counts["optimizer_elements"],
-                "data": [c.describe() for c in self.corpora], "hyper_parameters": self.cfg.hyper_parameters()}
+                "data": [c.describe() for c in self.corpora], "framing": self.framing.describe(), "warnings": self.warnings,
+                "hyper_parameters": self.cfg.hyper_parameters()}
 
     def _check_inputs(self) -> None:
         self.model_path = Path(self.cfg.model)
@@ -150,7 +154,9 @@ class MaskedCPTRecipe:
         if cfg.output is not None:
             check_output_path(self.output, self.inputs, cfg.overwrite)
         self.tokenizer = datalib.load_tokenizer(self.model_path)
-        self.corpora = datalib.load_corpora(cfg.data, self.tokenizer, cfg.seq_len, cfg.eval_share)
+        self.framing = datalib.framing_of(self.tokenizer, cfg.packing, cfg.txt_docs)
+        self.corpora = datalib.load_corpora(cfg.data, self.tokenizer, self.framing, cfg.seq_len, cfg.eval_share)
+        self.warnings = [w for c in self.corpora for w in c.warnings]
 
     def _seq_len(self) -> int:
         """--seq-len, which must fit the model's positions; without it, the smaller of 512 and
@@ -229,6 +235,7 @@ class MaskedCPTRecipe:
         """The hyper-parameters and input fingerprints a resume must match."""
         return {
             "hyper_parameters": self.cfg.hyper_parameters(),
+            "framing": self.framing.describe(),
             "world_size": self.world,
             "model": self.source.fingerprint,
             "mask": _sha256(Path(self.cfg.train_mask or self.cfg.freeze_mask)) if self.mask else None,
@@ -276,7 +283,8 @@ class MaskedCPTRecipe:
         cfg = self.cfg
         self._emit({"event": "start", "step": self.step, "total_steps": self.total_steps, "seq_len": cfg.seq_len,
                     "seq_len_default": self.seq_len_default, "positions": self.positions, **self.counts,
-                    "optimizer_state_bytes": self.optimizer_state_bytes(), "world_size": self.world})
+                    "optimizer_state_bytes": self.optimizer_state_bytes(), "world_size": self.world,
+                    "framing": self.framing.describe(), "warnings": self.warnings})
         if self.step == 0:
             self.perplexity["before"] = self.evaluate()
             self._emit({"event": "eval", "step": 0, "perplexity": self.perplexity["before"]})
@@ -309,14 +317,17 @@ class MaskedCPTRecipe:
             group["lr"] = self._lr_at(self.step)
         batch = self.sampler.next_batch(self.step, self.global_batch)  # same on every process
         local = batch.view(self.world, cfg.grad_accum, cfg.batch_size, cfg.seq_len)[self.rank]
+        # The step's loss is the mean NLL over the scored targets of the whole global batch: each
+        # micro-batch's sum over that count, times the process count that the sync divides by.
+        # Every token weighs the same, however padding spreads them over micro-batches.
+        scale = self.world / scored_targets(batch)
         # Dropout draws depend on (seed, step, process) only, so a resumed run repeats them.
         torch.manual_seed(datalib._mix(cfg.seed, self.step) + self.rank)
         self.model.train()
         total = torch.zeros((), device=self.accelerator.device)
         for micro in local:
-            ids = micro.to(self.accelerator.device)
             with self.accelerator.autocast():
-                loss = self.model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                loss = summed_nll(self.model, micro.to(self.accelerator.device), self.framing.pad_token_id) * scale
             loss.backward()
             total += loss.detach()
         self.trainable.collect_gradients()  # slices take their rows' gradients; frozen ones zeroed
@@ -359,17 +370,18 @@ class MaskedCPTRecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Perplexity on each corpus's held-out sequences (corpora without any are skipped)."""
+        """Perplexity on each corpus's held-out sequences (corpora without any are skipped):
+        exp of the mean NLL over their scored targets, padding never counted."""
         self.model.eval()
         out = {}
         for corpus in self.corpora:
             seqs = corpus.held_out[self.rank::self.world]
-            total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)  # loss sum, sequences
+            total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)  # NLL sum, scored targets
             for start in range(0, len(seqs), self.cfg.batch_size):
-                ids = seqs[start:start + self.cfg.batch_size].to(self.accelerator.device)
+                rows = seqs[start:start + self.cfg.batch_size]
                 with self.accelerator.autocast():
-                    loss = self.model(input_ids=ids, labels=ids).loss
-                total += torch.tensor([float(loss) * len(ids), len(ids)], dtype=torch.float64, device=total.device)
+                    nll = summed_nll(self.model, rows.to(self.accelerator.device), self.framing.pad_token_id)
+                total += torch.tensor([float(nll), scored_targets(rows)], dtype=torch.float64, device=total.device)
             if self.world > 1:
                 import torch.distributed as dist
 
@@ -405,6 +417,8 @@ class MaskedCPTRecipe:
             shards = write_model(self.output, self.source, self.trainable, inputs=self.inputs, out_dtype=out_dtype,
                                  max_shard_bytes=self.max_shard_bytes, overwrite=self.cfg.overwrite,
                                  provenance=self._provenance(), log_file=self.log_path)
+            if self.remove_run_dir:  # the output holds the log now; the checkpoints served their purpose
+                shutil.rmtree(self.run_dir, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return TrainResult(self.output, self.step, self.tokens, self._seconds,
                            getattr(self, "_tokens_this_run", 0) / max(self._seconds, 1e-9), self.first_loss, self.last_loss,
@@ -419,6 +433,7 @@ class MaskedCPTRecipe:
             "mask": {"path": str(Path(self.cfg.train_mask or self.cfg.freeze_mask).resolve()), "role": self.identity["mask_role"],
                      "sha256": self.identity["mask"], "granularity": self.mask.granularity} if self.mask else None,
             "data": self.identity["data"],
+            "framing": self.identity["framing"],
             "hyper_parameters": self.cfg.hyper_parameters(),
             "world_size": self.world,
             "steps": self.step,

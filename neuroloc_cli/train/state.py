@@ -11,7 +11,9 @@ memory does.
     RUN_DIR/step-00000050/state.json              step, tokens, sampler counters, fingerprints
 
 Each checkpoint folder appears atomically, so a run killed while saving leaves the previous
-one intact.
+one intact. Without `--run-dir`, RUN_DIR is `default_run_dir(OUT)`: hidden beside the output,
+so that a killed run leaves no visible clutter and `--resume` with the same `-o` finds it; the
+recipe removes it once the output is written (unless `--keep-state`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class ResumeState:
     tokens: int
     counters: list[int]
     path: Path
+
+
+def default_run_dir(output: Path) -> Path:
+    """`.OUT.neuroloc-run` beside the output folder OUT."""
+    return output.with_name(f".{output.name}.neuroloc-run")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -100,7 +107,9 @@ def load_checkpoint(run_dir: Path, params: dict[str, torch.Tensor], optimizer: t
 
 
 def _check_identity(path: Path, current: dict[str, Any], saved: dict[str, Any]) -> None:
-    for key in sorted(set(current) | set(saved)):
+    """Refuse the first difference, in the order of `current`: settings before the inputs they
+    shape, so that a changed --packing is named as such, not as the different rows it makes."""
+    for key in [*current, *(k for k in saved if k not in current)]:
         if current.get(key) != saved.get(key):
             raise UsageError(
                 f"--resume: {path} was made with a different {key} ({saved.get(key)!r}, now {current.get(key)!r})",
