@@ -250,7 +250,7 @@ def test_row_blocks_do_not_change_masked_merges_or_maet_ranking(zoo, cli, tmp_pa
     import json as _json
 
     from neuroloc_cli.masks import Mask, MaskEntry
-    from neuroloc_cli.merge import run
+    from neuroloc_cli.merge import stream
 
     fam = zoo.get("llama")
     g = torch.Generator().manual_seed(3)
@@ -270,7 +270,7 @@ def test_row_blocks_do_not_change_masked_merges_or_maet_ranking(zoo, cli, tmp_pa
     )
     for recipe in (ta, maet):
         assert cli("merge", recipe, "-o", tmp_path / f"{recipe.stem}-whole").exit_code == 0
-    monkeypatch.setattr(run, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 1000)
     for recipe in (ta, maet):
         assert cli("merge", recipe, "-o", tmp_path / f"{recipe.stem}-blocks").exit_code == 0
         whole, blocks = load_all(tmp_path / f"{recipe.stem}-whole"), load_all(tmp_path / f"{recipe.stem}-blocks")

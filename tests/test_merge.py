@@ -282,7 +282,7 @@ def test_delta_checkpoint_is_exact_and_marked(zoo, cli, tmp_path):
 
 def test_row_blocks_give_the_same_bytes_as_whole_tensors(zoo, cli, tmp_path, monkeypatch):
     """Elementwise methods stream big tensors in blocks of rows; the result must not change."""
-    from neuroloc_cli.merge import run
+    from neuroloc_cli.merge import stream
 
     fam = zoo.get("gpt2")
     text = f"""
@@ -292,9 +292,9 @@ models: [{{model: {fam.ft1}, parameters: {{weight: 0.3}}}}, {{model: {fam.ft2}, 
 out_dtype: bfloat16
 """
     whole_dir, whole = _merge(cli, tmp_path / "whole", text)
-    monkeypatch.setattr(run, "BLOCK_ELEMENTS", 1000)  # embeddings (512×64) now go in ~33 blocks
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 1000)  # embeddings (512×64) now go in ~33 blocks
     plan = _plan_for(tmp_path / "whole" / "recipe.yaml")
-    assert any(rows is not None for _, rows in run._units(plan.steps, blocks=plan.method.elementwise))
+    assert plan.method.elementwise and any(rows is not None for s in plan.steps for rows in stream.row_blocks(s.out.shape))
     _, blocked = _merge(cli, tmp_path / "blocked", text)
     for name in whole:
         assert torch.equal(whole[name], blocked[name]), name

@@ -23,7 +23,7 @@ def rank(
 ) -> None:
     """Per-tensor similarity of the deltas of A and B, sorted descending."""
     from neuroloc_cli.errors import UsageError
-    from neuroloc_cli.ops.rank import rank_deltas
+    from neuroloc_cli.merge.stats import rank_deltas
 
     if as_json and as_csv:
         raise UsageError("--json and --csv exclude each other")

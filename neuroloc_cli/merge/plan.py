@@ -20,7 +20,7 @@ from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
-from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models
+from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name
 
 # mergekit parameters that change how it computes, not what: accepted and ignored.
 NO_OP_PARAMETERS = frozenset({"int8_mask"})
@@ -80,6 +80,11 @@ class MergePlan:
     @property
     def sources(self) -> list[Source]:
         return ([self.base] if self.base else []) + self.models
+
+    @property
+    def roles(self) -> list[str]:
+        """Each model's role as the method sees it (`recipe.schema.role_name`)."""
+        return [role_name(s.role) for s in self.models]
 
     def input_paths(self) -> list[Path]:
         return [s.checkpoint.path for s in self.sources]
@@ -193,9 +198,9 @@ def _check_method_shape(recipe: MergeRecipe, method: MergeMethod, n: int) -> lis
     problems = []
     if method.needs_base and recipe.base_model is None:
         problems.append(f"base_model: {method.name} needs a base model")
-    if method.inputs == "models" and (recipe.ability is not None or recipe.languages):
+    if not method.roles and (recipe.ability is not None or recipe.languages):
         problems.append(f"ability/languages: {method.name} takes 'models:'; 'ability:' and 'languages:' are for merge_method: maet")
-    if method.inputs == "ability" and recipe.models:
+    if method.roles and recipe.models:
         problems.append(f"models: {method.name} takes 'ability:' and 'languages:' instead of 'models:'")
     if method.check is not None:
         problems += method.check(recipe)

@@ -1,7 +1,7 @@
 """Executing a merge plan: stream tensors in, compute, stream shards out, atomically.
 
-Methods with a statistics pass (`MergeMethod.prepare`, e.g. MAET's tensor ranking) get it
-first, streaming the inputs once more; its findings go into the provenance. Masks
+Methods that declare statistics (`MergeMethod.statistics`, e.g. MAET's tensor ranking) get
+a first streaming pass (`merge.stats`); what it finds goes into the provenance. Masks
 (`merge.masking`) are applied last, to the output-dtype tensor.
 
 Memory: the reader thread holds the next tensor's inputs while the main thread computes the
@@ -12,10 +12,8 @@ compute dtype, the result and one scratch buffer), whatever the model size.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,10 +25,10 @@ from neuroloc_cli.io.output import check_output_path, checkpoint_output
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from neuroloc_cli.merge.masking import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
+from neuroloc_cli.merge.stats import statistics_pass
+from neuroloc_cli.merge.stream import Inputs, stream_inputs
 from neuroloc_cli.methods.base import Prepared
 
-# (base in the compute dtype, each model's tensor in the compute dtype, base as stored or None)
-_Inputs = tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,9 @@ def run_merge(
     start = time.perf_counter()
     seed = seed if seed is not None else plan.recipe.random_seed
     provenance = _provenance(plan, seed, command)
-    if plan.method.prepare is not None:  # refuse a bad output before a whole statistics pass
+    if plan.method.statistics:  # refuse a bad output before a whole statistics pass
         check_output_path(out_dir, plan.input_paths(), overwrite)
-    prepared = _prepare(plan)
+    prepared = statistics_pass(plan)
     if prepared is not None:
         provenance[plan.method.name] = prepared.provenance
     dtypes = {s.out.dtype for s in plan.steps if s.merge}
@@ -95,48 +93,6 @@ def run_merge(
             provenance["nonfinite_tensors"] = nonfinite
     warnings = [f"tensor {name}: {n} NaN or inf value(s) in the output (its inputs hold them)" for name, n in nonfinite.items()]
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start, warnings)
-
-
-# Elementwise work processes tensors larger than this in blocks of rows (8 MB in float32).
-BLOCK_ELEMENTS = 2 * 2**20
-
-
-def _prepare(plan: MergePlan) -> Prepared | None:
-    """Run the method's statistics pass, if it has one."""
-    return None if plan.method.prepare is None else plan.method.prepare(plan)
-
-
-def _units(steps: Sequence[Step], blocks: bool) -> list[tuple[Step, Rows]]:
-    """Work units: whole tensors, or, when `blocks`, blocks of rows of the large merged ones."""
-    units: list[tuple[Step, Rows]] = []
-    for step in steps:
-        shape = step.out.shape
-        if not (blocks and step.merge) or not shape or math.prod(shape) <= BLOCK_ELEMENTS:
-            units.append((step, None))
-            continue
-        rows = max(1, BLOCK_ELEMENTS // math.prod(shape[1:]))
-        units += [(step, (a, min(a + rows, shape[0]))) for a in range(0, shape[0], rows)]
-    return units
-
-
-def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = False) -> Iterator[tuple[Step, Rows, _Inputs]]:
-    """Yield each step (or, with `blocks`, each block of rows of a large step) with its
-    inputs, reading the next unit on a worker thread meanwhile.
-
-    The inputs are (base, models' tensors) in the compute dtype, and the base as stored
-    (masked merges only, else None).
-    Use `blocks` only for work that is elementwise or additive over rows.
-    """
-    units = _units(steps, blocks)
-    if not units:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroloc-read") as pool:
-        pending = pool.submit(_load, plan, *units[0])
-        for i, (step, rows) in enumerate(units):
-            inputs = pending.result()
-            if i + 1 < len(units):
-                pending = pool.submit(_load, plan, *units[i + 1])
-            yield step, rows, inputs
 
 
 def _stream(
@@ -166,34 +122,7 @@ def _stream(
     return nonfinite
 
 
-def _load(plan: MergePlan, step: Step, rows: Rows) -> _Inputs:
-    """Read one tensor (or block of rows) of every input, in the compute dtype; and, for
-    masked merges, the base as stored."""
-    if step.origin is not None:  # layer stacking: one tensor of one model, maybe renamed
-        index, name = step.origin
-        if not step.merge:
-            return plan.models[index].checkpoint.read(name, rows), [], None
-        return None, [plan.models[index].checkpoint.read(name, rows, plan.compute_dtype)], None
-    if not step.merge:
-        return plan.reference.checkpoint.read(step.name), [], None
-    dtype = plan.compute_dtype
-    raw = base = None
-    if plan.base and plan.masks is not None:  # masks put the stored base back outside them
-        raw = plan.base.checkpoint.read(step.name, rows)
-        base = raw.to(dtype)
-    elif plan.base:
-        base = plan.base.checkpoint.read(step.name, rows, dtype)
-    tensors = []
-    for src, present in zip(plan.models, step.present):
-        if present:
-            tensors.append(src.checkpoint.read(step.name, rows, dtype))
-        else:
-            assert base is not None  # on_missing: base is only planned with a base model
-            tensors.append(base.clone())  # its own tensor, like every other input
-    return base, tensors, raw
-
-
-def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: _Inputs, seed: int | None, context: dict | None = None) -> torch.Tensor:
+def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int | None, context: dict | None = None) -> torch.Tensor:
     base, tensors, _ = inputs
     if not step.merge:
         assert base is not None
@@ -205,7 +134,7 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: _Inputs, seed: int
     if step.origin is not None:
         per_model = [per_model[step.origin[0]]]
     generator = _generator(seed, step.name) if plan.method.random else None
-    return plan.method(base, tensors, whole, per_model, generator, context)
+    return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles)
 
 
 def _generator(seed: int | None, tensor_name: str) -> torch.Generator:

@@ -10,10 +10,16 @@ value per model (`weight=[0.5, 0.5]`), the others as one value (a keyword that i
 keyword gets a trailing underscore: `lambda_`). Random methods also receive
 `generator: torch.Generator`. The engine, not the method, handles dtypes, masks and I/O.
 
-Methods that need statistics of the whole model before merging any tensor (MAET ranks
-every tensor first) declare `prepare`: the engine calls it once with the plan (a first
-streaming pass), and passes what it returns for each tensor as extra keyword arguments
-(declared in `context`) to the tensor function in the second pass.
+Methods whose recipes name their inputs by role rather than as a list (MAET's `ability:`
+and `languages:`) declare `roles`; the function then takes each role's tensor by keyword
+(`ability=`, `language_model=`, and `languages=` as a list) instead of `tensors`, and a
+per-model parameter arrives as one value per entry of the list role (`weight` of each
+language).
+
+Methods that need numbers of the whole model before merging any tensor (MAET ranks every
+tensor first) declare `statistics`: per-tensor `Statistic`s that the engine computes in a
+first streaming pass (`merge.stats`), and a `select` that turns them into extra keyword
+arguments of the tensor function (declared in `context`) and a provenance record.
 """
 
 from __future__ import annotations
@@ -30,6 +36,29 @@ from neuroloc_cli.recipe.params import Param, Scalar
 from neuroloc_cli.registry import Registry
 
 MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A number per merged tensor that a method needs before it merges any tensor.
+
+    `fn` is called like the method's function (base, the inputs, the resolved parameters),
+    on blocks of rows of large tensors, and the engine adds up its values over the blocks:
+    it must be additive over rows (a dot product, a sum of squares).
+    """
+
+    name: str
+    fn: MethodFn
+
+
+@dataclass(frozen=True)
+class TensorStatistics:
+    """What the statistics pass found: `values[tensor][statistic]`, each tensor's element
+    count and its whole-tensor parameters, in plan order."""
+
+    values: dict[str, dict[str, float]]
+    numel: dict[str, int]
+    params: dict[str, dict[str, Scalar]]
 
 
 @dataclass(frozen=True)
@@ -61,9 +90,11 @@ class MergeMethod:
             in blocks of rows, so memory stays bounded whatever a tensor's size.
         output_kind: "model", or "delta" for methods whose output is a weight delta.
         paper: the reference, for docstrings and `neuroloc methods`.
-        inputs: "models" (the recipe's `models:`), or "ability" (`ability:` + `languages:`).
-        prepare: the statistics pass, `prepare(plan) -> Prepared`, or None.
-        context: names of the per-tensor arguments `prepare` provides.
+        roles: the input roles the function takes by keyword (see the module docstring); empty
+            for methods of the recipe's `models:` list, which take `tensors`.
+        statistics: per-tensor numbers computed in a first pass; `select` turns them into
+            the per-tensor `context` arguments (`select(TensorStatistics) -> Prepared`).
+        context: names of the per-tensor arguments `select` provides.
         check: extra recipe checks, `check(recipe) -> list of problems`, or None.
         check_values: a check of the parameters as resolved at one tensor,
             `check_values(whole, per_model) -> problem or None`; the planner runs it at every
@@ -82,8 +113,9 @@ class MergeMethod:
     elementwise: bool = False
     output_kind: str = "model"
     paper: str = ""
-    inputs: str = "models"
-    prepare: Callable[..., Prepared] | None = None
+    roles: tuple[str, ...] = ()
+    statistics: tuple[Statistic, ...] = ()
+    select: Callable[[TensorStatistics], Prepared] | None = None
     context: tuple[str, ...] = ()
     check: Callable[..., list[str]] | None = None
     check_values: Callable[[dict[str, Scalar], Sequence[dict[str, Scalar]]], str | None] | None = None
@@ -101,16 +133,42 @@ class MergeMethod:
         per_model: Sequence[dict[str, Scalar]],
         generator: torch.Generator | None = None,
         context: dict[str, Any] | None = None,
+        roles: Sequence[str] = (),
+        fn: MethodFn | None = None,
     ) -> torch.Tensor:
-        """Call the method with parameters resolved for one tensor (and `prepare`'s context)."""
-        kwargs: dict[str, object] = {_pyname(k): v for k, v in whole.items()}
-        for p in self.params:
-            if p.per_model:
-                kwargs[_pyname(p.name)] = [mp[p.name] for mp in per_model]
+        """Call the method (or, as `fn`, one of its statistics) with parameters resolved for
+        one tensor and `select`'s context.
+
+        Args:
+            roles: the role of each of `tensors` (`MergePlan.roles`); used by role methods.
+        """
+        kwargs: dict[str, Any] = {_pyname(k): v for k, v in whole.items()}
+        per_model_params = [p for p in self.params if p.per_model]
+        if self.roles:
+            listed = [i for i, r in enumerate(roles) if r not in _SINGLE_ROLES]
+            per_model = [per_model[i] for i in listed]
+            kwargs.update(_by_role(tensors, roles))
+        for p in per_model_params:
+            kwargs[_pyname(p.name)] = [mp[p.name] for mp in per_model]
         if self.random:
             kwargs["generator"] = generator
         kwargs.update(context or {})
-        return self.fn(base, tensors, **kwargs)
+        call = fn or self.fn
+        return call(base, **kwargs) if self.roles else call(base, tensors, **kwargs)
+
+
+# Roles that name one model; any other role (`languages`) is a list of models.
+_SINGLE_ROLES = frozenset({"ability", "language_model"})
+
+
+def _by_role(tensors: Sequence[torch.Tensor], roles: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tensor, role in zip(tensors, roles, strict=True):
+        if role in _SINGLE_ROLES:
+            out[role] = tensor
+        else:
+            out.setdefault(role, []).append(tensor)
+    return out
 
 
 def _pyname(name: str) -> str:
@@ -131,8 +189,9 @@ def merge_method(
     elementwise: bool = False,
     output_kind: str = "model",
     paper: str = "",
-    inputs: str = "models",
-    prepare: Callable[..., Prepared] | None = None,
+    roles: Sequence[str] = (),
+    statistics: Sequence[Statistic] = (),
+    select: Callable[[TensorStatistics], Prepared] | None = None,
     context: Sequence[str] = (),
     check: Callable[..., list[str]] | None = None,
     check_values: Callable[[dict[str, Scalar], Sequence[dict[str, Scalar]]], str | None] | None = None,
@@ -145,12 +204,12 @@ def merge_method(
 
     def wrap(fn: MethodFn) -> MergeMethod:
         accepted = set(inspect.signature(fn).parameters) - {"base", "tensors"}
-        expected = {_pyname(p.name) for p in params} | ({"generator"} if random else set()) | set(context)
+        expected = {_pyname(p.name) for p in params} | ({"generator"} if random else set()) | set(context) | set(roles)
         if accepted != expected:
             raise TypeError(f"merge method {name}: function takes {sorted(accepted)}, declared {sorted(expected)}")
         return MergeMethod(
             name, fn, tuple(params), needs_base, min_models, max_models, random, elementwise, output_kind, paper,
-            inputs, prepare, tuple(context), check, check_values,
+            tuple(roles), tuple(statistics), select, tuple(context), check, check_values,
         )
 
     return METHODS.decorator(name, wrap)

@@ -8,12 +8,13 @@ Recipe shape:
     languages: [{model: ./cpt-es, weight: 0.5}, {model: ./cpt-zh, weight: 0.5}]
     parameters: {alpha: 0.8, beta: 0.2, gamma: 0.2, eta: 1.0, k2: 0.8}
 
-Inputs reach the tensor function in the order ability.model, ability.language_model,
-languages[0..n-1] (`recipe.schema.input_models`). Pass 1 (`select_tensors`) scores every
-floating tensor by `S(τ) = ⟨R(A)[τ], R_Lang[τ]⟩`, sorts descending and puts the last
-`floor(k2 · N)` tensors into T (floor: the paper's Table 3 shares are counts out of 232 = ⌊0.8 ·
-291⌋ tensors of Llama-3 8B), then keeps those whose `transfer` parameter is true (Table 3's
-restriction of T to tensor kinds, written with filters). Pass 2 (`maet`) merges each tensor.
+The functions take their inputs by role: `ability` (ability.model), `language_model`
+(ability.language_model) and `languages` (languages[i].model, with `weight` one per language).
+The engine's statistics pass computes `S(τ) = ⟨R(A)[τ], R_Lang[τ]⟩` per floating tensor
+(`ALIGNMENT`); `select_tensors` sorts descending and puts the last `floor(k2 · N)` tensors
+into T (floor: the paper's Table 3 shares are counts out of 232 = ⌊0.8 · 291⌋ tensors of
+Llama-3 8B), then keeps those whose `transfer` parameter is true (Table 3's restriction of T
+to tensor kinds, written with filters). The merge pass (`maet`) then merges each tensor.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from collections.abc import Sequence
 
 import torch
 
-from neuroloc_cli.methods.base import Prepared, merge_method
+from neuroloc_cli.methods.base import Prepared, Statistic, TensorStatistics, merge_method
 from neuroloc_cli.ops.combine import weighted_delta_sum
-from neuroloc_cli.ops.rank import TensorScore, dot, sort_scores
+from neuroloc_cli.ops.rank import TensorScore, sort_scores
+from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param
 
 PAPER = "Chen et al. 2024, Extracting and transferring abilities for building multi-lingual ability-enhanced LLMs, MAET, Eq. 2-5"
@@ -54,30 +56,28 @@ def check_maet_recipe(recipe) -> list[str]:
     return problems
 
 
-def select_tensors(plan) -> Prepared:
-    """Pass 1 (Eq. 4): rank every merged tensor by ⟨R(A), R_Lang⟩ and choose T.
+def alignment(
+    base: torch.Tensor, *, ability: torch.Tensor, language_model: torch.Tensor, languages: Sequence[torch.Tensor],
+    alpha: float, beta: float, weight: Sequence[float], **_: object,
+) -> float:
+    """Eq. 4's score of one tensor (or block of rows): `⟨R(A), R_Lang⟩`."""
+    return fixed_dot(ability_vector(base, ability, language_model, alpha, beta), language_vector(base, languages, weight))
+
+
+ALIGNMENT = Statistic("alignment", alignment)
+
+
+def select_tensors(stats: TensorStatistics) -> Prepared:
+    """Eq. 4: rank every merged tensor by ⟨R(A), R_Lang⟩ and choose T.
 
     Returns:
         `in_t` per tensor, and the provenance: the ranking (descending), `k2`, T's size before
         and after the `transfer` restriction, and T itself.
     """
-    from neuroloc_cli.merge.run import stream_inputs  # the engine imports the methods
-
-    # A dot product is a sum over rows, so large tensors stream in blocks of rows.
-    dots: dict[str, float] = {}
-    numel: dict[str, int] = {}
-    transfer, k2 = {}, 0.0
-    for step, _, (base, tensors, _) in stream_inputs(plan, [s for s in plan.steps if s.merge], blocks=True):
-        whole, per_model = plan.resolver.at(step.name, step.t)
-        r_a = ability_vector(base, tensors[0], tensors[1], whole["alpha"], whole["beta"])
-        r_lang = language_vector(base, tensors[2:], [p["weight"] for p in per_model[2:]])
-        dots[step.name] = dots.get(step.name, 0.0) + dot(r_a, r_lang)
-        numel[step.name] = numel.get(step.name, 0) + base.numel()
-        transfer[step.name] = bool(whole["transfer"])
-        k2 = float(whole["k2"])  # one number for the whole merge (check_maet_recipe)
-    ranked = sort_scores([TensorScore(name, score, numel[name]) for name, score in dots.items()])
+    ranked = sort_scores([TensorScore(name, v[ALIGNMENT.name], stats.numel[name]) for name, v in stats.values.items()])
+    k2 = float(next(iter(stats.params.values()))["k2"]) if stats.params else 0.0  # one number (check_maet_recipe)
     by_rank = {s.tensor for s in ranked[len(ranked) - _share_count(k2, len(ranked)):]} if k2 > 0 else set()
-    chosen = [s.tensor for s in ranked if s.tensor in by_rank and transfer[s.tensor]]
+    chosen = [s.tensor for s in ranked if s.tensor in by_rank and stats.params[s.tensor]["transfer"]]
     in_t = set(chosen)
     provenance = {
         "similarity": "dot product of R(A) and R_Lang per tensor (Eq. 4)",
@@ -91,13 +91,17 @@ def select_tensors(plan) -> Prepared:
     return Prepared({s.tensor: {"in_t": s.tensor in in_t} for s in ranked}, provenance)
 
 
+ROLES = ("ability", "language_model", "languages")
+
+
 @merge_method(
     "maet",
     needs_base=True,
     elementwise=True,  # given pass 1's per-tensor in_t (maet), each element stands alone
     min_models=0,
-    inputs="ability",
-    prepare=select_tensors,
+    roles=ROLES,
+    statistics=(ALIGNMENT,),
+    select=select_tensors,
     context=("in_t",),
     check=check_maet_recipe,
     params=(
@@ -113,8 +117,10 @@ def select_tensors(plan) -> Prepared:
 )
 def maet(
     base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
     *,
+    ability: torch.Tensor,
+    language_model: torch.Tensor,
+    languages: Sequence[torch.Tensor],
     alpha: float,
     beta: float,
     gamma: float,
@@ -129,10 +135,10 @@ def maet(
     `k2` and `transfer` act in pass 1 (`select_tensors`), which decides `in_t`.
     """
     del k2, transfer
-    r_lang = language_vector(base, tensors[2:], weight[2:])
+    r_lang = language_vector(base, languages, weight)
     if not in_t:
         return r_lang.add_(base)
-    r_a = ability_vector(base, tensors[0], tensors[1], alpha, beta)
+    r_a = ability_vector(base, ability, language_model, alpha, beta)
     return r_a.mul_(gamma).add_(r_lang, alpha=eta).add_(base)
 
 
@@ -154,7 +160,7 @@ def _check_languages_only(recipe) -> list[str]:
     needs_base=True,
     elementwise=True,
     min_models=0,
-    inputs="ability",
+    roles=ROLES[:2],
     output_kind="delta",
     check=_check_ability_only,
     params=(
@@ -163,9 +169,9 @@ def _check_languages_only(recipe) -> list[str]:
     ),
     paper=PAPER,
 )
-def ability_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, alpha: float, beta: float) -> torch.Tensor:
+def ability_vector_method(base: torch.Tensor, *, ability: torch.Tensor, language_model: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """Eq. 2, R(A), written as a delta checkpoint (for `neuroloc rank` or inspection)."""
-    return ability_vector(base, tensors[0], tensors[1], alpha, beta)
+    return ability_vector(base, ability, language_model, alpha, beta)
 
 
 @merge_method(
@@ -173,15 +179,15 @@ def ability_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *
     needs_base=True,
     elementwise=True,
     min_models=0,
-    inputs="ability",
+    roles=ROLES[2:],
     output_kind="delta",
     check=_check_languages_only,
     params=(Param("weight", default=1.0, per_model=True, help="μ_i of each language (set in languages[i].weight)"),),
     paper=PAPER,
 )
-def language_vector_method(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float]) -> torch.Tensor:
+def language_vector_method(base: torch.Tensor, *, languages: Sequence[torch.Tensor], weight: Sequence[float]) -> torch.Tensor:
     """Eq. 3, R_Lang, written as a delta checkpoint (for `neuroloc rank` or inspection)."""
-    return language_vector(base, tensors, weight)
+    return language_vector(base, languages, weight)
 
 
 def _share_count(share: float, n: int) -> int:

@@ -8,14 +8,10 @@ ranking of millions of small products is the same on every machine and thread co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from neuroloc_cli.arch import layer_index, tensor_kind
-from neuroloc_cli.errors import UsageError
-from neuroloc_cli.io.checkpoint import Checkpoint
-from neuroloc_cli.ops.deltas import DeltaReader, check_same_tensors
 from neuroloc_cli.ops.sums import fixed_dot
 
 METRICS = ("dot", "cosine")
@@ -37,6 +33,14 @@ def similarity(a: torch.Tensor, b: torch.Tensor, metric: str = "dot") -> float:
     return dot(a, b) if metric == "dot" else cosine(a, b)
 
 
+def similarity_from_sums(sums: dict[str, float], metric: str) -> float:
+    """The similarity from its sums over blocks: `ab` = ⟨a, b⟩, and for cosine `aa`, `bb`."""
+    if metric == "dot":
+        return sums["ab"]
+    norms = (sums["aa"] * sums["bb"]) ** 0.5
+    return sums["ab"] / norms if norms else 0.0
+
+
 @dataclass(frozen=True)
 class TensorScore:
     """One row of a ranking."""
@@ -52,25 +56,3 @@ class TensorScore:
 def sort_scores(scores: list[TensorScore]) -> list[TensorScore]:
     """Descending by score; ties keep checkpoint order (a stable sort)."""
     return sorted(scores, key=lambda s: -s.score)
-
-
-def rank_deltas(a: Path, b: Path, base: Path | None = None, metric: str = "dot") -> list[TensorScore]:
-    """Every floating tensor of A, with its similarity between Δ_A and Δ_B, sorted descending.
-
-    Args:
-        a, b: models (with `base`) or delta checkpoints.
-        base: the base model, or None when A and B are deltas.
-        metric: "dot" (MAET Eq. 4) or "cosine".
-
-    Raises:
-        UsageError: unknown metric, or a model given without `base`.
-        InputError: unreadable checkpoints, or a tensor missing or of another shape.
-    """
-    if metric not in METRICS:
-        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    base_ckpt = Checkpoint.open(base, spec=str(base)) if base is not None else None
-    ra, rb = DeltaReader(a, base_ckpt, "A"), DeltaReader(b, base_ckpt, "B")
-    names = [n for n, i in ra.ckpt.tensors.items() if i.torch_dtype.is_floating_point]
-    check_same_tensors(names, ra.ckpt, [rb.ckpt] + ([] if base_ckpt is None else [base_ckpt]))
-    scores = [TensorScore(n, similarity(ra.read(n), rb.read(n), metric), ra.ckpt.tensors[n].numel) for n in names]
-    return sort_scores(scores)

@@ -117,6 +117,16 @@ def input_models(recipe: MergeRecipe) -> list[tuple[str, InputModel]]:
     return out
 
 
+def role_name(recipe_role: str) -> str:
+    """The role of an input as a method sees it (`MergeMethod.roles`): `ability.model` →
+    `ability`, `ability.language_model` → `language_model`, `languages[2].model` →
+    `languages`, `models[0].model` → `models`."""
+    head = recipe_role.removesuffix(".model")
+    if head.startswith("ability."):
+        return head.removeprefix("ability.")
+    return head.partition("[")[0]
+
+
 def parse_recipe(text: str, source: str) -> MergeRecipe:
     """Parse YAML text into a `MergeRecipe`, reporting every structural problem at once.
 

@@ -31,14 +31,14 @@ class DeltaReader:
         if self.ckpt.kind != "delta" and base is None:
             raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
 
-    def read(self, name: str) -> torch.Tensor:
-        """`Δ` of one tensor in float32.
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """`Δ` of one tensor (or of its rows `[start, stop)`) in float32.
 
         Raises:
             InputError: `Δ` holds NaN or inf (a broken input): no ranking of it means anything.
         """
-        x = self.ckpt.read(name, dtype=torch.float32)
-        d = x if self.base is None else x.sub_(self.base.read(name, dtype=torch.float32))
+        x = self.ckpt.read(name, rows, dtype=torch.float32)
+        d = x if self.base is None else x.sub_(self.base.read(name, rows, dtype=torch.float32))
         if not bool(torch.isfinite(d).all()):
             bad = int(d.numel() - torch.isfinite(d).sum())
             where = self.ckpt.path if self.base is None else f"{self.ckpt.path} or {self.base.path}"

@@ -1,0 +1,86 @@
+"""Reading a merge's inputs: one tensor (or block of rows) of every input at a time, the
+next one read on a worker thread while the current one is computed.
+
+Both passes of the engine read through here: the statistics pass (`merge.stats`) and the
+merge itself (`merge.run`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from neuroloc_cli.merge.masking import Rows
+from neuroloc_cli.merge.plan import MergePlan, Step
+
+# (base in the compute dtype, each model's tensor in the compute dtype, base as stored or None)
+Inputs = tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]
+
+# Elementwise work processes tensors larger than this in blocks of rows (8 MB in float32).
+BLOCK_ELEMENTS = 2 * 2**20
+
+
+def row_blocks(shape: tuple[int, ...]) -> list[Rows]:
+    """`[None]` (the whole tensor) for a tensor of at most `BLOCK_ELEMENTS` elements, else
+    consecutive ranges of rows that hold at most that many each (at least one row)."""
+    if not shape or math.prod(shape) <= BLOCK_ELEMENTS:
+        return [None]
+    rows = max(1, BLOCK_ELEMENTS // math.prod(shape[1:]))
+    return [(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
+
+
+def _units(steps: Sequence[Step], blocks: bool) -> list[tuple[Step, Rows]]:
+    """Work units: whole tensors, or, when `blocks`, blocks of rows of the large merged ones."""
+    return [(step, rows) for step in steps for rows in (row_blocks(step.out.shape) if blocks and step.merge else [None])]
+
+
+def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = False) -> Iterator[tuple[Step, Rows, Inputs]]:
+    """Yield each step (or, with `blocks`, each block of rows of a large step) with its
+    inputs, reading the next unit on a worker thread meanwhile.
+
+    The inputs are (base, models' tensors) in the compute dtype, and the base as stored
+    (masked merges only, else None).
+    Use `blocks` only for work that is elementwise or additive over rows.
+    """
+    units = _units(steps, blocks)
+    if not units:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroloc-read") as pool:
+        pending = pool.submit(_load, plan, *units[0])
+        for i, (step, rows) in enumerate(units):
+            inputs = pending.result()
+            if i + 1 < len(units):
+                pending = pool.submit(_load, plan, *units[i + 1])
+            yield step, rows, inputs
+
+
+def _load(plan: MergePlan, step: Step, rows: Rows) -> Inputs:
+    """Read one tensor (or block of rows) of every input, in the compute dtype; and, for
+    masked merges, the base as stored."""
+    if step.origin is not None:  # layer stacking: one tensor of one model, maybe renamed
+        index, name = step.origin
+        if not step.merge:
+            return plan.models[index].checkpoint.read(name, rows), [], None
+        return None, [plan.models[index].checkpoint.read(name, rows, plan.compute_dtype)], None
+    if not step.merge:
+        return plan.reference.checkpoint.read(step.name), [], None
+    dtype = plan.compute_dtype
+    raw = base = None
+    if plan.base and plan.masks is not None:  # masks put the stored base back outside them
+        raw = plan.base.checkpoint.read(step.name, rows)
+        base = raw.to(dtype)
+    elif plan.base:
+        base = plan.base.checkpoint.read(step.name, rows, dtype)
+    tensors = []
+    for src, present in zip(plan.models, step.present):
+        if present:
+            tensors.append(src.checkpoint.read(step.name, rows, dtype))
+        else:
+            assert base is not None  # on_missing: base is only planned with a base model
+            tensors.append(base.clone())  # its own tensor, like every other input
+    return base, tensors, raw
+
+
