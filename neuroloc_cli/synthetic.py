@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from neuroloc_cli.io.checkpoint import KIND_KEY, Checkpoint
+from neuroloc_cli.io.checkpoint import KIND_KEY, Checkpoint, Kind
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
@@ -117,7 +117,7 @@ def build_checkpoint(
     """
     folder.mkdir(parents=True, exist_ok=True)
     shapes = parameter_shapes(config)
-    writer = ShardedWriter(folder, [OutTensor(n, s, dtype) for n, s in shapes], max_shard_bytes, {KIND_KEY: "model"})
+    writer = ShardedWriter(folder, [OutTensor(n, s, dtype) for n, s in shapes], max_shard_bytes, {KIND_KEY: Kind.MODEL})
     gen = torch.Generator().manual_seed(seed)
     for name, shape in shapes:
         t = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02)
@@ -141,7 +141,7 @@ def derive_finetune(base: Path, folder: Path, *, seed: int, scale: float = 0.01,
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint.open(base)
     infos = list(ckpt.tensors.values())
-    writer = ShardedWriter(folder, [OutTensor(i.name, i.shape, i.torch_dtype) for i in infos], max_shard_bytes, {KIND_KEY: "model"})
+    writer = ShardedWriter(folder, [OutTensor(i.name, i.shape, i.torch_dtype) for i in infos], max_shard_bytes, {KIND_KEY: Kind.MODEL})
     gen = torch.Generator().manual_seed(seed)
     for info in infos:
         t = ckpt.read(info.name)

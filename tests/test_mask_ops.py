@@ -9,7 +9,7 @@ import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.masks import Mask, MaskEntry
-from neuroloc_cli.masks.ops import combine, overlap
+from neuroloc_cli.masks.algebra import combine, overlap
 from neuroloc_cli.masks.stats import mask_stats
 
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (6, 4), "model.layers.0.mlp.down_proj.weight": (4, 6), "model.layers.1.self_attn.o_proj.weight": (5, 5)}

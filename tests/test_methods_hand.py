@@ -226,12 +226,14 @@ def test_no_method_changes_its_inputs():
 
     g = torch.Generator().manual_seed(0)
     for name, method in METHODS.items():
-        n_models = max(method.min_models, 1 if method.max_models == 1 else 4 if method.inputs == "ability" else 2)
+        # role methods get two languages; other methods one or two models
+        roles = [r for r in method.roles for _ in range(2 if r == "languages" else 1)]
+        n_models = len(roles) or max(method.min_models, 1 if method.max_models == 1 else 2)
         base = torch.randn(6, 5, generator=g)
         tensors = [base + 0.1 * torch.randn(6, 5, generator=g) for _ in range(n_models)]
         before = [base.clone()] + [t.clone() for t in tensors]
         whole = {p.name: (p.default if p.default is not None else 0.5) for p in method.params if not p.per_model}
         per_model = [{p.name: (p.default if p.default is not None else 0.5) for p in method.params if p.per_model} for _ in tensors]
         context = {"in_t": True} if method.context else None
-        method(base, tensors, whole, per_model, torch.Generator().manual_seed(1), context)
+        method(base, tensors, whole, per_model, torch.Generator().manual_seed(1), context, roles=roles)
         assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors)), name

@@ -45,7 +45,7 @@ def stats(mask: MaskArg, as_json: JsonOpt = False) -> None:
 def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: bool) -> None:
     from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.masks import Mask
-    from neuroloc_cli.masks.ops import combine
+    from neuroloc_cli.masks.algebra import combine
     from neuroloc_cli.masks.stats import mask_stats
 
     check_output_file(output, [a, b], overwrite)
@@ -83,7 +83,7 @@ def overlap(a: MaskArg, b: MaskArg, as_json: JsonOpt = False) -> None:
     from rich.table import Table
 
     from neuroloc_cli.masks import Mask
-    from neuroloc_cli.masks.ops import overlap as compute
+    from neuroloc_cli.masks.algebra import overlap as compute
 
     rows, total = compute(Mask.load(a), Mask.load(b), str(a), str(b))
     if as_json:

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from pathlib import Path, PurePath
 from typing import Any
@@ -24,7 +25,17 @@ from neuroloc_cli.io.format import Header, TensorInfo, read_header
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROVENANCE_FILE = "neuroloc.json"
-KIND_KEY = "neuroloc.kind"  # safetensors metadata key: "model" or "delta"
+KIND_KEY = "neuroloc.kind"  # safetensors metadata key: a `Kind`
+
+
+class Kind(str, Enum):
+    """What a checkpoint holds (its shards' `neuroloc.kind`): weights, or weight deltas."""
+
+    MODEL = "model"
+    DELTA = "delta"
+
+    def __str__(self) -> str:
+        return self.value
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAMPLE = 64 * 1024  # bytes sampled at three places of each shard for the fingerprint
@@ -99,9 +110,9 @@ class Checkpoint:
         return first.metadata if first else {}
 
     @property
-    def kind(self) -> str:
-        """"delta" for a delta checkpoint written by `neuroloc delta`, else "model"."""
-        return self.metadata.get(KIND_KEY, "model")
+    def kind(self) -> Kind:
+        """`Kind.DELTA` for a delta checkpoint written by `neuroloc delta`, else `Kind.MODEL`."""
+        return Kind.DELTA if self.metadata.get(KIND_KEY) == Kind.DELTA else Kind.MODEL
 
     @property
     def architecture(self) -> str | None:

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from typing import TypeGuard
 
 import torch
@@ -46,6 +47,10 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+# The same names as a type, for the pydantic models of recipes and training configs (one
+# table: a dtype added above is accepted everywhere).
+DtypeName = Literal[tuple(DTYPE_NAMES)]  # type: ignore[valid-type]
 
 # Limits safetensors itself enforces when it opens a file: a header of at most 10^8 bytes,
 # and sizes computed in 64-bit unsigned arithmetic (an overflow refuses the file).

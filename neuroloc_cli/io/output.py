@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli.errors import OutputError
+from neuroloc_cli.io.checkpoint import KIND_KEY, PROVENANCE_FILE, Kind
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 
 # Files of a HF checkpoint that are not weights and that a merged model needs to load.
@@ -174,7 +175,7 @@ def checkpoint_output(
     out_dir: Path,
     tensors: Sequence[OutTensor],
     *,
-    kind: str,
+    kind: Kind,
     provenance: dict,
     source: Path,
     inputs: Sequence[Path] = (),
@@ -188,7 +189,7 @@ def checkpoint_output(
     `tensors` (and the temporary folder, for extra files); once every tensor is written, add
     `source`'s side files and `neuroloc.json`, and move the folder into place.
 
-    Every shard's metadata records `kind` ("model" or "delta"), the neuroloc version and
+    Every shard's metadata records `kind` (a `Kind`), the neuroloc version and
     `shard_provenance` (default: the provenance less its `created` time); `neuroloc.json`
     holds the whole provenance. Shards thus say nothing about when (or, as the caller
     decides, where) a run wrote them: the same inputs and settings give byte-identical shard
@@ -198,7 +199,6 @@ def checkpoint_output(
         OutputError: see `atomic_output_dir`.
     """
     from neuroloc_cli import __version__
-    from neuroloc_cli.io.checkpoint import KIND_KEY
 
     metadata = {
         KIND_KEY: kind,
@@ -250,6 +250,4 @@ def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = No
 
 def write_provenance(folder: Path, provenance: dict) -> None:
     """Write `neuroloc.json`: how this output was made (recipe, inputs, version)."""
-    from neuroloc_cli.io.checkpoint import PROVENANCE_FILE
-
     (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")

@@ -19,7 +19,7 @@ from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_count, top_units
 from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
-from neuroloc_cli.io.deltas import DeltaReader, check_same_tensors
+from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
 
 SCOPES = ("global", "tensor")
 PAPER = "Chen et al. 2024, MAET, Eq. 1"

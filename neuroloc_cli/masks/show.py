@@ -23,7 +23,7 @@ from neuroloc_cli.arch import layer_index, name_matches, tensor_kind
 from neuroloc_cli.errors import UsageError, did_you_mean
 from neuroloc_cli.io.output import atomic_file
 from neuroloc_cli.masks.format import Mask, MaskEntry
-from neuroloc_cli.masks.ops import selected_elements
+from neuroloc_cli.masks.algebra import selected_elements
 
 MAX_SIDE = 256  # cells a side of a tensor's density map
 _CELL = 22  # pixels per cell of the layer × kind map

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from neuroloc_cli.arch import layer_index, tensor_kind
 from neuroloc_cli.masks.format import Mask
-from neuroloc_cli.masks.ops import selected_elements
+from neuroloc_cli.masks.algebra import selected_elements
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import torch
 
 from neuroloc_cli.arch import layer_position
 from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
-from neuroloc_cli.io.checkpoint import Checkpoint, compare_tensors, resolve_model_path
+from neuroloc_cli.io.checkpoint import Checkpoint, Kind, compare_tensors, resolve_model_path
 from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.writer import OutTensor
-from neuroloc_cli.merge.masking import MergeMasks, describe_masks, load_masks, mask_recipe_problems
+from neuroloc_cli.merge.masks import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name
@@ -215,14 +215,14 @@ def _open(role: str, spec: str, base_dir: Path) -> Source:
     if "+" in spec and not Path(spec).exists():
         raise InputError(f"{spec}: LoRA adapters ('model+lora') are not supported", hint="merge the adapter into its model first")
     ckpt = Checkpoint.open(resolve_model_path(spec, base_dir), spec=spec)
-    if ckpt.kind == "delta":
+    if ckpt.kind == Kind.DELTA:
         raise InputError(f"{ckpt.path}: is a delta checkpoint, not a model", hint="give the fine-tuned model itself")
     return Source(role=role, spec=spec, checkpoint=ckpt)
 
 
 def _check_config(reference: Source, method: MergeMethod) -> list[str]:
     """A model output takes the reference's config.json; without one it could not be loaded."""
-    if method.output_kind != "model" or reference.checkpoint.config is not None:
+    if method.output_kind != Kind.MODEL or reference.checkpoint.config is not None:
         return []
     file = reference.checkpoint.path / "config.json"
     return [f"{reference.role}: {file} is missing (the merged model takes its config from {reference.role}, and could not be loaded without one)"]
@@ -265,7 +265,7 @@ def fixed_out_dtype(recipe: MergeRecipe, method: MergeMethod) -> torch.dtype | N
     """The output dtype of every floating tensor, or None to keep each input tensor's:
     `out_dtype`, else `dtype` (mergekit's rule), else float32 for delta outputs."""
     name = recipe.out_dtype or recipe.dtype
-    if name is None and method.output_kind == "delta":
+    if name is None and method.output_kind == Kind.DELTA:
         name = "float32"  # a delta in bf16 would lose most of its bits
     return DTYPE_NAMES[name] if name else None
 

@@ -2,7 +2,7 @@
 
 Methods that declare statistics (`MergeMethod.statistics`, e.g. MAET's tensor ranking) get
 a first streaming pass (`merge.stats`); what it finds goes into the provenance. Masks
-(`merge.masking`) are applied last, to the output-dtype tensor.
+(`merge.masks`) are applied last, to the output-dtype tensor.
 
 Memory: the reader thread holds the next tensor's inputs while the main thread computes the
 current one, so private memory stays at a few copies of the largest tensor (inputs in the
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli import __version__
+from neuroloc_cli.io.checkpoint import Kind
 from neuroloc_cli.io.output import check_output_path, checkpoint_output
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
-from neuroloc_cli.merge.masking import Rows
+from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.merge.stats import statistics_pass
 from neuroloc_cli.merge.stream import Inputs, stream_inputs
@@ -112,7 +113,7 @@ def _stream(
             raw = inputs[2]
             assert raw is not None  # masks are only planned with a base model
             # Outside the mask a model keeps the base; a delta output keeps zero.
-            outside = torch.zeros_like(out) if plan.method.output_kind == "delta" else raw.to(step.out.dtype)
+            outside = torch.zeros_like(out) if plan.method.output_kind == Kind.DELTA else raw.to(step.out.dtype)
             out = plan.masks.apply(step.name, out, outside, rows)
         if step.merge and not bool(torch.isfinite(out).all()):
             nonfinite[step.name] = nonfinite.get(step.name, 0) + int(out.numel() - torch.isfinite(out).sum())

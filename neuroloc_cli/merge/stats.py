@@ -17,7 +17,7 @@ from pathlib import Path
 
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
-from neuroloc_cli.io.deltas import DeltaReader, check_same_tensors
+from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
 from neuroloc_cli.merge.plan import MergePlan
 from neuroloc_cli.merge.stream import row_blocks, stream_inputs
 from neuroloc_cli.methods.base import Prepared, TensorStatistics

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from neuroloc_cli.merge.masking import Rows
+from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 
 # (base in the compute dtype, each model's tensor in the compute dtype, base as stored or None)

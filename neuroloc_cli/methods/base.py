@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from neuroloc_cli.io.checkpoint import Kind
 from neuroloc_cli.recipe.params import Param, Scalar
 from neuroloc_cli.registry import Registry
 
@@ -88,7 +89,7 @@ class MergeMethod:
         elementwise: whether each output element depends only on the inputs' elements at the
             same position (no per-tensor statistics); the engine then streams large tensors
             in blocks of rows, so memory stays bounded whatever a tensor's size.
-        output_kind: "model", or "delta" for methods whose output is a weight delta.
+        output_kind: `Kind.MODEL`, or `Kind.DELTA` for methods whose output is a weight delta.
         paper: the reference, for docstrings and `neuroloc methods`.
         roles: the input roles the function takes by keyword (see the module docstring); empty
             for methods of the recipe's `models:` list, which take `tensors`.
@@ -111,7 +112,7 @@ class MergeMethod:
     max_models: int | None = None
     random: bool = False
     elementwise: bool = False
-    output_kind: str = "model"
+    output_kind: Kind = Kind.MODEL
     paper: str = ""
     roles: tuple[str, ...] = ()
     statistics: tuple[Statistic, ...] = ()
@@ -187,7 +188,7 @@ def merge_method(
     max_models: int | None = None,
     random: bool = False,
     elementwise: bool = False,
-    output_kind: str = "model",
+    output_kind: Kind = Kind.MODEL,
     paper: str = "",
     roles: Sequence[str] = (),
     statistics: Sequence[Statistic] = (),

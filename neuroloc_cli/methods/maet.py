@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from neuroloc_cli.io.checkpoint import Kind
 from neuroloc_cli.methods.base import Prepared, Statistic, TensorStatistics, merge_method
 from neuroloc_cli.ops.combine import weighted_delta_sum
 from neuroloc_cli.ops.rank import TensorScore, sort_scores
@@ -161,7 +162,7 @@ def _check_languages_only(recipe) -> list[str]:
     elementwise=True,
     min_models=0,
     roles=ROLES[:2],
-    output_kind="delta",
+    output_kind=Kind.DELTA,
     check=_check_ability_only,
     params=(
         Param("alpha", default=0.8, help="weight of Δ(ability.model) (Eq. 2)"),
@@ -180,7 +181,7 @@ def ability_vector_method(base: torch.Tensor, *, ability: torch.Tensor, language
     elementwise=True,
     min_models=0,
     roles=ROLES[2:],
-    output_kind="delta",
+    output_kind=Kind.DELTA,
     check=_check_languages_only,
     params=(Param("weight", default=1.0, per_model=True, help="μ_i of each language (set in languages[i].weight)"),),
     paper=PAPER,

@@ -19,28 +19,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from neuroloc_cli.errors import RecipeError, did_you_mean
-
-DtypeName = Literal["float32", "bfloat16", "float16", "float64"]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from neuroloc_cli.config_models import Frozen, describe_error, load_yaml
+from neuroloc_cli.errors import RecipeError
+from neuroloc_cli.io.format import DtypeName
 
 
-class InputModel(_Frozen):
+
+class InputModel(Frozen):
     """One entry of `models:`."""
 
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     mask: str | None = None
-    """A mask file: this model's delta counts only inside it (see `merge.masking`)."""
+    """A mask file: this model's delta counts only inside it (see `merge.masks`)."""
 
 
-class AbilitySpec(_Frozen):
+class AbilitySpec(Frozen):
     """`ability:` of a `maet` recipe: the two masked-CPT models whose difference is R(A)."""
 
     model: str
@@ -49,7 +45,7 @@ class AbilitySpec(_Frozen):
     """Θ_{L0}: masked CPT on the general corpus of the same language."""
 
 
-class LanguageSpec(_Frozen):
+class LanguageSpec(Frozen):
     """One entry of `languages:` of a `maet` recipe: R_Lang = Σ weight_i · Δ(model_i)."""
 
     model: str
@@ -57,7 +53,7 @@ class LanguageSpec(_Frozen):
     """μ_i; when absent, the top-level `parameters.weight` (default 1.0)."""
 
 
-class SliceSource(_Frozen):
+class SliceSource(Frozen):
     """One entry of a slice's `sources:`: layers `[a, b)` of a model (mergekit's shape)."""
 
     model: str
@@ -65,13 +61,13 @@ class SliceSource(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-class OutputSlice(_Frozen):
+class OutputSlice(Frozen):
     """One entry of `slices:`; its sources' layers become consecutive output layers."""
 
     sources: list[SliceSource] = Field(min_length=1)
 
 
-class MergeRecipe(_Frozen):
+class MergeRecipe(Frozen):
     """A validated merge recipe (structure only; see `recipe.load` for the rest)."""
 
     merge_method: str
@@ -138,46 +134,15 @@ def parse_recipe(text: str, source: str) -> MergeRecipe:
         RecipeError: invalid YAML, unknown or missing keys, wrong types.
     """
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError(source, [f"{where}invalid YAML ({getattr(e, 'problem', None) or e})"]) from None
+        doc = load_yaml(text)
+    except ValueError as e:
+        raise RecipeError(source, [str(e)]) from None
     if not isinstance(doc, dict):
         raise RecipeError(source, ["a recipe is a mapping with at least 'merge_method'"])
     try:
         return MergeRecipe.model_validate(doc)
     except ValidationError as e:
-        raise RecipeError(source, [_describe(err) for err in e.errors()]) from None
-
-
-def _describe(err: Any) -> str:
-    loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc)
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        hint = did_you_mean(loc[-1], parent.model_fields) if parent else ""
-        return f"unknown key {key!r}{hint}"
-    if err["type"] == "missing":
-        return f"missing required key {key!r}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg}" if key else msg
-
-
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
-    """The pydantic model class that a location inside a recipe refers to."""
-    model: type[BaseModel] = MergeRecipe
-    for part in loc:
-        if part.isdigit():
-            continue
-        field = model.model_fields.get(part)
-        inner = getattr(field, "annotation", None) if field else None
-        args = getattr(inner, "__args__", ())
-        nested = next((a for a in (inner, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if nested is None:
-            return None
-        model = nested
-    return model
+        raise RecipeError(source, [describe_error(err, MergeRecipe) for err in e.errors()]) from None
 
 
 def read_recipe_file(path: Path) -> MergeRecipe:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.io.checkpoint import Checkpoint, compare_tensors
+from neuroloc_cli.io.checkpoint import Checkpoint, Kind, compare_tensors
 
 
 class DeltaReader:
@@ -27,8 +27,8 @@ class DeltaReader:
     def __init__(self, path: Path, base: Checkpoint | None, role: str):
         self.ckpt = Checkpoint.open(path, spec=str(path))
         self.role = role
-        self.base = None if self.ckpt.kind == "delta" else base
-        if self.ckpt.kind != "delta" and base is None:
+        self.base = None if self.ckpt.kind == Kind.DELTA else base
+        if self.ckpt.kind != Kind.DELTA and base is None:
             raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
