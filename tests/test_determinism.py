@@ -81,6 +81,9 @@ METHOD_RECIPES = {
     "ability_vector": "base_model: {base}\n" + ABILITY,
     "language_vector": "base_model: {base}\n" + LANGUAGES,
     "maet": "base_model: {base}\n" + ABILITY + "languages: [{{model: {ft2}, weight: 1.0}}]\nparameters: {{k2: 0.5}}\n",
+    "ablate_zero": "base_model: {base}\nmask: {elements}\n",
+    "ablate_mean": "base_model: {base}\nmask: {elements}\n",
+    "ablate_noise": "base_model: {base}\nmask: {elements}\nparameters: {{scale: 0.5}}\n",
 }
 MASKED_RECIPES = {  # name: (method, recipe)
     "masked": ("ties", "base_model: {base}\nmask: {rows}\n" + SPARSE),

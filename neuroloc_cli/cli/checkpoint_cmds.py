@@ -1,4 +1,4 @@
-"""`neuroloc inspect` and `neuroloc delta`: commands on single checkpoints."""
+"""`neuroloc inspect`, `neuroloc delta` and `neuroloc ablate`: commands on single checkpoints."""
 
 from __future__ import annotations
 
@@ -63,4 +63,31 @@ def delta(
     plan = plan_delta(base, tuned, out_dtype)
     with render.progress("delta", len(plan.steps)) as advance:
         result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance(), command="delta")
+    render.merge_result(result, as_json)
+
+
+def ablate(
+    model: ModelArg,
+    mask: Annotated[Path, typer.Argument(help="The region: a mask file (.safetensors, written by `neuroloc locate`).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
+    mode: Annotated[str, typer.Option("--mode", help="zero (remove), mean (the tensor's mean) or noise (add Gaussian noise).")] = "zero",
+    scale: Annotated[Optional[float], typer.Option("--scale", help="With --mode noise: noise std in units of the tensor's std [1.0].")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the noise.")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the model and mask and print the plan; write nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove or perturb a region of MODEL: inside MASK the weights are zeroed, set to the mean
+    or perturbed; outside it they stay bit for bit (the linguistic-regions damage study)."""
+    from neuroloc_cli.merge.plan import plan_ablation
+    from neuroloc_cli.merge.run import run_merge
+
+    plan = plan_ablation(model, mask, mode, scale)
+    if dry_run:
+        render.merge_plan(plan, as_json)
+        return
+    shard_bytes = shard_size_option(max_shard_size)
+    with render.progress(f"ablate ({mode})", len(plan.steps)) as advance:
+        result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance(), command="ablate")
     render.merge_result(result, as_json)

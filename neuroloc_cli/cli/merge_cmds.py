@@ -23,30 +23,10 @@ def _load_plan(recipe: Path):
     return build_plan(parsed, recipe.resolve().parent, str(recipe))
 
 
-def _render_plan(plan, as_json: bool) -> None:
-    from rich.table import Table
-
-    from neuroloc_cli.merge.plan import describe_plan
-
-    doc = describe_plan(plan)
-    if as_json:
-        render.print_json({"valid": True, **doc})
-        return
-    table = Table(title=f"{doc['method']} merge: {doc['tensors']} tensors, {render.human_bytes(doc['out_bytes'])} out, compute {doc['compute_dtype']}")
-    for col in ("role", "path", "tensors", "parameters"):
-        table.add_column(col)
-    for i in doc["inputs"]:
-        table.add_row(i["role"], i["path"], str(i["tensors"]), render.human_count(i["parameters"]))
-    render.out().print(table)
-    for note in doc["notes"]:
-        render.err().print(f"note: {note}")
-    render.err().print("[green]recipe is valid[/green]: no tensor data was read, nothing was written")
-
-
 @recipe_app.command("validate")
 def validate(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
     """Check a recipe and its checkpoints' headers; print the plan; read no tensor data."""
-    _render_plan(_load_plan(recipe), as_json)
+    render.merge_plan(_load_plan(recipe), as_json)
 
 
 def merge(
@@ -64,7 +44,7 @@ def merge(
 
     plan = _load_plan(recipe)
     if dry_run:
-        _render_plan(plan, as_json)
+        render.merge_plan(plan, as_json)
         return
     if output is None:
         raise UsageError("merge needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the recipe")

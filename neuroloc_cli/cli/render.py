@@ -80,3 +80,24 @@ def merge_result(result: Any, as_json: bool) -> None:
         out().print(
             f"wrote [bold]{result.path}[/bold]: {result.tensors} tensors, {human_bytes(result.bytes)} in {len(result.shards)} shard(s), {result.seconds:.1f}s"
         )
+
+
+def merge_plan(plan: Any, as_json: bool) -> None:
+    """What `recipe validate` and `--dry-run` print about a `MergePlan`."""
+    from rich.table import Table
+
+    from neuroloc_cli.merge.plan import describe_plan
+
+    doc = describe_plan(plan)
+    if as_json:
+        print_json({"valid": True, **doc})
+        return
+    table = Table(title=f"{doc['method']} merge: {doc['tensors']} tensors, {human_bytes(doc['out_bytes'])} out, compute {doc['compute_dtype']}")
+    for col in ("role", "path", "tensors", "parameters"):
+        table.add_column(col)
+    for i in doc["inputs"]:
+        table.add_row(i["role"], i["path"], str(i["tensors"]), human_count(i["parameters"]))
+    out().print(table)
+    for note in doc["notes"]:
+        err().print(f"note: {note}")
+    err().print("[green]recipe is valid[/green]: no tensor data was read, nothing was written")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli.arch import layer_position
-from neuroloc_cli.errors import InputError, NeurolocError, RecipeError
+from neuroloc_cli.errors import InputError, NeurolocError, RecipeError, UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint, Kind, compare_tensors, resolve_model_path
 from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.writer import OutTensor
@@ -142,7 +142,7 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     base = sources[0] if recipe.base_model is not None else None
     models = sources[1:] if recipe.base_model is not None else sources
     plan = None
-    if method is not None and all(sources) and models:
+    if method is not None and all(sources) and (models or (base and method.min_models == 0)):
         opened = [s for s in models if s is not None]
         reference = base or opened[0]
         tensor_problems = _check_tensors(reference, opened, recipe.on_missing) + _check_config(reference, method)
@@ -309,6 +309,26 @@ def plan_delta(base: Path, tuned: Path, out_dtype: str | None = None) -> MergePl
         check_model_folder(folder)
     recipe = MergeRecipe(merge_method="delta", base_model=str(base), models=[InputModel(model=str(tuned))], out_dtype=out_dtype)
     return build_plan(recipe, Path.cwd(), "delta")
+
+
+def plan_ablation(model: Path, mask: Path, mode: str, scale: float | None = None) -> MergePlan:
+    """Plan `neuroloc ablate`: the `ablate_MODE` method on `model`, restricted to `mask` (a
+    recipe written in code, so that `--dry-run` and provenance show it like any merge).
+
+    Raises:
+        UsageError: an unknown mode, or `scale` without `noise`.
+    """
+    from neuroloc_cli.io.checkpoint import check_model_folder
+    from neuroloc_cli.methods.ablate import MODES
+
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if scale is not None and mode != "noise":
+        raise UsageError("--scale applies to --mode noise only")
+    check_model_folder(model)
+    params = {"scale": scale} if scale is not None else {}
+    recipe = MergeRecipe(merge_method=f"ablate_{mode}", base_model=str(model), mask=str(mask), parameters=params)
+    return build_plan(recipe, Path.cwd(), "ablate")
 
 
 def describe_plan(plan: MergePlan) -> dict:

@@ -1,6 +1,7 @@
 """Merge methods, registered by name in `METHODS`; importing this package registers them all."""
 
 from neuroloc_cli.methods import (  # noqa: F401  (registration)
+    ablate,
     breadcrumbs,
     dare,
     della,
