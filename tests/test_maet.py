@@ -298,10 +298,3 @@ def test_masked_delta_outputs_are_zero_outside_the_mask(zoo, cli, tmp_path):
     assert torch.equal(ra[name][5:], torch.zeros_like(ra[name][5:]))
     torch.testing.assert_close(ra[name][:5], expected[:5], rtol=1e-6, atol=1e-7)
     assert all(torch.equal(t, torch.zeros_like(t)) for n, t in ra.items() if n != name)
-
-
-@pytest.mark.parametrize("k2,n,expected", [(0.41, 300, 123), (0.29, 100, 29), (0.57, 100, 57), (0.8, 291, 232), (1.0, 7, 7)])
-def test_k2_share_counts_survive_binary_rounding(k2, n, expected):
-    from neuroloc_cli.methods.maet import _share_count
-
-    assert _share_count(k2, n) == expected

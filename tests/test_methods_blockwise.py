@@ -1,5 +1,6 @@
 """The fused path on tensors large enough to take it (several kernel blocks, the sampled
-threshold bracket, several parallel parts), against whole-tensor computations."""
+threshold bracket, several parallel parts), against the plain-PyTorch specification
+(`neuroloc_cli.ops.reference`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 
 import neuroloc_cli.ops.blockwise as bw
 from neuroloc_cli.methods import METHODS
+from neuroloc_cli.methods.gta import VARIANTS
 from neuroloc_cli.ops.blockwise import magnitude_cut
-from tests.helpers import top_k_mask
-from tests.test_methods_reference import ref_breadcrumbs_ties, ref_ties
+from neuroloc_cli.ops.reference import top_k
 
 SHAPE = (300, 700)  # 210,000 elements: 206 kernel blocks, above the exact-selection size
 
@@ -54,7 +55,7 @@ def test_cut_keeps_exactly_the_top_k_with_position_ties(kind, density, parts):
     base, tuned = _deltas(kind)
     k = int(density * base.numel())
     got = _apply(magnitude_cut(base.reshape(-1), tuned.reshape(-1), k), base, tuned)
-    want = top_k_mask((tuned - base).abs(), k)
+    want = top_k((tuned - base).abs(), k)
     assert int(got.sum()) == k
     assert torch.equal(got, want)
 
@@ -64,29 +65,44 @@ def test_breadcrumbs_cut_drops_outliers_and_smallest():
     n = base.numel()
     inner, outer = (magnitude_cut(base.reshape(-1), tuned.reshape(-1), k) for k in (n // 2, n // 100))
     a = (tuned - base).abs()
-    assert torch.equal(_apply(inner, base, tuned) & ~_apply(outer, base, tuned), top_k_mask(a, n // 2) & ~top_k_mask(a, n // 100))
+    assert torch.equal(_apply(inner, base, tuned) & ~_apply(outer, base, tuned), top_k(a, n // 2) & ~top_k(a, n // 100))
 
 
-@pytest.mark.parametrize("kind, weights", [("fp32", (0.7, 0.3)), ("bf16", (0.7, 0.3)), ("bf16", (0.7, -0.3)), ("fp32", (1.0, 0.0))])
+def _both(name, base, tensors, whole, per_model, seed=5):
+    """(fused, reference) results of method `name`, called alike: the same resolved
+    parameters, the same seed."""
+    m = METHODS.get(name)
+    whole = {p.name: p.default for p in m.params if not p.per_model} | whole
+    per_model = [{p.name: p.default for p in m.params if p.per_model} | pm for pm in per_model]
+
+    def run(fn=None):
+        return m(base, tensors, whole, per_model, torch.Generator().manual_seed(seed) if m.random else None, fn=fn)
+
+    return run(), run(VARIANTS[name].reference)
+
+
+def _rescales(name):
+    """A method's rescales: none, mergekit's L1 match, and for random draws the paper's 1/p."""
+    return ("off", "L1", "paper") if VARIANTS[name].sparsifier.random else ("off", "L1")
+
+
+RESCALES = [(name, rescale) for name in sorted(VARIANTS) for rescale in _rescales(name)]
+
+
+@pytest.mark.parametrize("name, rescale", RESCALES)
+# zero and negative weights too: agreement is judged on the weighted values
+@pytest.mark.parametrize("kind, weights", [("fp32", (0.7, 0.3)), ("bf16", (0.7, -0.3)), ("fp32", (1.0, 0.0))])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_ties_large_tensor_matches_reference(kind, weights, normalize):
-    # zero and negative weights too: agreement is judged on the weighted values
+def test_large_tensor_matches_the_reference(name, rescale, kind, weights, normalize):
     base, t1 = _deltas(kind)
     t2 = base + 0.8 * (t1 - base).flip(0)  # a second task vector that disagrees in sign often
-    m = METHODS.get("ties")
+    whole = {"normalize": normalize, "rescale": rescale != "off", "lambda": 0.9}
+    if VARIANTS[name].sparsifier.random:
+        whole["paper_rescale"] = rescale == "paper"
+    own = {"gamma": 0.02, "epsilon": 0.1}
     pm = [{"weight": weights[0], "density": 0.4}, {"weight": weights[1], "density": 0.6}]
-    got = m(base, [t1, t2], {"normalize": normalize, "rescale": False, "lambda": 1.0}, pm)
-    want = ref_ties(base, [t1, t2], list(weights), [0.4, 0.6], normalize=normalize)
-    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
-
-
-def test_breadcrumbs_ties_large_tensor_matches_reference():
-    base, t1 = _deltas("bf16")
-    t2 = base + (t1 - base).flip(1)
-    m = METHODS.get("breadcrumbs_ties")
-    pm = [{"weight": 1.0, "density": 0.5, "gamma": 0.02}, {"weight": 0.5, "density": 0.5, "gamma": 0.02}]
-    got = m(base, [t1, t2], {"normalize": False, "rescale": False, "lambda": 1.0}, pm)
-    want = ref_breadcrumbs_ties(base, [t1, t2], [1.0, 0.5], [0.5, 0.5], 0.02)
+    pm = [m | {p: own[p] for p in VARIANTS[name].sparsifier.params} for m in pm]
+    got, want = _both(name, base, [t1, t2], whole, pm)
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
 
 
@@ -97,7 +113,7 @@ def test_a_missed_bracket_falls_back_to_the_exact_threshold(monkeypatch, bracket
     base, tuned = _deltas("bf16")
     k = base.numel() // 3
     got = _apply(bw.magnitude_cut(base.reshape(-1), tuned.reshape(-1), k), base, tuned)
-    assert torch.equal(got, top_k_mask((tuned - base).abs(), k))
+    assert torch.equal(got, top_k((tuned - base).abs(), k))
 
 
 @pytest.mark.parametrize("share_zero", [1.0, 0.9])
@@ -107,7 +123,7 @@ def test_mostly_unchanged_tensor(share_zero, parts):
     tuned = torch.where(torch.arange(base.numel()).reshape(SHAPE) < share_zero * base.numel(), base, tuned)
     k = base.numel() // 2
     got = _apply(magnitude_cut(base.reshape(-1), tuned.reshape(-1), k), base, tuned)
-    assert torch.equal(got, top_k_mask((tuned - base).abs(), k))
+    assert torch.equal(got, top_k((tuned - base).abs(), k))
 
 
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
@@ -133,17 +149,17 @@ def test_bytes_do_not_depend_on_the_thread_count(monkeypatch, name, rescale):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.parametrize("name", ["ties", "dare_linear", "della"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_other_compute_dtypes(dtype):
+def test_other_compute_dtypes(name, dtype):
     # float64 runs the loops in float64; half precision is mixed in float32 and cast back
     base, t1 = _deltas("fp32")
     t2 = base + 0.8 * (t1 - base).flip(0)
     base, t1, t2 = (x.to(dtype) for x in (base, t1, t2))
-    pm = [{"weight": 0.7, "density": 0.4}, {"weight": 0.3, "density": 0.6}]
-    got = METHODS.get("ties")(base, [t1, t2], {"normalize": True, "rescale": False, "lambda": 1.0}, pm)
-    assert got.dtype == dtype
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    want = ref_ties(base.to(work), [t1.to(work), t2.to(work)], [0.7, 0.3], [0.4, 0.6]).to(dtype)
+    pm = [{"weight": 0.7, "density": 0.4, "epsilon": 0.1}, {"weight": 0.3, "density": 0.6, "epsilon": 0.1}]
+    pm = [{k: v for k, v in m.items() if k in {p.name for p in METHODS.get(name).params}} for m in pm]
+    got, want = _both(name, base, [t1, t2], {}, pm)
+    assert got.dtype == want.dtype == dtype
     if dtype == torch.float64:
         assert torch.allclose(got, want, atol=1e-12, rtol=1e-12)
     else:  # the float32 results agree to ~1e-7, far inside a bf16 rounding step
@@ -171,7 +187,7 @@ def test_a_nan_delta_is_never_selected_and_stays_nan(n, k, parts):
     cut = magnitude_cut(base, tuned, k)
     kept = cut.mask((tuned - base).abs())
     assert int(kept.sum()) == k and not kept[3]
-    assert torch.equal(kept, top_k_mask(torch.nan_to_num((tuned - base).abs(), nan=-1.0), k))
+    assert torch.equal(kept, top_k(torch.nan_to_num((tuned - base).abs(), nan=-1.0), k))
     out = METHODS.get("ties")(base, [tuned], {"normalize": True, "rescale": False, "lambda": 1.0}, [{"weight": 1.0, "density": k / n}])
     assert torch.isnan(out[3]) and int(torch.isnan(out).sum()) == 1
 
@@ -227,5 +243,5 @@ def test_the_loops_run_where_no_cache_folder_is_writable():
         "out = METHODS.get('ties')(b, [t], {'normalize': True, 'rescale': False, 'lambda': 1.0}, [{'weight': 1.0, 'density': 0.5}])\n"
         "assert out.tolist() == [0, 0, 0, 0, 4, 5, 6, 7], out\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

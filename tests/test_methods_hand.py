@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from neuroloc_cli.methods import METHODS
-from neuroloc_cli.ops.sparsify import della_keep_probabilities, keep_count
-from tests.helpers import top_k_mask
+from neuroloc_cli.methods.gta import VARIANTS
+from neuroloc_cli.ops.reference import top_k
+from neuroloc_cli.ops.sparsify import della_keep_probabilities, share_count
 
 BASE = torch.ones(2, 3)
 D1 = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
@@ -36,14 +37,31 @@ def call(name, base, deltas, whole=None, per_model=None, seed=0):
 def test_top_k_keeps_exactly_k_and_breaks_ties_by_position():
     magnitude = torch.tensor([2.0, 1.0, 2.0, 2.0, 0.5])
     # the two largest are two of the three 2.0s: the first two by position
-    assert top_k_mask(magnitude, 2).tolist() == [True, False, True, False, False]
-    assert top_k_mask(magnitude, 0).sum() == 0 and top_k_mask(magnitude, 5).all()
+    assert top_k(magnitude, 2).tolist() == [True, False, True, False, False]
+    assert top_k(magnitude, 0).sum() == 0 and top_k(magnitude, 5).all()
 
 
 def test_density_keeps_floor_of_density_times_n():
     # 6 elements, density 0.5 -> 3 kept (|-4|, |5|, |-6| in ties); density 0.49 -> floor(2.94) = 2
-    assert keep_count(0.5, 6) == 3 and keep_count(0.49, 6) == 2
-    assert top_k_mask(D1.abs(), keep_count(0.5, 6)).tolist() == [[False, False, False], [True, True, True]]
+    assert share_count(0.5, 6) == 3 and share_count(0.49, 6) == 2
+    assert top_k(D1.abs(), share_count(0.5, 6)).tolist() == [[False, False, False], [True, True, True]]
+
+
+@pytest.mark.parametrize(
+    "share, n, expected",
+    [
+        # mergekit's int(share · n), binary rounding included: 0.29 · 100 = 28.999999999999996
+        (0.29, 100, 28),
+        (0.41, 300, 122),
+        (0.3, 10, 3),
+        (0.8, 291, 232),
+        (0.5, 1, 0),
+        (1.0, 7, 7),
+        (0.0, 7, 0),
+    ],
+)
+def test_one_share_to_count_rule(share, n, expected):
+    assert share_count(share, n) == expected
 
 
 def test_ties_hand_computed():
@@ -141,7 +159,7 @@ def test_della_probabilities_hand_computed():
 
 # -- edge cases ------------------------------------------------------------------------------
 
-SPARSE = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+SPARSE = sorted(VARIANTS)  # every sparsify-then-mix method: ties, dare_*, breadcrumbs*, della*
 
 
 @pytest.mark.parametrize("name", SPARSE)
@@ -155,11 +173,11 @@ def test_density_one_is_task_arithmetic_or_ties_without_trimming(name):
     pm = [{"weight": 0.5, "density": 1.0}, {"weight": 1.0, "density": 1.0}]
     out = call(name, BASE, [D1, D2], {"normalize": False}, pm)
     wd1, wd2 = 0.5 * D1, D2
-    if name.endswith("linear") or name == "breadcrumbs":
+    if not VARIANTS[name].consensus:
         expected = BASE + wd1 + wd2
     else:  # sign election over untrimmed weighted deltas
         pos = (wd1 + wd2) >= 0
-        agree = lambda wd: torch.where(pos, wd > 0, wd < 0)  # noqa: E731
+        agree = lambda wd: torch.where(pos, wd > 0, wd < 0)
         expected = BASE + wd1 * agree(wd1) + wd2 * agree(wd2)
     assert torch.allclose(out, expected)
 
@@ -185,10 +203,10 @@ def test_single_model_ties_divides_out_the_weight():
 @pytest.mark.parametrize("name", SPARSE)
 def test_one_element_tensor(name):
     base, delta = torch.tensor([2.0]), torch.tensor([0.5])
-    # floor(0.5 · 1) = 0 kept by magnitude methods; random ones keep it or not, never anything else
+    # int(0.5 · 1) = 0 kept by magnitude methods; random ones keep it or not, never anything else
     out = call(name, base, [delta], per_model=[{"weight": 1.0, "density": 0.5, "epsilon": 0.1}])
     assert out.shape == (1,) and float(out) in (2.0, 2.5)
-    if name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+    if not VARIANTS[name].sparsifier.random:
         assert float(out) == 2.0
     assert float(call(name, base, [delta], per_model=[{"weight": 1.0, "density": 1.0}])) == 2.5
 

@@ -1,6 +1,8 @@
 """Deterministic methods, end to end on tiny random checkpoints of several architectures,
-against independent implementations written here from the papers' formulas (full sorts,
-numpy, whole-model loads — everything the streaming code avoids)."""
+against independent implementations (full sorts, numpy, whole-model loads — everything the
+streaming code avoids): the sparsify-then-mix methods' plain-PyTorch specification
+(`neuroloc_cli.ops.reference`, through `methods.gta.VARIANTS`), and slerp and model_stock
+written here from their formulas."""
 
 from __future__ import annotations
 
@@ -10,59 +12,11 @@ import torch
 
 from neuroloc_cli.arch import layer_position
 from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.methods.gta import VARIANTS
 from tests.conftest import write_recipe
 from tests.helpers import load_all
 
 ARCHS = ["llama", "qwen2", "gpt2"]
-
-
-def trim(delta, density):
-    """TIES trim: the floor(density·n) largest magnitudes; equal magnitudes by position."""
-    flat = delta.flatten()
-    k = int(density * flat.numel())
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    keep = torch.zeros_like(flat)
-    keep[order[:k]] = 1
-    return (flat * keep).reshape(delta.shape)
-
-
-def crumbs(delta, density, gamma):
-    """Breadcrumbs: sort ascending, keep ranks [n_bottom, n − n_top)."""
-    flat = delta.flatten()
-    n = flat.numel()
-    if density >= 1:
-        return delta.clone()
-    target, top = int(density * n), int(gamma * n)
-    bottom = n - target - top
-    if bottom < 0:
-        top, bottom = top + bottom, 0
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices  # rank 0 = largest
-    keep = torch.zeros_like(flat)
-    keep[order[top : n - bottom]] = 1
-    return (flat * keep).reshape(delta.shape)
-
-
-def elect(weighted, weights):
-    """TIES: sign of the summed mass (0 → +), mean of agreeing values over agreeing weights."""
-    stack = torch.stack(weighted)
-    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
-    agree = (torch.sign(stack) == sign).float()
-    w = torch.tensor(weights, dtype=stack.dtype).view(-1, *([1] * (stack.dim() - 1)))
-    divisor = (agree * w).sum(0)
-    divisor[divisor == 0] = 1
-    return (stack * agree).sum(0), divisor
-
-
-def ref_ties(base, fts, weights, densities, normalize=True):
-    wd = [w * trim(ft - base, d) for ft, w, d in zip(fts, weights, densities)]
-    mixed, divisor = elect(wd, weights)
-    return base + (mixed / divisor if normalize else mixed)
-
-
-def ref_breadcrumbs_ties(base, fts, weights, densities, gamma):
-    wd = [w * crumbs(ft - base, d, gamma) for ft, w, d in zip(fts, weights, densities)]
-    mixed, _ = elect(wd, weights)
-    return base + mixed
 
 
 def ref_slerp(a, b, t):
@@ -118,7 +72,9 @@ out_dtype: float32
     n = Checkpoint.open(fam.base).num_layers
     for name, b in base.items():
         d2 = 0.2 + 0.6 * layer_position(name, n)
-        want = ref_ties(b, [ft1[name], ft2[name]], [0.7, 0.3], [0.5, d2])
+        want = VARIANTS["ties"].reference(
+            b, [ft1[name], ft2[name]], weight=[0.7, 0.3], density=[0.5, d2], normalize=True, rescale=False, lambda_=1.0
+        )
         assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-5), name
 
 
@@ -142,7 +98,9 @@ out_dtype: float32
     )
     base, ft1, ft2 = _inputs(fam)
     for name, b in base.items():
-        want = ref_breadcrumbs_ties(b, [ft1[name], ft2[name]], [1.0, 0.5], [0.6, 0.6], 0.05)
+        want = VARIANTS["breadcrumbs_ties"].reference(
+            b, [ft1[name], ft2[name]], weight=[1.0, 0.5], density=[0.6, 0.6], gamma=[0.05, 0.05], normalize=False, rescale=False, lambda_=1.0
+        )
         assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-5), name
 
 

@@ -16,10 +16,11 @@ from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.locate.base import locator
-from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_count, top_units
+from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_units
 from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
 from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
+from neuroloc_cli.ops.sparsify import share_count
 
 SCOPES = ("global", "tensor")
 PAPER = "Chen et al. 2024, MAET, Eq. 1"
@@ -143,7 +144,7 @@ def _element_mask(deltas: _Deltas, names: list[str], top: float, scope: str, cap
             yield deltas.read(n).abs_()
 
     total = sum(deltas.base.tensors[n].numel for n in names)
-    k = top_count(top, total)
+    k = share_count(top, total)
     entries = {}
     if k == 0:
         return {n: MaskEntry(shapes[n], None, torch.zeros(shapes[n], dtype=torch.bool)) for n in names}, {"units": total, "selected_units": 0, "k": 0}

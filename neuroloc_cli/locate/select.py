@@ -16,15 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from neuroloc_cli.ops.sparsify import share_count
+
 DEFAULT_CAP = 8_000_000  # values collected at once to settle the threshold (32 MB)
 _OCTAVE_BINS = 16
 _LOG2_LOW, _LOG2_HIGH = -150, 129  # every positive float32 lies in [2^-150, 2^129)
 _LINEAR_BINS = 4096
-
-
-def top_count(share: float, n: int) -> int:
-    """How many of `n` units the share `share` selects: `round(share · n)`."""
-    return min(n, int(round(share * n)))
 
 
 def top_units(importance: Sequence[torch.Tensor], share: float, scope: str) -> list[torch.Tensor]:
@@ -36,12 +33,13 @@ def top_units(importance: Sequence[torch.Tensor], share: float, scope: str) -> l
         scope: "global" or "tensor".
 
     Returns:
-        One BOOL vector per input, exactly `top_count` True overall (or per vector).
+        One BOOL vector per input, exactly `share_count(share, n)` True overall (or per
+        vector of n units).
     """
     if scope == "tensor":
-        return [_top_mask(v, top_count(share, v.numel())) for v in importance]
+        return [_top_mask(v, share_count(share, v.numel())) for v in importance]
     flat = torch.cat([v.reshape(-1).float() for v in importance])
-    chosen = _top_mask(flat, top_count(share, flat.numel()))
+    chosen = _top_mask(flat, share_count(share, flat.numel()))
     return list(chosen.split([v.numel() for v in importance]))
 
 

@@ -2,70 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from neuroloc_cli.methods.gta import Family
+from neuroloc_cli.ops.sparsify import BREADCRUMBS
+from neuroloc_cli.recipe.params import Param
 
-import torch
+GAMMA = Param("gamma", default=0.01, per_model=True, low=0.0, high=1.0, help="share of largest-magnitude outliers dropped")
 
-from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.methods.gta import DENSITY, GAMMA, LAMBDA, WEIGHT, normalize_param, rescale_param, sparse_task_arithmetic
-from neuroloc_cli.ops.blockwise import Keep, magnitude_cut
-from neuroloc_cli.ops.sparsify import outlier_counts
+CRUMBS = Family(BREADCRUMBS, rescale=False, paper="Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)", params=(GAMMA,))
 
-_PARAMS = (WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA)
-_PAPER = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)"
-
-
-def _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus):
-    def make_keep(base: torch.Tensor, tuned: torch.Tensor, i: int) -> Keep | None:
-        if density[i] >= 1:
-            return None
-        n = base.numel()
-        n_top, n_bottom = outlier_counts(n, density[i], gamma[i])
-        # the same tie rule in both cuts makes the outliers a subset of the kept top n − n_bottom
-        return Keep(cut=magnitude_cut(base, tuned, n - n_bottom), outliers=magnitude_cut(base, tuned, n_top))
-
-    return sparse_task_arithmetic(
-        base, tensors, weight, make_keep, consensus=consensus, normalize=normalize, rescale=rescale, paper_rescale=False, lambda_=lambda_
-    )
-
-
-@merge_method("breadcrumbs", needs_base=True, params=_PARAMS, paper=_PAPER)
-def breadcrumbs(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
-) -> torch.Tensor:
-    """Drop task vectors' largest outliers and smallest entries, add the weighted sum.
+CRUMBS.register(
+    "breadcrumbs",
+    consensus=False,
+    normalize=False,
+    doc="""Drop task vectors' largest outliers and smallest entries, add the weighted sum.
 
     Per tensor, the `gamma` share of largest magnitudes and then the smallest ones are dropped
-    so that `floor(density · n)` remain: `θ_0 + λ · Σ w_i (m_i ⊙ δ_i)`.
+    so that `int(density · n)` remain: `θ_0 + λ · Σ w_i (m_i ⊙ δ_i)`.
 
     Davari & Belilovsky 2023 (arXiv:2312.06795); the paper masks per layer, mergekit (and we)
     per tensor. If density + gamma > 1, fewer outliers are dropped so the density holds;
     density 1 keeps everything (gamma does not apply); gamma 0 is plain magnitude trimming.
-    """
-    return _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus=False)
+    """,
+)
 
+CRUMBS.register(
+    "breadcrumbs_ties",
+    consensus=True,
+    normalize=False,
+    doc="""Breadcrumbs masking, then TIES sign election by summed mass.
 
-@merge_method("breadcrumbs_ties", needs_base=True, params=_PARAMS, paper=_PAPER)
-def breadcrumbs_ties(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    normalize: bool,
-    rescale: bool,
-    lambda_: float,
-) -> torch.Tensor:
-    """Breadcrumbs masking, then TIES sign election by summed mass.
-
-    mergekit's combination; `normalize` defaults to false as there."""
-    return _breadcrumbs(base, tensors, weight, density, gamma, normalize, rescale, lambda_, consensus=True)
+    mergekit's combination; `normalize` defaults to false as there.""",
+)

@@ -19,7 +19,6 @@ to tensor kinds, written with filters). The merge pass (`maet`) then merges each
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +27,7 @@ from neuroloc_cli.io.checkpoint import Kind
 from neuroloc_cli.methods.base import Prepared, Statistic, TensorStatistics, merge_method
 from neuroloc_cli.ops.combine import weighted_delta_sum
 from neuroloc_cli.ops.rank import TensorScore, sort_scores
+from neuroloc_cli.ops.sparsify import share_count
 from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param
 
@@ -77,7 +77,7 @@ def select_tensors(stats: TensorStatistics) -> Prepared:
     """
     ranked = sort_scores([TensorScore(name, v[ALIGNMENT.name], stats.numel[name]) for name, v in stats.values.items()])
     k2 = float(next(iter(stats.params.values()))["k2"]) if stats.params else 0.0  # one number (check_maet_recipe)
-    by_rank = {s.tensor for s in ranked[len(ranked) - _share_count(k2, len(ranked)):]} if k2 > 0 else set()
+    by_rank = {s.tensor for s in ranked[len(ranked) - share_count(k2, len(ranked)):]} if k2 > 0 else set()
     chosen = [s.tensor for s in ranked if s.tensor in by_rank and stats.params[s.tensor]["transfer"]]
     in_t = set(chosen)
     provenance = {
@@ -190,8 +190,3 @@ def language_vector_method(base: torch.Tensor, *, languages: Sequence[torch.Tens
     """Eq. 3, R_Lang, written as a delta checkpoint (for `neuroloc rank` or inspection)."""
     return language_vector(base, languages, weight)
 
-
-def _share_count(share: float, n: int) -> int:
-    """floor(share · n), immune to binary rounding: 0.41 · 300 is 122.99999999999999 in
-    floating point, but the share the user wrote means 123."""
-    return math.floor(round(share * n, 9))

@@ -1,11 +1,14 @@
 """Sparsify-and-mix: the engine of the ties / dare / breadcrumbs / della family.
 
-Each model's mask is described, not stored (`Keep`), and `mix` runs the fused loops of
-`neuroloc_cli.ops.kernels` over the flat tensors, block by block: one pass reads every
-input once. The only whole-tensor work before it is a magnitude threshold per model (found
-from a sample, then refined exactly on the few candidates near it) and, for mergekit's
-rescale, two L1 norms per model (that pass stores a random mask's draws, a byte each, for
-the mix to read back).
+Each model's mask is described, not stored: a `Keep` says which elements of its delta
+survive, in the few terms the fused loops of `neuroloc_cli.ops.kernels` know (a magnitude
+cut with its last tie, outliers above a second cut, a keep probability drawn from the
+model's random stream, survivors divided by it). Sparsifiers (`neuroloc_cli.ops.sparsify`)
+speak only this language; `_pack` alone turns it into the loops' arrays. `mix` runs the
+loops over the flat tensors, block by block: one pass reads every input once. The only
+whole-tensor work before it is a magnitude threshold per model (found from a sample, then
+refined exactly on the few candidates near it) and, for mergekit's rescale, two L1 norms per
+model (that pass stores a random mask's draws, a byte each, for the mix to read back).
 
 The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (keep_i ⊙ δ_i)`):
 
@@ -15,8 +18,9 @@ The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (keep_i ⊙ δ
     without consensus: mixed = Σ_i wd_i, divisor = Σ_i w_i (|·| < 1e-8 → 1)
     out   = base + λ · (mixed / divisor if normalize else mixed)
 
-The loops take float32 or float64 tensors and compute in that dtype (`sparse_task_arithmetic`
-brings half-precision inputs to float32).
+`neuroloc_cli.ops.reference` computes the same in plain PyTorch (the specification the tests
+hold this module to). The loops take float32 or float64 tensors and compute in that dtype
+(`methods.gta` brings half-precision inputs to float32).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ _EXACT_BELOW = 1 << 17  # smaller tensors: one exact selection is cheaper than b
 _ALL_TIES = 2**62  # a last tie past every position: every equal magnitude is kept
 _MIN_PART = 1 << 16  # elements: a smaller part of a tensor is not worth a thread
 _NO_DRAWS = np.empty(0, np.uint8)
+RESCALE_EPS = 1e-7  # below this L1 norm a delta counts as zero and is not rescaled (mergekit's)
 
 T = TypeVar("T")
 
@@ -210,15 +215,22 @@ def _select(magnitudes: np.ndarray, need: int, above: int, positions: np.ndarray
 
 @dataclass(frozen=True)
 class Keep:
-    """Which elements of one model's delta survive (all, by default), and how survivors of a
-    random draw are rescaled.
+    """Which elements of one model's delta survive, in the fused loops' terms: an element
+    survives where `cut` keeps its magnitude, `outliers` does not, and its draw falls below
+    `p` (by default every element survives).
+
+    This is the whole interface between a sparsifier and the loops: a rule that can be said
+    in these terms needs no change to `neuroloc_cli.ops.kernels` (see `_pack` for one that
+    cannot).
 
     Attributes:
         cut: keep only the magnitudes this cut keeps (the top k).
         outliers: of those, drop the ones this cut keeps (breadcrumbs' largest).
         p: keep each element with this probability (a number, or a flat tensor, one per
-            element), drawn from the stream `key` (see `neuroloc_cli.ops.kernels`).
-        inverse_p: divide each survivor by its probability (the DARE and DELLA papers).
+            element), drawn from the stream `key` (see `neuroloc_cli.ops.kernels.draw`).
+        key: the model's random stream.
+        inverse_p: divide each survivor by its probability (the DARE and DELLA papers'
+            rescale).
         drawn: the draws already made (1 kept, 0 dropped; see `l1_norms`), read instead of
             drawing again.
     """
@@ -231,12 +243,18 @@ class Keep:
     drawn: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def _kernel_args(keeps: Sequence[Keep], scales: Sequence[float], weights: Sequence[float], dtype: np.dtype, store: bool = False):
-    """The masks as the kernels' per-model rows (`floats`, `ints`), per-element probabilities
-    and stored draws (with `store`, `Keep.drawn` is where to write the draws, not read them)."""
+def _pack(keeps: Sequence[Keep], scales: Sequence[float], weights: Sequence[float], dtype: np.dtype, store: bool = False):
+    """The keeps, scales and weights as the loops' arrays, laid out as `neuroloc_cli.ops.kernels`
+    describes: per model a row of `floats` (in the compute dtype) and one of `ints`, its
+    per-element probabilities and its stored draws (with `store`, `Keep.drawn` is where the
+    loop writes its draws, not where it reads them).
+
+    The only code that writes those arrays: a sparsifier that needs a term `Keep` lacks adds
+    it to `Keep`, packs it here (a new column) and applies it in `kernels._kept`.
+    """
     k = _kernels()
-    floats = np.zeros((len(keeps), 5), dtype)
-    ints = np.zeros((len(keeps), 5), np.int64)
+    floats = np.zeros((len(keeps), k.FLOAT_COLUMNS), dtype)
+    ints = np.zeros((len(keeps), k.INT_COLUMNS), np.int64)
     p_each, drawn = [], []
     for j, (keep, scale, weight) in enumerate(zip(keeps, scales, weights)):
         floats[j, k.SCALE], floats[j, k.WEIGHT] = scale, weight
@@ -282,7 +300,7 @@ def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float
     store = keep.p is not None and keep.drawn is None
     if store:
         keep = dataclasses.replace(keep, drawn=np.empty(b.size, np.uint8))
-    floats, ints, (p,), (drawn,) = _kernel_args([keep], [1.0], [1.0], b.dtype, store=store)
+    floats, ints, (p,), (drawn,) = _pack([keep], [1.0], [1.0], b.dtype, store=store)
     kernels = _kernels()
     # one pair of sums per kernel block, added up here in a fixed order: the total does not
     # depend on how the blocks were shared out between threads
@@ -296,6 +314,17 @@ def l1_norms(base: torch.Tensor, tuned: torch.Tensor, keep: Keep) -> tuple[float
 
     _parts(b.size, one_part)
     return float(before.sum()), float(after.sum()), keep
+
+
+def l1_rescale_factor(before: float, after: float) -> float:
+    """`before / after`: the factor that gives the kept part of a delta (L1 norm `after`) the
+    L1 norm `before` of the whole delta (mergekit's `rescale`).
+
+    Returns 1 when either norm is below `RESCALE_EPS` (an all-zero delta stays zero).
+    """
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    return before / after
 
 
 def mix(
@@ -320,7 +349,7 @@ def mix(
     _check_sizes(base, *(torch.from_numpy(keep.drawn) for keep in keeps if keep.drawn is not None))
     b = _np(base)
     out = np.empty_like(b)
-    floats, ints, p_each, drawn = _kernel_args(keeps, scales, weights, b.dtype)
+    floats, ints, p_each, drawn = _pack(keeps, scales, weights, b.dtype)
     total_weight = float(sum(weights))
     plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
     models = tuple(_np(t) for t in tuned)

@@ -8,7 +8,8 @@ them. They release the GIL, so the engine's reader thread keeps prefetching mean
 
 The loops take NumPy views of flat CPU tensors in one float dtype (float32 or float64: the
 arithmetic runs in that dtype) and describe each model's mask by one row of `floats` (in that
-dtype) and one row of `ints`:
+dtype) and one row of `ints`, packed from a `neuroloc_cli.ops.blockwise.Keep` by
+`blockwise._pack`, the only code that writes them:
 
 - a magnitude cut: keep `|δ| > CUT`, and `|δ| == CUT` at flat positions `<= CUT_TIE`
   (−inf and −1 keep everything);
@@ -33,10 +34,12 @@ import numpy as np
 
 BLOCK = 1024  # elements per block: the M + 3 scratch rows of it stay in L1
 
-# columns of `ints`
+# columns of `ints`, and their number
 CUT_TIE, OUTLIER_TIE, DRAW, INVERSE_P, KEY = range(5)
-# columns of `floats`
+INT_COLUMNS = 5
+# columns of `floats`, and their number
 CUT, OUTLIER, P, SCALE, WEIGHT = range(5)
+FLOAT_COLUMNS = 5
 # values of `ints[:, DRAW]`
 DRAW_NONE, DRAW_ONE, DRAW_EACH, DRAW_STORED = 0, 1, 2, 3
 
