@@ -26,52 +26,20 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, build_family, reference_merge
 
 N_MODELS = 3
-INPUT_SHARD = 200 * 1024**2
 
 
 def build_inputs(workdir: Path, preset: str) -> Path:
-    import torch
-
-    from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, preset_config
-
+    """The preset's base and three fine-tunes, and a task-arithmetic recipe over them."""
     folder = workdir / preset
-    if (folder / "recipe.yaml").exists():
-        return folder
-    print(f"building {preset} checkpoints in {folder} ...", file=sys.stderr)
-    build_checkpoint(preset_config(preset), folder / "base", seed=0, dtype=torch.bfloat16, max_shard_bytes=INPUT_SHARD, tokenizer=False)
-    for i in range(N_MODELS):
-        derive_finetune(folder / "base", folder / f"ft{i}", seed=i + 1, scale=0.002, max_shard_bytes=INPUT_SHARD)
-    models = "\n".join(f"  - model: ./ft{i}\n    parameters: {{weight: 1.0}}" for i in range(N_MODELS))
+    _, fts = build_family(folder, preset, N_MODELS, scale=0.002)
+    models = "\n".join(f"  - model: ./{ft.name}\n    parameters: {{weight: 1.0}}" for ft in fts)
     (folder / "recipe.yaml").write_text(
         f"merge_method: task_arithmetic\nbase_model: ./base\nmodels:\n{models}\ndtype: float32\nout_dtype: bfloat16\n"
     )
     return folder
-
-
-def reference_merge(folder: Path, out: Path) -> None:
-    """The minimal streaming merge: one input shard at a time, float32 sum, save_file."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    index = json.loads((folder / "base" / "model.safetensors.index.json").read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    for shard in shards:
-        handles = [safe_open(str(folder / m / shard), framework="pt") for m in ["base"] + [f"ft{i}" for i in range(N_MODELS)]]
-        base, models = handles[0], handles[1:]
-        merged = {}
-        for name in base.keys():
-            b = base.get_tensor(name).float()
-            acc = b.clone()
-            for m in models:
-                acc += m.get_tensor(name).float() - b
-            merged[name] = acc.to(torch.bfloat16)
-        save_file(merged, str(out / shard), metadata={"format": "pt"})
 
 
 def measure(cmd: list[str]) -> tuple[float, int]:
@@ -114,7 +82,7 @@ def main() -> None:
 
     folder = build_inputs(args.workdir, args.preset)
     if args.reference:
-        reference_merge(folder, args.reference)
+        reference_merge(folder / "base", [folder / f"ft{i}" for i in range(1, N_MODELS + 1)], [1.0] * N_MODELS, args.reference)
         return
 
     import shutil

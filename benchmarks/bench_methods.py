@@ -8,9 +8,8 @@ full merges to disk, interleaved round by round (median of `--runs`; wall second
 `time.perf_counter`, and CPU seconds by `time.process_time`, which a shared machine's load
 disturbs less):
 
-- `reference`: the least a streaming merge can do — for each tensor read base and the two
-  fine-tunes, `base + Σ w·(ft − base)` in fp32, cast to bf16, write size-capped shards with
-  `safetensors.torch.save_file`. No checks, no prefetch, no provenance.
+- `reference`: the minimal streaming task arithmetic of `common.reference_merge`, weights
+  0.6 / 0.4.
 - `ties` and `dare_ties` (density 0.5, weights 0.6 / 0.4), and `task_arithmetic` for scale,
   through neuroloc's engine (`build_plan` + `run_merge`); `--methods` times others (any
   method taking `weight` and `density`, e.g. breadcrumbs_ties, della) with the same settings.
@@ -25,65 +24,17 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an installed copy
+from common import build_family, reference_merge  # noqa: E402  (it puts this checkout on the path)
 
 SHARD_BYTES = 200 * 1024**2
 # neuroloc's own task_arithmetic is timed too: it shows the engine's share of each ratio
 METHODS = "task_arithmetic,ties,dare_ties"
-
-
-def build_inputs(root: Path, preset: str) -> tuple[Path, Path, Path]:
-    from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, preset_config
-
-    base = root / "base"
-    if not base.exists():
-        build_checkpoint(preset_config(preset), base, dtype=torch.bfloat16, max_shard_bytes=SHARD_BYTES, tokenizer=False)
-    fts = []
-    for seed in (1, 2):
-        ft = root / f"ft{seed}"
-        if not ft.exists():
-            derive_finetune(base, ft, seed=seed, max_shard_bytes=SHARD_BYTES)
-        fts.append(ft)
-    return base, fts[0], fts[1]
-
-
-def reference_merge(base: Path, fts: list[Path], weights: list[float], out: Path) -> None:
-    """Minimal streaming task arithmetic (see the module docstring)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
-    handles: dict[tuple[Path, str], object] = {}
-
-    def read(folder: Path, name: str) -> torch.Tensor:
-        shard = index[name]
-        if (folder, shard) not in handles:
-            handles[(folder, shard)] = safe_open(str(folder / shard), framework="pt")
-        return handles[(folder, shard)].get_tensor(name)
-
-    shard: dict[str, torch.Tensor] = {}
-    size, n = 0, 0
-    for name in index:
-        b = read(base, name).float()
-        acc = torch.zeros_like(b)
-        for ft, w in zip(fts, weights):
-            acc.add_(read(ft, name).float().sub_(b), alpha=w)
-        t = acc.add_(b).to(torch.bfloat16)
-        if size + t.numel() * 2 > SHARD_BYTES and shard:
-            save_file(shard, str(out / f"model-{n:05d}.safetensors"))
-            shard, size, n = {}, 0, n + 1
-        shard[name] = t
-        size += t.numel() * 2
-    if shard:
-        save_file(shard, str(out / f"model-{n:05d}.safetensors"))
 
 
 def neuroloc_merge(method: str, base: Path, fts: list[Path], out: Path) -> None:
@@ -131,7 +82,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="neuroloc-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    base, ft1, ft2 = build_inputs(root, args.preset)
+    base, (ft1, ft2) = build_family(root, args.preset, 2)
     out = root / "out"
     results: dict = {"preset": args.preset, "runs": args.runs, "threads": torch.get_num_threads()}
     jobs = {"reference": lambda o: reference_merge(base, [ft1, ft2], [0.6, 0.4], o)}

@@ -36,9 +36,21 @@ import torch  # noqa: E402
 
 from neuroloc_cli.io.checkpoint import Checkpoint  # noqa: E402
 from neuroloc_cli.masks import Mask, MaskEntry  # noqa: E402
-from neuroloc_cli.synthetic import _CORPUS, build_checkpoint, parameter_shapes  # noqa: E402
+from neuroloc_cli.synthetic import build_checkpoint, parameter_shapes  # noqa: E402
 from neuroloc_cli.train.config import build_config  # noqa: E402
-from neuroloc_cli.train.recipe import run_training  # noqa: E402
+from neuroloc_cli.train.events import StepEvent  # noqa: E402
+from neuroloc_cli.train.run import run_training  # noqa: E402
+
+# The corpus: sentences drawn at random. Throughput does not depend on the text (every row
+# holds --seq-len tokens), only on the model, the mode and the batch.
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Le renard brun rapide saute par-dessus le chien paresseux.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "Two plus three equals five, and five times four is twenty.",
+    "El zorro marrón rápido salta sobre el perro perezoso.",
+    "快速的棕色狐狸跳过了懒狗。",
+)
 
 SHAPES = {
     "quick": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, vocab_size=512),
@@ -74,7 +86,7 @@ def _run(model: Path, corpus: Path, out: Path, mode: str, masks: dict[str, Path]
         kw["freeze_mask"] = str(masks[mode])
     times: list[tuple[float, float]] = []
     result = run_training(build_config(None, kw),
-                          lambda e: times.append((time.perf_counter(), time.process_time())) if e["event"] == "step" else None)
+                          lambda e: times.append((time.perf_counter(), time.process_time())) if isinstance(e, StepEvent) else None)
     tokens = args.batch_size * args.seq_len  # per step
     # Median step time: robust to the load spikes of a shared machine. CPU seconds of this
     # process are also far less sensitive than wall time to other jobs there.
@@ -113,7 +125,7 @@ def main() -> None:
         model = build_checkpoint(_config(shape), root / "base", seed=0, dtype=torch.bfloat16)
         rng = random.Random(0)
         corpus = root / "corpus.txt"
-        corpus.write_text("\n\n".join(" ".join(rng.choice(_CORPUS) for _ in range(8)) for _ in range(3000)))
+        corpus.write_text("\n\n".join(" ".join(rng.choice(SENTENCES) for _ in range(8)) for _ in range(3000)))
         masks = _masks(model, root, 0.05)
         modes = ["full", "row-5%", "element-5%"]
         runs: dict[str, list[dict]] = {m: [] for m in modes}
