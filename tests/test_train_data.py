@@ -172,13 +172,23 @@ def test_mixing_weighted_and_unweighted_corpora_is_refused(tmp_path):
     assert TrainConfig(model="m", data=["a.txt:0.5", "b.txt:0.5"]).data[1].weight == 0.5
 
 
-def test_a_half_written_log_line_is_dropped_on_resume():
-    import math
+def test_rewinding_the_log_for_a_resume_drops_later_steps_and_a_half_written_line(tmp_path):
+    from neuroloc_cli.train.events import EvalEvent, EventLog, StepEvent, event_from_dict
 
-    from neuroloc_cli.train.recipe import _logged_step
-
-    assert _logged_step('{"event": "step", "step": 3, "loss": 2.5}') == 3
-    assert _logged_step('{"event": "step", "step": 4, "lo') == math.inf  # what kill -9 leaves
+    log = EventLog(tmp_path / "run" / "log.jsonl")
+    written = [EvalEvent(step=0, perplexity={"c.txt": 9.5}),
+               *(StepEvent(step=s, loss=2.5, lr=1e-4, grad_norm=None, tokens=64 * s, tokens_per_s=1e3, trainable=10) for s in (1, 2, 3))]
+    for event in written:
+        log.write(event)
+    lines = log.path.read_text().splitlines()
+    assert [list(json.loads(line)) for line in lines[:2]] == [
+        ["time", "event", "step", "perplexity"], ["time", "event", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "trainable"]]
+    assert [event_from_dict(json.loads(line)) for line in lines] == written
+    with open(log.path, "a") as f:
+        f.write('{"event": "step", "step": 4, "lo')  # what kill -9 leaves
+    assert log.rewind(2) == written[:3]
+    assert log.path.read_text().splitlines() == lines[:3]
+    assert EventLog(tmp_path / "none.jsonl").rewind(2) == []
 
 
 def test_example_recipes_are_there():

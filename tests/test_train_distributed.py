@@ -12,9 +12,16 @@ import torch
 from tests.helpers import load_all
 
 from neuroloc_cli.masks import Mask, MaskEntry
-from neuroloc_cli.synthetic import _CORPUS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Any text will do (the tokenizer is byte-level); these few sentences make a corpus.
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Le renard brun rapide saute par-dessus le chien paresseux.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "Two plus three equals five, and five times four is twenty.",
+)
 
 
 def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):
@@ -24,7 +31,7 @@ def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):
     entries = {n: MaskEntry(tuple(t.shape), None, torch.rand(t.shape, generator=gen) < 0.3) for n, t in inputs.items() if ".layers." in n}
     Mask("element", entries).save(tmp_path / "core.mask")
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(" ".join(_CORPUS[(i + j) % len(_CORPUS)] for j in range(3)) for i in range(60)))
+    corpus.write_text("\n\n".join(" ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(3)) for i in range(60)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "neuroloc_cli", "train", str(base), "--data", str(corpus),
            "-o", str(tmp_path / "out"), "--freeze-mask", str(tmp_path / "core.mask"), "--max-steps", "3", "--seq-len", "32",

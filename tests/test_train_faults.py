@@ -11,10 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from neuroloc_cli.synthetic import _CORPUS, build_checkpoint, tiny_config
+from neuroloc_cli.synthetic import build_checkpoint, tiny_config
 from neuroloc_cli.train.state import default_run_dir
 
 POSITIONS = 128
+
+# Any text will do (the tokenizer is byte-level); these few sentences make a corpus.
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Le renard brun rapide saute par-dessus le chien paresseux.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "Two plus three equals five, and five times four is twenty.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +37,7 @@ def short(tmp_path_factory) -> Path:
 def corpus(tmp_path_factory) -> Path:
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("corpus") / "mix.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(_CORPUS) for _ in range(3))}) + "\n" for _ in range(60)))
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(SENTENCES) for _ in range(3))}) + "\n" for _ in range(60)))
     return path
 
 

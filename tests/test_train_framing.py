@@ -21,7 +21,8 @@ import torch
 from neuroloc_cli.errors import RecipeError
 from neuroloc_cli.train.config import DataSource, build_config
 from neuroloc_cli.train.data import IGNORE, framing_of, load_corpora, load_tokenizer, read_documents
-from neuroloc_cli.train.recipe import run_training
+from neuroloc_cli.train.events import StepEvent
+from neuroloc_cli.train.run import run_training
 from neuroloc_cli.train.state import default_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,10 +240,17 @@ def _padding_scored_loss(model: Path, docs: list[list[int]], width: int) -> floa
 # -- reporting and recording the framing ---------------------------------------------------------
 
 
-def _corpus(tmp_path: Path, name: str = "c.jsonl") -> Path:
-    from neuroloc_cli.synthetic import _CORPUS
+# Any text will do (the tokenizer is byte-level); these few sentences make a corpus.
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Le renard brun rapide saute par-dessus le chien paresseux.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "Two plus three equals five, and five times four is twenty.",
+)
 
-    return _jsonl(tmp_path / name, [_CORPUS[i % len(_CORPUS)] for i in range(40)])
+
+def _corpus(tmp_path: Path, name: str = "c.jsonl") -> Path:
+    return _jsonl(tmp_path / name, [SENTENCES[i % len(SENTENCES)] for i in range(40)])
 
 
 FAST = ("--seq-len", "32", "--batch-size", "2", "--eval-share", "0.1")
@@ -296,7 +304,7 @@ class _Crash(Exception):
 
 def _crash_at(step: int):
     def on_event(event):
-        if event["event"] == "step" and event["step"] == step:
+        if isinstance(event, StepEvent) and event.step == step:
             raise _Crash
 
     return on_event
@@ -346,10 +354,11 @@ def test_keep_state_and_run_dir_keep_the_run_folder(models, cli, tmp_path):
 _KILLED_RUN = """
 import os, signal, sys
 from neuroloc_cli.train.config import build_config
-from neuroloc_cli.train.recipe import run_training
+from neuroloc_cli.train.events import StepEvent
+from neuroloc_cli.train.run import run_training
 
 def on_event(event):
-    if event["event"] == "step" and event["step"] == 5:
+    if isinstance(event, StepEvent) and event.step == 5:
         os.kill(os.getpid(), signal.SIGKILL)
 
 model, data, out = sys.argv[1:]

@@ -9,6 +9,7 @@ import typer
 
 from neuroloc_cli.cli import render
 from neuroloc_cli.cli.options import JsonOpt
+from neuroloc_cli.train.events import CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
 
 _SEL = "What trains"
 _OPT = "Optimisation"
@@ -53,32 +54,48 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Continual pretraining that updates only what a mask allows, or all but a frozen region."""
-    from neuroloc_cli.errors import UsageError
     from neuroloc_cli.train.config import build_config
-    from neuroloc_cli.train.recipe import plan_training, run_training
+    from neuroloc_cli.train.run import plan_training, run_training
 
-    betas = None
-    if adam_betas is not None:
-        try:
-            betas = tuple(float(b) for b in adam_betas.split(","))
-            if len(betas) != 2:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--adam-betas: {adam_betas!r} is not B1,B2 (e.g. 0.9,0.95)") from None
-    given = dict(locals())
-    given["adam_betas"] = betas
-    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()
-                 if k not in ("config", "as_json", "dry_run", "betas", "UsageError", "build_config", "run_training", "plan_training")}
-    overrides["resume"] = resume or None
-    overrides["keep_state"] = keep_state or None
-    overrides["overwrite"] = overwrite or None
-    cfg = build_config(config, overrides)
+    # Every flag is the config key of the same name; None (and an unset switch) leaves the
+    # recipe's value, or the default, in place.
+    flags = {
+        "model": _text(model), "data": data, "output": _text(output),
+        "train_mask": _text(train_mask), "freeze_mask": _text(freeze_mask), "trainable": trainable,
+        "max_steps": max_steps, "max_tokens": max_tokens, "lr": lr, "weight_decay": weight_decay,
+        "adam_betas": _betas(adam_betas), "warmup": warmup, "schedule": schedule, "grad_clip": grad_clip,
+        "grad_accum": grad_accum, "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
+        "packing": packing, "txt_docs": txt_docs,
+        "eval_share": eval_share, "eval_every": eval_every, "save_every": save_every, "keep_checkpoints": keep_checkpoints,
+        "run_dir": _text(run_dir), "keep_state": keep_state or None, "resume": resume or None, "log": _text(log),
+        "out_dtype": out_dtype, "max_shard_size": max_shard_size, "overwrite": overwrite or None,
+    }
+    cfg = build_config(config, flags)
     if dry_run:
         _render_plan(plan_training(cfg), as_json)
         return
     with _Progress() as on_event:
         result = run_training(cfg, on_event)
     _render(result, as_json)
+
+
+def _text(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _betas(text: Optional[str]) -> Optional[tuple[float, ...]]:
+    """--adam-betas B1,B2 as two floats (their range is the config's to check)."""
+    from neuroloc_cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2:
+        raise UsageError(f"--adam-betas: {text!r} is not B1,B2 (e.g. 0.9,0.95)")
+    return betas
 
 
 class _Progress:
@@ -98,25 +115,28 @@ class _Progress:
         self.task = None
         return self.on_event
 
-    def on_event(self, e: dict) -> None:
-        if e["event"] == "start":
-            share = e["trainable"] / max(1, e["parameters"])
-            self.console.print(
-                f"training {render.human_count(e['trainable'])} of {render.human_count(e['parameters'])} parameters "
-                f"({share:.2%}), frozen {render.human_count(e['frozen'])}; optimizer state "
-                f"{render.human_bytes(e['optimizer_state_bytes'])}; sequences of {e['seq_len']} tokens; {e['world_size']} process(es)"
-            )
-            self.console.print(f"documents: {_framing(e['framing'])}", markup=False, highlight=False)
-            _warn(e["warnings"])
-            self.task = self.bar.add_task("train", total=e["total_steps"], completed=e["step"], loss="-", tps="-",
-                                          trainable=render.human_count(e["trainable"]))
-        elif e["event"] == "step" and self.task is not None:
-            self.bar.update(self.task, completed=e["step"], loss=f"{e['loss']:.4f}", tps=f"{e['tokens_per_s']:.0f}")
-        elif e["event"] == "eval":
-            ppl = ", ".join(f"{Path(k).name} {v:.2f}" for k, v in e["perplexity"].items())
-            self.console.print(f"step {e['step']}: held-out perplexity {ppl or '(no held-out data)'}")
-        elif e["event"] == "checkpoint":
-            self.console.print(f"step {e['step']}: checkpoint {e['path']}")
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, StartEvent):
+            self._start(event)
+        elif isinstance(event, StepEvent) and self.task is not None:
+            self.bar.update(self.task, completed=event.step, loss=f"{event.loss:.4f}", tps=f"{event.tokens_per_s:.0f}")
+        elif isinstance(event, EvalEvent):
+            ppl = ", ".join(f"{Path(k).name} {v:.2f}" for k, v in event.perplexity.items())
+            self.console.print(f"step {event.step}: held-out perplexity {ppl or '(no held-out data)'}")
+        elif isinstance(event, CheckpointEvent):
+            self.console.print(f"step {event.step}: checkpoint {event.path}")
+
+    def _start(self, e: StartEvent) -> None:
+        share = e.trainable / max(1, e.parameters)
+        self.console.print(
+            f"training {render.human_count(e.trainable)} of {render.human_count(e.parameters)} parameters "
+            f"({share:.2%}), frozen {render.human_count(e.frozen)}; optimizer state "
+            f"{render.human_bytes(e.optimizer_state_bytes)}; sequences of {e.seq_len} tokens; {e.world_size} process(es)"
+        )
+        self.console.print(f"documents: {_framing(e.framing)}", markup=False, highlight=False)
+        _warn(e.warnings)
+        self.task = self.bar.add_task("train", total=e.total_steps, completed=e.step, loss="-", tps="-",
+                                      trainable=render.human_count(e.trainable))
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)

@@ -64,7 +64,7 @@ class TrainConfig(_Frozen):
     batch_size: int = Field(default=8, gt=0)
     seq_len: int | None = Field(default=None, gt=1)
     """Tokens per row (packed or padded); None: the smaller of DEFAULT_SEQ_LEN and the model's positions
-    (the recipe sets it before anything reads it, see `MaskedCPTRecipe`)."""
+    (chosen by `inputs.check_inputs` before anything reads it)."""
     seed: int = 0
     packing: Literal["packed", "padded"] = "packed"
     """packed: documents joined and cut into rows, no padding; padded: one document per row,
@@ -117,6 +117,16 @@ class TrainConfig(_Frozen):
             missing = next(d.path for d in self.data if d.weight is None)
             raise ValueError(f"give a weight to every corpus or to none ({missing} has none; e.g. {missing}:0.5)")
         return self
+
+    @property
+    def mask_path(self) -> str | None:
+        """The mask file of the run, whichever its role."""
+        return self.train_mask or self.freeze_mask
+
+    @property
+    def mask_role(self) -> Literal["train", "freeze"] | None:
+        """What the mask selects: the units that train, or those kept frozen."""
+        return "train" if self.train_mask else "freeze" if self.freeze_mask else None
 
     def hyper_parameters(self) -> dict[str, Any]:
         """The settings that define the optimisation; a resumed run must match them exactly."""

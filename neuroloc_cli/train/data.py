@@ -33,6 +33,7 @@ import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.train.config import DataSource
+from neuroloc_cli.train.rng import derive_seed
 
 SUFFIXES = (".txt", ".jsonl")
 
@@ -313,7 +314,7 @@ class MixtureSampler:
 
     def next_batch(self, step: int, size: int) -> torch.Tensor:
         """The `size` sequences of global optimizer step `step`, as [size, seq_len]."""
-        gen = torch.Generator().manual_seed(_mix(self.seed, step))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step))
         choice = torch.multinomial(self._probs, size, replacement=True, generator=gen).tolist()
         return torch.stack([self._take(c) for c in choice])
 
@@ -324,10 +325,5 @@ class MixtureSampler:
         key = (c, epoch)
         if key not in self._perms:
             self._perms = {k: v for k, v in self._perms.items() if k[0] != c}  # keep one pass per corpus
-            self._perms[key] = torch.randperm(len(train), generator=torch.Generator().manual_seed(_mix(self.seed, 1_000_003 * (c + 1) + epoch)))
+            self._perms[key] = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch)))
         return train[self._perms[key][pos]]
-
-
-def _mix(seed: int, n: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{n}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -1,4 +1,5 @@
-"""Writing the trained model as a normal HF checkpoint, streamed tensor by tensor.
+"""Writing the trained model as a normal HF checkpoint, streamed tensor by tensor, with the
+provenance that says how it was made.
 
 Tensors that did not train are copied from the input checkpoint as stored (so they are
 bit-for-bit the input's); trained ones are the model's fp32 values, split slices written
@@ -8,15 +9,18 @@ back, cast to the input tensor's dtype (or `--out-dtype`).
 from __future__ import annotations
 
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from neuroloc_cli import __version__
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.output import checkpoint_output
 from neuroloc_cli.io.writer import OutTensor
-from neuroloc_cli.train.masking import TrainableModel
+from neuroloc_cli.train.inputs import RunInputs
+from neuroloc_cli.train.selection import TrainableModel
 
 LOG_FILE = "train_log.jsonl"
 
@@ -76,6 +80,37 @@ def write_model(
         if log_file is not None and log_file.is_file():
             shutil.copyfile(log_file, tmp / LOG_FILE)
     return writer.files
+
+
+def provenance(inputs: RunInputs, identity: dict[str, Any], *, world_size: int, steps: int, tokens: int,
+               counts: dict[str, int], perplexity: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """What `neuroloc.json` records of a run: versions and time, the inputs with their
+    fingerprints, the framing and hyper-parameters, what trained, and the results.
+
+    Args:
+        identity: from `state.run_identity` (the mask's sha256 is taken from it, not hashed again).
+    """
+    cfg = inputs.config
+    mask = None
+    if inputs.mask is not None:
+        mask = {"path": str(Path(cfg.mask_path).resolve()), "role": identity["mask_role"], "sha256": identity["mask"],
+                "granularity": inputs.mask.granularity}
+    return {
+        "neuroloc_version": __version__,
+        "command": "train",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {"path": str(Path(cfg.model).resolve()), "fingerprint": inputs.source.fingerprint},
+        "mask": mask,
+        "data": identity["data"],
+        "framing": identity["framing"],
+        "hyper_parameters": cfg.hyper_parameters(),
+        "world_size": world_size,
+        "steps": steps,
+        "tokens": tokens,
+        "counts": counts,
+        "perplexity": perplexity,
+        "config": cfg.model_dump(),
+    }
 
 
 def _shard_provenance(provenance: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The causal-LM loss over the scored targets of a batch of rows.
+"""The causal-LM loss over the scored targets of a batch of rows, and held-out perplexity.
 
 One function serves training and held-out perplexity, so both score exactly the same tokens:
 position t + 1 is a target of the token at t when it holds a token, never when it is padding
@@ -9,12 +9,17 @@ is then exp(summed NLL / scored targets).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from neuroloc_cli.train.data import IGNORE
+from neuroloc_cli.train.data import IGNORE, Corpus
+from neuroloc_cli.train.distributed import sum_over_processes
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def scored_targets(rows: torch.Tensor) -> int:
@@ -36,3 +41,37 @@ def summed_nll(model: Any, rows: torch.Tensor, pad_token_id: int | None) -> torc
         real = rows != IGNORE
         logits = model(input_ids=rows.masked_fill(~real, pad_token_id), attention_mask=real.long()).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), rows[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def held_out_perplexity(model: Any, corpora: list[Corpus], *, pad_token_id: int | None, batch_size: int,
+                        accelerator: Accelerator) -> dict[str, float]:
+    """Perplexity on each corpus's held-out rows (corpora without any are skipped): exp of the
+    mean NLL over their scored targets, padding never counted.
+
+    Each process scores its share of the rows; the NLL sums and target counts are added over
+    processes before dividing, so every scored token weighs the same whichever process scored it.
+
+    Args:
+        model: left in training mode on return.
+        accelerator: the run's accelerator: its device, autocast and processes.
+
+    Returns:
+        Corpus path -> perplexity.
+    """
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    model.eval()
+    out = {}
+    for corpus in corpora:
+        rows = corpus.held_out[rank::world]
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, scored targets
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            with accelerator.autocast():
+                nll = summed_nll(model, batch.to(device), pad_token_id)
+            total += torch.tensor([float(nll), scored_targets(batch)], dtype=torch.float64, device=device)
+        sum_over_processes(total, world)
+        if total[1] > 0:
+            out[str(corpus.path)] = math.exp(float(total[0] / total[1]))
+    model.train()
+    return out

@@ -14,10 +14,13 @@ Each checkpoint folder appears atomically, so a run killed while saving leaves t
 one intact. Without `--run-dir`, RUN_DIR is `default_run_dir(OUT)`: hidden beside the output,
 so that a killed run leaves no visible clutter and `--resume` with the same `-o` finds it; the
 recipe removes it once the output is written (unless `--keep-state`).
+
+A checkpoint records the run's `run_identity`; resuming with other settings or inputs is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -29,6 +32,7 @@ import torch
 
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io.output import atomic_output_dir
+from neuroloc_cli.train.inputs import RunInputs
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -54,6 +58,43 @@ def checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in run_dir.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def run_identity(inputs: RunInputs, world_size: int) -> dict[str, Any]:
+    """The settings and input fingerprints that a resumed run must share with the checkpoint's,
+    settings first (see `_check_identity`)."""
+    cfg = inputs.config
+    return {
+        "hyper_parameters": cfg.hyper_parameters(),
+        "framing": inputs.framing.describe(),
+        "world_size": world_size,
+        "model": inputs.source.fingerprint,
+        "mask": _sha256(Path(cfg.mask_path)) if inputs.mask is not None else None,
+        "mask_role": cfg.mask_role,
+        "data": [c.describe() for c in inputs.corpora],
+    }
+
+
+def discard_earlier_run(run_dir: Path, log: Path, *, overwrite: bool, delete: bool) -> None:
+    """Make way for a fresh run where an earlier one left checkpoints or a log: refused unless
+    `overwrite`, since they are what `--resume` would continue.
+
+    Args:
+        delete: delete them (on the main process only; the others just check).
+
+    Raises:
+        UsageError: they exist and `overwrite` is off.
+    """
+    found = checkpoints(run_dir)
+    if not found and not log.exists():
+        return
+    if not overwrite:
+        raise UsageError(f"{run_dir}: holds the checkpoints or log of an earlier run",
+                         hint="pass --resume to continue it, or --overwrite to start over")
+    if delete:
+        for old in found:
+            shutil.rmtree(old)
+        log.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, tokens: int, counters: list[int], params: dict[str, torch.Tensor],
@@ -115,3 +156,11 @@ def _check_identity(path: Path, current: dict[str, Any], saved: dict[str, Any]) 
                 f"--resume: {path} was made with a different {key} ({saved.get(key)!r}, now {current.get(key)!r})",
                 hint="resume with the settings, data and mask of the interrupted run",
             )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

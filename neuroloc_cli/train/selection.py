@@ -18,15 +18,15 @@
    otherwise still move them. Cost: full Adam state for the tensor, plus a BOOL mask
    (1 byte/element) and a copy of the frozen values.
 
-Tensors are named as in the checkpoint (and the mask); `_resolve` maps them to the model's
-parameter names (GPT-2 checkpoints saved without the `transformer.` prefix, for example).
+Tensors are named as in the checkpoint (and the mask); `train.model.parameter_names` maps them
+to the model's parameter names (GPT-2 checkpoints saved without the `transformer.` prefix, for
+example).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -160,14 +160,6 @@ class TrainableModel:
     _splits: dict[str, _Split] = field(default_factory=dict)
     _names: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: decay for slices of matrices and whole matrices; none for vectors
-        (biases, norms), as nanoGPT and HF Trainer do."""
-        decay, no_decay = [], []
-        for key, p in self.params.items():
-            (decay if len(self.plan.shapes[key.removesuffix("#slice")]) >= 2 else no_decay).append(p)
-        return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
     @torch.no_grad()
     def collect_gradients(self) -> None:
         """After backward: move split tensors' selected gradient rows to their slices and zero
@@ -196,44 +188,13 @@ class TrainableModel:
         return self.model.get_parameter(self._names[name]).detach()
 
 
-def resolve_names(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """Checkpoint tensor name -> model parameter name, for the names the model has."""
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
-    prefix = getattr(model, "base_model_prefix", "")
-    out = {}
-    for n in names:
-        if n in params:
-            out[n] = n
-        elif prefix and f"{prefix}.{n}" in params:
-            out[n] = f"{prefix}.{n}"
-    return out
-
-
-def tied_duplicates(model: nn.Module, names: dict[str, str]) -> list[tuple[str, str]]:
-    """Pairs of checkpoint tensors that the model ties into one parameter (a checkpoint that
-    stores both `model.embed_tokens.weight` and `lm_head.weight` with tied embeddings).
-
-    Args:
-        names: from `resolve_names` (checkpoint name -> model parameter name).
-    """
-    groups: dict[int, list[str]] = {}
-    for param_name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(param_name)
-    by_param = {v: k for k, v in names.items()}
-    pairs = []
-    for param_names in groups.values():
-        stored = [by_param[n] for n in param_names if n in by_param]
-        pairs += [(stored[0], other) for other in stored[1:]]
-    return pairs
-
-
 def apply_selection(model: nn.Module, plan: SelectionPlan, names: dict[str, str]) -> TrainableModel:
     """Freeze the model, then make trainable exactly what `plan` says.
 
     Args:
         model: the HF model, fp32, on its device.
         plan: from `plan_selection`.
-        names: from `resolve_names`.
+        names: from `neuroloc_cli.train.model.parameter_names`.
     """
     for p in model.parameters():
         p.requires_grad_(False)
