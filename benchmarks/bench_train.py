@@ -36,21 +36,14 @@ import torch  # noqa: E402
 
 from neuroloc_cli.io.checkpoint import Checkpoint  # noqa: E402
 from neuroloc_cli.masks import Mask, MaskEntry  # noqa: E402
-from neuroloc_cli.synthetic import build_checkpoint, parameter_shapes  # noqa: E402
+from neuroloc_cli.synthetic import (  # noqa: E402
+    SENTENCES,  # noqa: E402
+    build_checkpoint,
+    parameter_shapes,
+)
 from neuroloc_cli.train.config import build_config  # noqa: E402
 from neuroloc_cli.train.events import StepEvent  # noqa: E402
 from neuroloc_cli.train.run import run_training  # noqa: E402
-
-# The corpus: sentences drawn at random. Throughput does not depend on the text (every row
-# holds --seq-len tokens), only on the model, the mode and the batch.
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "Two plus three equals five, and five times four is twenty.",
-    "El zorro marrón rápido salta sobre el perro perezoso.",
-    "快速的棕色狐狸跳过了懒狗。",
-)
 
 SHAPES = {
     "quick": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, vocab_size=512),

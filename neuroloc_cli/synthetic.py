@@ -26,14 +26,16 @@ PRESETS = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
 
-_CORPUS = [
+# A few sentences in several languages and scripts: the tokenizer is trained on them, and tests
+# and benchmarks build small corpora from them that a tiny model learns within a few steps.
+SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
     "Le renard brun rapide saute par-dessus le chien paresseux.",
     "Der schnelle braune Fuchs springt über den faulen Hund.",
     "Two plus three equals five, and five times four is twenty.",
     "El zorro marrón rápido salta sobre el perro perezoso.",
     "快速的棕色狐狸跳过了懒狗。",
-]
+)
 
 
 def tiny_config(arch: str, *, layers: int = 2, hidden: int = 64, vocab: int = 512, tie: bool | None = None):
@@ -97,7 +99,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS * 4, vocab_size=min(vocab_size, 400), min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
+    bpe.train_from_iterator(list(SENTENCES) * 4, vocab_size=min(vocab_size, 400), min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(folder)
 

@@ -50,7 +50,7 @@ from safetensors import safe_open
 
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.methods import METHODS
-from neuroloc_cli.synthetic import _CORPUS, build_checkpoint, derive_finetune, tiny_config
+from neuroloc_cli.synthetic import SENTENCES, build_checkpoint, derive_finetune, tiny_config
 
 RUNS = [(1, "a"), (1, "b"), (2, "a"), (2, "b")]  # (threads, run)
 SHARD = "300KB"
@@ -137,7 +137,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         locate(base, paths[tuned], top=0.3, granularity=granularity).save(paths[name])
     rng = random.Random(0)
     paths["corpus"] = root / "corpus.jsonl"
-    paths["corpus"].write_text("".join(json.dumps({"text": " ".join(rng.choice(_CORPUS) for _ in range(3))}) + "\n" for _ in range(60)))
+    paths["corpus"].write_text("".join(json.dumps({"text": " ".join(rng.choice(SENTENCES) for _ in range(3))}) + "\n" for _ in range(60)))
     for name, (method, body) in RECIPES.items():
         paths[name] = root / f"{name}.yaml"
         paths[name].write_text(f"merge_method: {method}\n" + body.format(**paths) + "out_dtype: float32\n")

@@ -9,19 +9,13 @@ import sys
 from pathlib import Path
 
 import torch
-from tests.helpers import load_all
 
 from neuroloc_cli.masks import Mask, MaskEntry
+from neuroloc_cli.synthetic import SENTENCES
+from tests.helpers import load_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Any text will do (the tokenizer is byte-level); these few sentences make a corpus.
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "Two plus three equals five, and five times four is twenty.",
-)
 
 
 def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):

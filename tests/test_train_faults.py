@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from neuroloc_cli.synthetic import build_checkpoint, tiny_config
+from neuroloc_cli.synthetic import SENTENCES, build_checkpoint, tiny_config
 from neuroloc_cli.train.state import default_run_dir
 
 POSITIONS = 128
 
-# Any text will do (the tokenizer is byte-level); these few sentences make a corpus.
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "Two plus three equals five, and five times four is twenty.",
-)
 
 
 @pytest.fixture(scope="module")

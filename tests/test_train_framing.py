@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from neuroloc_cli.errors import RecipeError
+from neuroloc_cli.synthetic import SENTENCES
 from neuroloc_cli.train.config import DataSource, build_config
 from neuroloc_cli.train.data import IGNORE, framing_of, load_corpora, load_tokenizer, read_documents
 from neuroloc_cli.train.events import StepEvent
@@ -240,13 +241,6 @@ def _padding_scored_loss(model: Path, docs: list[list[int]], width: int) -> floa
 # -- reporting and recording the framing ---------------------------------------------------------
 
 
-# Any text will do (the tokenizer is byte-level); these few sentences make a corpus.
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "Two plus three equals five, and five times four is twenty.",
-)
 
 
 def _corpus(tmp_path: Path, name: str = "c.jsonl") -> Path:

@@ -9,22 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import load_all
 
 from neuroloc_cli.masks import Mask, MaskEntry
+from neuroloc_cli.synthetic import SENTENCES
 from neuroloc_cli.train.config import build_config
 from neuroloc_cli.train.events import StepEvent
 from neuroloc_cli.train.run import MaskedCPTRecipe, run_training
 from neuroloc_cli.train.state import default_run_dir
-
-# Any text will do (the tokenizer is byte-level); these few sentences make a corpus that a
-# tiny model learns within a few steps.
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Le renard brun rapide saute par-dessus le chien paresseux.",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "Two plus three equals five, and five times four is twenty.",
-)
+from tests.helpers import load_all
 
 FAST = dict(seq_len=32, batch_size=2, lr=1e-2, weight_decay=0.1, eval_share=0.1, max_steps=4)
 
