@@ -17,22 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from neuroloc_cli.errors import RecipeError, UsageError, did_you_mean
+from neuroloc_cli.config_models import Frozen, describe_error, load_yaml
+from neuroloc_cli.errors import RecipeError, UsageError
+from neuroloc_cli.io.format import DtypeName
 
-DtypeName = Literal["float32", "bfloat16", "float16"]
 DEFAULT_SEQ_LEN = 512
 _PATH_KEYS = ("model", "output", "train_mask", "freeze_mask", "run_dir", "log")
 _ARGUMENTS = ("model",)  # command-line arguments, not flags
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DataSource(_Frozen):
+class DataSource(Frozen):
     """One corpus of the mixture: a .txt or .jsonl file, or a folder of them."""
 
     path: str
@@ -42,7 +38,7 @@ class DataSource(_Frozen):
     """The JSONL field holding the text."""
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(Frozen):
     """A validated training run: every key is also a flag of `neuroloc train`."""
 
     model: str
@@ -174,26 +170,19 @@ def build_config(recipe: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     for err in errors:  # a value typed on the command line is named as it was typed
         if err["loc"] and err["loc"][0] in flags and err["loc"][0] not in _ARGUMENTS:
             raise UsageError(_describe_flag(err, flags[err["loc"][0]])) from None
-    raise RecipeError(source, [_describe(err) for err in errors]) from None
+    raise RecipeError(source, [describe_error(err, TrainConfig) for err in errors]) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
     except OSError as e:
         raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
-    except yaml.YAMLError as e:
-        raise RecipeError(str(path), [yaml_problem(e)]) from None
+    except ValueError as e:
+        raise RecipeError(str(path), [str(e)]) from None
     if not isinstance(doc, dict):
         raise RecipeError(str(path), ["a training recipe is a mapping with at least 'model' and 'data'"])
     return doc
-
-
-def yaml_problem(e: yaml.YAMLError) -> str:
-    """'line N: invalid YAML (what PyYAML says)': the line is where the user looks first."""
-    mark = getattr(e, "problem_mark", None)
-    where = f"line {mark.line + 1}: " if mark else ""
-    return f"{where}invalid YAML ({getattr(e, 'problem', None) or e})"
 
 
 def _rebase_paths(doc: dict[str, Any], root: Path) -> None:
@@ -222,12 +211,3 @@ def _describe_flag(err: Any, value: Any) -> str:
     shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
     where = f" {'.'.join(inner)}:" if inner else ""
     return f"--{key.replace('_', '-')} {shown}:{where} {err['msg'].removeprefix('Value error, ')}"
-
-
-def _describe(err: Any) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {key!r}{did_you_mean(str(err['loc'][-1]), TrainConfig.model_fields)}"
-    if err["type"] == "missing":
-        return f"missing required key {key!r}"
-    return f"{key}: {err['msg']}" if key else err["msg"]
