@@ -15,27 +15,97 @@ _TASKS, _MT, _RUN = "Tasks", "Translation", "Running"
 
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="Checkpoint folders to compare.", show_default=False)],
-    tasks: Annotated[Optional[str], typer.Option("--tasks", "-t", help="Comma-separated lm-eval tasks (mgsm_direct_es, m_mmlu_es, …) or shipped ones: neuroloc_math, neuroloc_choice, neuroloc_ppl, each optionally =FILE.jsonl.", rich_help_panel=_TASKS)] = None,
-    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs (repeatable).", rich_help_panel=_TASKS)] = None,
-    ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="FILE.jsonl[:LANG] of {\"text\": …} records: perplexity task ppl_LANG (repeatable).", rich_help_panel=_TASKS)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N documents per task (and translations).", rich_help_panel=_TASKS)] = None,
-    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0, help="Override every task's few-shot count.", rich_help_panel=_TASKS)] = None,
-    max_gen_toks: Annotated[Optional[int], typer.Option("--max-gen-toks", min=1, help="Cap on generated tokens (default: tasks' own, 256 for translation, at most half the model's positions).", rich_help_panel=_TASKS)] = None,
-    translate_file: Annotated[Optional[Path], typer.Option("--translate", help="jsonl of {\"source\", \"target\"} records to translate.", rich_help_panel=_MT)] = None,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Comma-separated lm-eval tasks (mgsm_direct_es, m_mmlu_es, …) or shipped ones: neuroloc_math, neuroloc_choice, neuroloc_ppl, each optionally =FILE.jsonl.",
+            rich_help_panel=_TASKS,
+        ),
+    ] = None,
+    task_option: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--task-option",
+            help="TARGET.KEY=VALUE: an option of a shipped task shape, or of one task made from it (neuroloc_math: prompt, max_gen_toks, until, extract); repeatable.",
+            rich_help_panel=_TASKS,
+        ),
+    ] = None,
+    include_path: Annotated[
+        Optional[list[Path]],
+        typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs (repeatable).", rich_help_panel=_TASKS),
+    ] = None,
+    ppl: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--ppl", help='FILE.jsonl[:LANG] of {"text": …} records: perplexity task ppl_LANG (repeatable).', rich_help_panel=_TASKS
+        ),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="At most N documents per task (and translations).", rich_help_panel=_TASKS)
+    ] = None,
+    num_fewshot: Annotated[
+        Optional[int], typer.Option("--num-fewshot", min=0, help="Override every task's few-shot count.", rich_help_panel=_TASKS)
+    ] = None,
+    max_gen_toks: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-gen-toks",
+            min=1,
+            help="Cap on generated tokens (default: tasks' own, 256 for translation, at most half the model's positions).",
+            rich_help_panel=_TASKS,
+        ),
+    ] = None,
+    translate_file: Annotated[
+        Optional[Path], typer.Option("--translate", help='jsonl of {"source", "target"} records to translate.', rich_help_panel=_MT)
+    ] = None,
     src: Annotated[Optional[str], typer.Option("--src", help="Source language code (en, de, zh, …).", rich_help_panel=_MT)] = None,
     tgt: Annotated[Optional[str], typer.Option("--tgt", help="Target language code.", rich_help_panel=_MT)] = None,
-    template: Annotated[str, typer.Option("--template", help="flan-following, flan-sentence, flan-translate-to, flan-how-is, or a template with {source}, {src_lang}, {tgt_lang}.", rich_help_panel=_MT)] = "flan-following",
-    bleu_tokenize: Annotated[Optional[str], typer.Option("--bleu-tokenize", help="sacrebleu tokenizer (default: zh for Chinese targets, else 13a).", rich_help_panel=_MT)] = None,
-    bleu_smooth: Annotated[str, typer.Option("--bleu-smooth", help="sacrebleu BLEU smoothing: none, floor, add-k, exp.", rich_help_panel=_MT)] = "none",
+    template: Annotated[
+        str,
+        typer.Option(
+            "--template",
+            help="flan-following, flan-sentence, flan-translate-to, flan-how-is, or a template with {source}, {src_lang}, {tgt_lang}.",
+            rich_help_panel=_MT,
+        ),
+    ] = "flan-following",
+    bleu_tokenize: Annotated[
+        Optional[str],
+        typer.Option("--bleu-tokenize", help="sacrebleu tokenizer (default: zh for Chinese targets, else 13a).", rich_help_panel=_MT),
+    ] = None,
+    bleu_smooth: Annotated[
+        str, typer.Option("--bleu-smooth", help="sacrebleu BLEU smoothing: none, floor, add-k, exp.", rich_help_panel=_MT)
+    ] = "none",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel=_RUN)] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (as stored), float32, bfloat16, float16.", rich_help_panel=_RUN)] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per forward pass.", rich_help_panel=_RUN)] = 8,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Set lm-eval's four seeds (default: its own, 0/1234/1234/1234).", rich_help_panel=_RUN)] = None,
-    bootstrap_iters: Annotated[int, typer.Option("--bootstrap-iters", min=0, help="Bootstrap resamples for stderrs (0: none).", rich_help_panel=_RUN)] = 100000,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Log-likelihood requests per forward pass (generation runs one request at a time, so that its answers do not depend on the batch).",
+            rich_help_panel=_RUN,
+        ),
+    ] = 8,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Set lm-eval's four seeds (default: its own, 0/1234/1234/1234).", rich_help_panel=_RUN)
+    ] = None,
+    bootstrap_iters: Annotated[
+        int, typer.Option("--bootstrap-iters", min=0, help="Bootstrap resamples for stderrs (0: none).", rich_help_panel=_RUN)
+    ] = 100000,
     online: Annotated[bool, typer.Option("--online", help="Allow dataset downloads (offline by default).", rich_help_panel=_RUN)] = False,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder for results.json, samples and hypotheses.txt (appears atomically).", rich_help_panel=_RUN)] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "-o", "--output", help="Folder for results.json, samples and hypotheses.txt (appears atomically).", rich_help_panel=_RUN
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.", rich_help_panel=_RUN)] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show progress, and lm-eval's, transformers' and datasets' logs, on stderr.", rich_help_panel=_RUN)] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Show progress, and lm-eval's, transformers' and datasets' logs, on stderr.", rich_help_panel=_RUN),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate checkpoints on lm-eval tasks, perplexity and translation; print them side by side."""
@@ -52,9 +122,15 @@ def eval_(
         translation = TranslationSettings(translate_file, src, tgt, template, max_gen_toks, bleu_tokenize, bleu_smooth, limit)
     seeds = dict.fromkeys(DEFAULT_SEEDS, seed) if seed is not None else dict(DEFAULT_SEEDS)
     request = EvalRequest(
-        models=list(models), tasks=parse_tasks(tasks, ppl), include_paths=list(include_path or []), translation=translation,
+        models=list(models),
+        tasks=parse_tasks(tasks, ppl, task_option or []),
+        include_paths=list(include_path or []),
+        translation=translation,
         harness=HarnessSettings(limit, num_fewshot, max_gen_toks, bootstrap_iters, seeds),
-        device=device, dtype=dtype, batch_size=batch_size, online=online,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        online=online,
     )
     if output is not None:
         from neuroloc_cli.io.output import check_output_path

@@ -77,7 +77,9 @@ def task_manager(request: TaskRequest, include_paths: list[Path]):
         manager = _builtin_manager(request.named, paths)
     for name in request.named:
         if name not in manager.all_tasks and not manager.match_tasks([name]):
-            raise UsageError(f"--tasks: unknown task {name!r}{did_you_mean(name, manager.all_tasks)}", hint="--include-path DIR adds your own task YAMLs")
+            raise UsageError(
+                f"--tasks: unknown task {name!r}{did_you_mean(name, manager.all_tasks)}", hint="--include-path DIR adds your own task YAMLs"
+            )
         yaml_file = user_yaml(manager, name, include_paths)
         if yaml_file is not None and manager.task_index[name].kind.name == "TASK":  # not a group
             check_user_task(yaml_file, manager.task_index[name].cfg or {})
@@ -129,7 +131,10 @@ def check_user_task(yaml_file: Path, cfg: dict[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(TaskConfig)} | _STRUCTURAL_KEYS
     for key in cfg:
         if key not in known:
-            raise UsageError(f"{yaml_file}: unknown field {key!r}{did_you_mean(key, known)}", hint="see lm-eval's task guide for the fields of a task YAML")
+            raise UsageError(
+                f"{yaml_file}: unknown field {key!r}{did_you_mean(key, known)}",
+                hint="see lm-eval's task guide for the fields of a task YAML",
+            )
     if cfg.get("dataset_path") not in _LOCAL_BUILDERS:
         return
     for file in _data_files((cfg.get("dataset_kwargs") or {}).get("data_files")):
@@ -137,8 +142,10 @@ def check_user_task(yaml_file: Path, cfg: dict[str, Any]) -> None:
         if not path.is_file() and path.is_absolute():
             raise InputError(f"{yaml_file}: data file {file} does not exist")
         if not path.is_file():  # `datasets` reads a relative path from the current folder, not the YAML's
-            raise InputError(f"{yaml_file}: data file {file} is not in the current folder {Path.cwd()}",
-                             hint="give an absolute path in dataset_kwargs.data_files")
+            raise InputError(
+                f"{yaml_file}: data file {file} is not in the current folder {Path.cwd()}",
+                hint="give an absolute path in dataset_kwargs.data_files",
+            )
         if path.suffix == ".jsonl":
             read_jsonl(path, ())
 
@@ -167,7 +174,7 @@ def load_tasks(manager, request: TaskRequest, include_paths: list[Path], online:
         InputError: a task's dataset cannot be loaded (offline, or not found).
         UsageError: a task YAML of the user's cannot be built (naming the file).
     """
-    specs: list[tuple[str, Any]] = [(t.name, t.config()) for t in request.local]
+    specs: list[tuple[str, Any]] = [(t.name, t.config()) for t in request.harness_local]
     for name in request.named:
         specs.extend((n, n) for n in (manager.match_tasks([name]) if "*" in name else [name]))
     out = LoadedTasks()

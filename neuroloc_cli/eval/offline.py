@@ -40,7 +40,10 @@ def offline_mode(enabled: bool = True) -> Iterator[None]:
     saved_attrs = []
     for k in _ENV:
         os.environ[k] = "1"
-    for module, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)), ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+    for module, attrs in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
         mod = sys.modules.get(module)
         for attr in attrs:
             if mod is not None and hasattr(mod, attr):
@@ -61,7 +64,14 @@ def offline_mode(enabled: bool = True) -> Iterator[None]:
 def is_missing_dataset(exc: BaseException) -> bool:
     """Whether `exc` means "this dataset is not here and may not be downloaded"."""
     names = {cls.__name__ for cls in type(exc).__mro__}
-    markers = {"ConnectionError", "OfflineModeIsEnabled", "DatasetNotFoundError", "LocalEntryNotFoundError", "HfHubHTTPError", "EmptyDatasetError"}
+    markers = {
+        "ConnectionError",
+        "OfflineModeIsEnabled",
+        "DatasetNotFoundError",
+        "LocalEntryNotFoundError",
+        "HfHubHTTPError",
+        "EmptyDatasetError",
+    }
     return bool(names & markers) or isinstance(exc, FileNotFoundError)
 
 

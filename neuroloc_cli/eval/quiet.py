@@ -28,8 +28,14 @@ def library_output(verbose: bool = False) -> Iterator[None]:
         with redirect_stdout(sys.stderr):
             yield
         return
-    with open(os.devnull, "w") as sink, _file_descriptor(2, sink), redirect_stdout(sink), redirect_stderr(sink), \
-            _loggers_at(logging.ERROR), warnings.catch_warnings():
+    with (
+        open(os.devnull, "w") as sink,
+        _file_descriptor(2, sink),
+        redirect_stdout(sink),
+        redirect_stderr(sink),
+        _loggers_at(logging.ERROR),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         yield
 

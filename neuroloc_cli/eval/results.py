@@ -101,7 +101,8 @@ class EvalResult:
         return [
             f"{m.label}: {task}: generated at most {m.max_gen_toks[task]} tokens, not {default}, to fit the model's "
             f"{m.positions} positions (--max-gen-toks sets it)"
-            for m in self.models for task, default in m.capped.items()
+            for m in self.models
+            for task, default in m.capped.items()
         ]
 
 

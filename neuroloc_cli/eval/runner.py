@@ -1,5 +1,5 @@
-"""Evaluate one or more checkpoints: every model is loaded once, as one lm-eval `HFLM`, and
-serves the lm-eval tasks, the perplexity tasks and the translations."""
+"""Evaluate one or more checkpoints: every model is loaded once, as one lm-eval `HFLM`
+(`lm.NeurolocLM`), and serves the lm-eval tasks, the perplexity tasks and the translations."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.eval.context import DEFAULT_GEN_TOKS, check_max_gen_toks, fitting_gen_toks, model_positions
 from neuroloc_cli.eval.harness import HarnessSettings, LoadedTasks, fit_generation, load_tasks, run_tasks, task_manager
 from neuroloc_cli.eval.offline import offline_mode
+from neuroloc_cli.eval.perplexity import evaluate as evaluate_perplexity
 from neuroloc_cli.eval.quiet import library_output
 from neuroloc_cli.eval.results import EvalResult, ModelArtifacts, ModelResult
 from neuroloc_cli.eval.specs import TaskRequest
@@ -34,7 +35,7 @@ class EvalRequest:
         harness: lm-eval settings (limit, few-shot, generation length, seeds).
         device: "cpu" or "cuda" (or "cuda:N").
         dtype: weights' dtype when loaded ("auto": as stored).
-        batch_size: requests per forward pass (lm-eval's and the translations').
+        batch_size: log-likelihood requests per forward pass (generation runs one request at a time).
         online: allow downloads of datasets (off by default).
     """
 
@@ -50,20 +51,23 @@ class EvalRequest:
 
 
 def load_lm(path: Path, device: str, dtype: str, batch_size: int):
-    """Load a checkpoint once as an lm-eval `HFLM` (tests replace this with a fake LM).
+    """Load a checkpoint once as a `NeurolocLM`, lm-eval's `HFLM` with its corrections (tests
+    replace this with a fake LM).
 
     Raises:
         InputError: transformers cannot load the folder as a causal language model.
     """
-    from lm_eval.models.huggingface import HFLM
+    from neuroloc_cli.eval.lm import NeurolocLM
 
     try:
-        return HFLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
+        return NeurolocLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{path}: cannot be loaded as a causal language model ({' '.join(str(e).split())[:300]})") from None
 
 
-def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None, verbose: bool = False) -> tuple[EvalResult, list[ModelArtifacts]]:
+def evaluate(
+    request: EvalRequest, on_model: Callable[[str], None] | None = None, verbose: bool = False
+) -> tuple[EvalResult, list[ModelArtifacts]]:
     """Evaluate every model of `request`; see `EvalRequest`.
 
     Args:
@@ -83,7 +87,7 @@ def evaluate(request: EvalRequest, on_model: Callable[[str], None] | None = None
     results, artifacts = [], []
     with offline_mode(not request.online):
         with library_output(verbose):
-            manager = task_manager(request.tasks, request.include_paths) if request.tasks.names else None
+            manager = task_manager(request.tasks, request.include_paths) if request.tasks.uses_lm_eval else None
         for model in models:
             with library_output(verbose):
                 # Tasks first: a dataset that cannot be loaded fails before a big model loads.
@@ -143,8 +147,9 @@ def _open_model(path: Path, label: str) -> ModelToEvaluate:
     return model
 
 
-def _evaluate_model(model: ModelToEvaluate, tasks: LoadedTasks, manager, records: list[dict[str, Any]] | None,
-                    request: EvalRequest) -> tuple[ModelResult, ModelArtifacts]:
+def _evaluate_model(
+    model: ModelToEvaluate, tasks: LoadedTasks, manager, records: list[dict[str, Any]] | None, request: EvalRequest
+) -> tuple[ModelResult, ModelArtifacts]:
     """Load one model and run its tasks and translations on it."""
     lm = load_lm(model.path, request.device, request.dtype, request.batch_size)
     result = ModelResult(model.label, str(model.path.resolve()), model.fingerprint, positions=model.positions)
@@ -157,6 +162,11 @@ def _evaluate_model(model: ModelToEvaluate, tasks: LoadedTasks, manager, records
         result.n_samples.update(out.n_samples)
         result.n_shot.update(out.n_shot)
         art.samples = out.samples
+    for task in request.tasks.perplexity:
+        scored = evaluate_perplexity(lm, task, request.harness.limit)
+        result.tasks[task.name] = scored.metrics
+        result.n_samples[task.name] = len(scored.samples)
+        art.samples[task.name] = scored.samples
     if request.translation and records is not None:
         t = request.translation
         gen = t.max_gen_toks or min(DEFAULT_GEN_TOKS, fit or DEFAULT_GEN_TOKS)
@@ -189,7 +199,8 @@ def versions() -> dict[str, str]:
 def _config(r: EvalRequest) -> dict[str, Any]:
     h = r.harness
     doc: dict[str, Any] = {
-        "tasks": {t.name: {"shape": t.shape, "data": str(t.data)} for t in r.tasks.local} | {n: {"lm_eval": n} for n in r.tasks.named},
+        "tasks": {t.name: {"shape": t.shape, "data": str(t.data), "options": t.options} for t in r.tasks.local}
+        | {n: {"lm_eval": n} for n in r.tasks.named},
         "include_paths": [str(p) for p in r.include_paths],
         "device": r.device,
         "dtype": r.dtype,
@@ -203,8 +214,14 @@ def _config(r: EvalRequest) -> dict[str, Any]:
     if r.translation:
         t = r.translation
         doc["translation"] = {
-            "data": str(t.data.resolve()), "src": t.src, "tgt": t.tgt, "template": resolve_template(t.template),
-            "max_gen_toks": t.max_gen_toks, "decoding": "greedy", "bleu_tokenize": t.tokenize, "bleu_smooth": t.bleu_smooth,
+            "data": str(t.data.resolve()),
+            "src": t.src,
+            "tgt": t.tgt,
+            "template": resolve_template(t.template),
+            "max_gen_toks": t.max_gen_toks,
+            "decoding": "greedy",
+            "bleu_tokenize": t.tokenize,
+            "bleu_smooth": t.bleu_smooth,
         }
     return doc
 

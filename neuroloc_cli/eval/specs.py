@@ -2,8 +2,10 @@
 files, translation files — parsed and checked before any model is loaded.
 
 Shipped task shapes live in `tasks/` as ordinary lm-eval YAMLs (`dataset_path: json`). They
-are passed to lm-eval as config dicts with the data path made absolute, so the same YAML
-serves the shipped sample and any user file, from any working directory.
+are passed to lm-eval as config dicts with the data path made absolute and the
+`--task-option`s applied (`task_options`), so the same YAML serves the shipped sample and any
+user file, from any working directory. Perplexity files are scored by neuroloc itself
+(`perplexity`), not through lm-eval's task.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.eval.task_options import apply_options, parse_task_options, prompt_fields
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SAMPLES_DIR = TASKS_DIR / "samples"
@@ -27,6 +30,7 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "neuroloc_choice": ("question", "choices", "answer"),
     "neuroloc_ppl": ("text",),
 }
+PPL_SHAPE = "neuroloc_ppl"
 TRANSLATION_KEYS = ("source", "target")
 
 
@@ -38,20 +42,27 @@ class LocalTask:
         shape: the shipped YAML's task name (a key of SHAPES).
         name: the task name in results (the shape, or shape_STEM for a user's file, or ppl_LANG).
         data: the jsonl file, absolute.
+        options: its `--task-option`s, parsed (see `task_options`).
     """
 
     shape: str
     name: str
     data: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        """The keys every record needs: the shape's, and the fields a custom prompt shows."""
+        return SHAPES[self.shape] + prompt_fields(self.options)
 
     def config(self) -> dict[str, Any]:
-        """The lm-eval task config dict: the shipped YAML with this name and data file."""
+        """The lm-eval task config dict: the shipped YAML with this name, data file and options."""
         import yaml
 
         cfg = yaml.safe_load((TASKS_DIR / f"{self.shape}.yaml").read_text())
         cfg["task"] = self.name
         cfg["dataset_kwargs"] = {"data_files": {"test": str(self.data)}}
-        return cfg
+        return apply_options(cfg, self.options)
 
 
 @dataclass(frozen=True)
@@ -70,13 +81,30 @@ class TaskRequest:
     def names(self) -> list[str]:
         return [t.name for t in self.local] + list(self.named)
 
+    @property
+    def perplexity(self) -> tuple[LocalTask, ...]:
+        """The perplexity tasks, which neuroloc scores itself."""
+        return tuple(t for t in self.local if t.shape == PPL_SHAPE)
 
-def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
-    """Parse `--tasks a,b,SHAPE=FILE.jsonl` and the `--ppl FILE.jsonl[:LANG]` options.
+    @property
+    def harness_local(self) -> tuple[LocalTask, ...]:
+        """The shipped-shape tasks that lm-eval runs."""
+        return tuple(t for t in self.local if t.shape != PPL_SHAPE)
+
+    @property
+    def uses_lm_eval(self) -> bool:
+        """Whether any task runs through lm-eval (and so needs its task index)."""
+        return bool(self.harness_local or self.named)
+
+
+def parse_tasks(text: str | None, ppl: list[str] | None = None, options: Iterable[str] = ()) -> TaskRequest:
+    """Parse `--tasks a,b,SHAPE=FILE.jsonl`, the `--ppl FILE.jsonl[:LANG]` options and the
+    `--task-option TARGET.KEY=VALUE` ones.
 
     Raises:
-        UsageError: an unknown shape before '=', nothing after it, or two tasks with one name.
-        InputError: a data file is missing or a record lacks a key its shape needs.
+        UsageError: an unknown shape before '=', nothing after it, two tasks with one name, or
+            a bad task option.
+        InputError: a data file is missing or a record lacks a key its shape (or prompt) needs.
     """
     local: list[LocalTask] = []
     named: list[str] = []
@@ -86,9 +114,13 @@ def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
         if "=" in item:
             shape, file = (s.strip() for s in item.split("=", 1))
             if shape not in SHAPES:
-                raise UsageError(f"--tasks {item}: only a shipped task takes a data file; unknown task {shape!r}", hint=f"use one of {', '.join(SHAPES)}")
+                raise UsageError(
+                    f"--tasks {item}: only a shipped task takes a data file; unknown task {shape!r}", hint=f"use one of {', '.join(SHAPES)}"
+                )
             if not file:
-                raise UsageError(f"--tasks {item}: no data file after '='", hint=f"{shape}=FILE.jsonl, or {shape} alone for its sample data")
+                raise UsageError(
+                    f"--tasks {item}: no data file after '='", hint=f"{shape}=FILE.jsonl, or {shape} alone for its sample data"
+                )
             data = Path(file)
             local.append(LocalTask(shape, f"{shape}_{_slug(data.stem)}", data.resolve()))
         elif item in SHAPES:
@@ -97,15 +129,18 @@ def parse_tasks(text: str | None, ppl: list[str] | None = None) -> TaskRequest:
             named.append(item)
     for spec in ppl or []:
         local.append(parse_ppl(spec))
-    for task in local:
-        read_jsonl(task.data, SHAPES[task.shape], functools.partial(_record_problem, task.shape))
-    request = TaskRequest(tuple(local), tuple(named))
     seen: set[str] = set()
-    for name in request.names:
+    for name in [t.name for t in local] + named:
         if name in seen:
-            raise UsageError(f"task {name!r} is asked for twice", hint="give each data file a distinct name (file stem, or :LANG for --ppl)")
+            raise UsageError(
+                f"task {name!r} is asked for twice", hint="give each data file a distinct name (file stem, or :LANG for --ppl)"
+            )
         seen.add(name)
-    return request
+    parsed = parse_task_options(options, {t.name: t.shape for t in local})
+    local = [replace(t, options=parsed.get(t.name, {})) for t in local]
+    for task in local:
+        read_jsonl(task.data, task.record_keys, functools.partial(_record_problem, task.shape))
+    return TaskRequest(tuple(local), tuple(named))
 
 
 def parse_ppl(spec: str) -> LocalTask:
@@ -172,7 +207,9 @@ def read_jsonl(path: Path, keys: tuple[str, ...], check: Callable[[dict[str, Any
             raise InputError(f"{path}:{number}: a record must be a JSON object")
         missing = [k for k in keys if k not in record]
         if missing:
-            raise InputError(f"{path}:{number}: record lacks key(s) {', '.join(map(repr, missing))}", hint=f"each record needs {', '.join(keys)}")
+            raise InputError(
+                f"{path}:{number}: record lacks key(s) {', '.join(map(repr, missing))}", hint=f"each record needs {', '.join(keys)}"
+            )
         empty = [k for k in keys if record[k] is None]
         if empty:
             raise InputError(f"{path}:{number}: key(s) {', '.join(map(repr, empty))} are null", hint=f"each record needs {', '.join(keys)}")

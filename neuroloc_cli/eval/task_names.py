@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from neuroloc_cli.config_models import yaml_problem
 from neuroloc_cli.errors import UsageError, did_you_mean
 from neuroloc_cli.eval.specs import SHAPES
-from neuroloc_cli.train.config import yaml_problem
 
 _IGNORED_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # as lm-eval's index
 _NAME_CHAR = r"[^\s,:\[\]{}'\"#|&*!>]"  # what a name can be made of in YAML text
@@ -80,7 +80,9 @@ def check_task_names(names: Sequence[str], include_paths: Sequence[Path]) -> Non
     for name in names:
         if "*" not in name and not any(f.mentions(name) for f in folders):
             known = set(SHAPES).union(*(f.names for f in folders))
-            raise UsageError(f"--tasks: unknown task {name!r}{did_you_mean(name, known)}", hint="--include-path DIR adds your own task YAMLs")
+            raise UsageError(
+                f"--tasks: unknown task {name!r}{did_you_mean(name, known)}", hint="--include-path DIR adds your own task YAMLs"
+            )
 
 
 def user_folder(root: Path) -> TaskFolder:

@@ -1,4 +1,4 @@
-"""Machine translation: greedy batched generation from an instruction template, scored by
+"""Machine translation: greedy generation from an instruction template, scored by
 sacreBLEU's Python API (BLEU and chrF, each with its signature).
 
 LANDeRMT (seed 002, §4) reports sacreBLEU with `case.mixed, numrefs.1, smooth.none,
@@ -26,10 +26,30 @@ TEMPLATES = {
 DEFAULT_TEMPLATE = "flan-following"
 
 LANGUAGES = {
-    "ar": "Arabic", "bn": "Bengali", "cs": "Czech", "de": "German", "en": "English", "es": "Spanish",
-    "fi": "Finnish", "fr": "French", "hi": "Hindi", "it": "Italian", "ja": "Japanese", "ko": "Korean",
-    "nl": "Dutch", "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sw": "Swahili",
-    "te": "Telugu", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese",
+    "ar": "Arabic",
+    "bn": "Bengali",
+    "cs": "Czech",
+    "de": "German",
+    "en": "English",
+    "es": "Spanish",
+    "fi": "Finnish",
+    "fr": "French",
+    "hi": "Hindi",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "nl": "Dutch",
+    "pl": "Polish",
+    "pt": "Portuguese",
+    "ro": "Romanian",
+    "ru": "Russian",
+    "sw": "Swahili",
+    "te": "Telugu",
+    "th": "Thai",
+    "tr": "Turkish",
+    "uk": "Ukrainian",
+    "vi": "Vietnamese",
+    "zh": "Chinese",
 }
 
 
@@ -87,7 +107,9 @@ def check_settings(s: TranslationSettings) -> list[dict[str, Any]]:
     try:
         template.format(source="", src="", tgt="", src_lang="", tgt_lang="")
     except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--template: cannot fill {s.template!r} ({e!r})", hint="use {source}, {src}, {tgt}, {src_lang}, {tgt_lang}") from None
+        raise UsageError(
+            f"--template: cannot fill {s.template!r} ({e!r})", hint="use {source}, {src}, {tgt}, {src_lang}, {tgt_lang}"
+        ) from None
     _scorers(s)
     records = read_jsonl(s.data, TRANSLATION_KEYS)
     return records[: s.limit] if s.limit else records
@@ -98,7 +120,9 @@ def resolve_template(template: str) -> str:
     if template in TEMPLATES:
         return TEMPLATES[template]
     if "{source}" not in template:
-        raise UsageError(f"--template: {template!r} is neither a template name nor contains {{source}}", hint=f"names: {', '.join(TEMPLATES)}")
+        raise UsageError(
+            f"--template: {template!r} is neither a template name nor contains {{source}}", hint=f"names: {', '.join(TEMPLATES)}"
+        )
     return template.replace("\\n", "\n")
 
 
@@ -110,7 +134,7 @@ def build_prompts(records: list[dict[str, Any]], s: TranslationSettings) -> list
 
 
 def generate(lm, prompts: list[str], max_gen_toks: int, docs: list[dict[str, Any]] | None = None) -> list[str]:
-    """Greedy generation through the lm-eval LM (batched by its batch size); one line each.
+    """Greedy generation through the lm-eval LM (one record at a time, see `lm`); one line each.
 
     Stops at the first newline, so each hypothesis is one line of `hypotheses.txt`.
 
