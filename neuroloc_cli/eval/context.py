@@ -10,7 +10,6 @@ and the default one is lowered to half the window, leaving the other half to the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from neuroloc_cli.errors import UsageError
 
@@ -18,19 +17,6 @@ from neuroloc_cli.errors import UsageError
 DEFAULT_GEN_TOKS = 256
 
 # The config.json keys that hold a context length, in the order lm-eval reads them.
-_POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
-
-
-def model_positions(config: dict[str, Any] | None) -> int | None:
-    """The model's positions (prompt and generation together), from its config.json as lm-eval
-    reads them (a multimodal model's `text_config` first); None when the config names none."""
-    config = config or {}
-    text = config.get("text_config")
-    for cfg in (text, config) if isinstance(text, dict) else (config,):
-        for key in _POSITION_KEYS:
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
-    return None
 
 
 def fitting_gen_toks(positions: int | None) -> int | None:

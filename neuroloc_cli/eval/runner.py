@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.eval.context import DEFAULT_GEN_TOKS, check_max_gen_toks, fitting_gen_toks, model_positions
+from neuroloc_cli.eval.context import DEFAULT_GEN_TOKS, check_max_gen_toks, fitting_gen_toks
 from neuroloc_cli.eval.harness import HarnessSettings, LoadedTasks, fit_generation, load_tasks, run_tasks, task_manager
 from neuroloc_cli.eval.offline import offline_mode
 from neuroloc_cli.eval.perplexity import evaluate as evaluate_perplexity
@@ -19,6 +19,7 @@ from neuroloc_cli.eval.results import EvalResult, ModelArtifacts, ModelResult
 from neuroloc_cli.eval.specs import TaskRequest
 from neuroloc_cli.eval.task_names import check_task_names
 from neuroloc_cli.eval.translate import TranslationSettings, check_settings, resolve_template, translate
+from neuroloc_cli.io.checkpoint import model_positions
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

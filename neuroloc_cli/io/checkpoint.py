@@ -37,6 +37,7 @@ class Kind(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAMPLE = 64 * 1024  # bytes sampled at three places of each shard for the fingerprint
 
@@ -174,8 +175,7 @@ class Checkpoint:
             "shards": shards,
             "fingerprint": self.fingerprint,
             "tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "shard": t.file, "numel": t.numel}
-                for t in self.tensors.values()
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "shard": t.file, "numel": t.numel} for t in self.tensors.values()
             ],
         }
 
@@ -239,6 +239,22 @@ def compare_tensors(reference: Checkpoint, other: Checkpoint, names: Iterable[st
         missing=[n for n in wanted if n not in theirs],
         extra=[] if names is not None else [n for n in theirs if n not in ref],
     )
+
+
+# config.json keys of a model's context length, in the order lm-eval reads them
+_POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def model_positions(config: dict[str, Any] | None) -> int | None:
+    """The model's positions (prompt and generation together), from its config.json as lm-eval
+    reads them (a multimodal model's `text_config` first); None when the config names none."""
+    config = config or {}
+    text = config.get("text_config")
+    for cfg in (text, config) if isinstance(text, dict) else (config,):
+        for key in _POSITION_KEYS:
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
 
 
 def _weight_map(path: Path) -> dict[str, str] | None:

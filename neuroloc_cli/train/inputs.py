@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.eval.context import model_positions
-from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
 from neuroloc_cli.io.output import check_output_path
 from neuroloc_cli.io.writer import parse_size
 from neuroloc_cli.masks import Mask
