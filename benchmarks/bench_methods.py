@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import build_family, reference_merge  # noqa: E402  (it puts this checkout on the path)
 
 SHARD_BYTES = 200 * 1024**2

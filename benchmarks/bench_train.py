@@ -47,7 +47,9 @@ from neuroloc_cli.train.run import run_training  # noqa: E402
 
 SHAPES = {
     "quick": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, vocab_size=512),
-    "small": dict(hidden_size=512, num_hidden_layers=6, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8, vocab_size=8000),
+    "small": dict(
+        hidden_size=512, num_hidden_layers=6, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8, vocab_size=8000
+    ),
 }
 
 
@@ -71,36 +73,64 @@ def _masks(model: Path, folder: Path, share: float) -> dict[str, Path]:
 
 
 def _run(model: Path, corpus: Path, out: Path, mode: str, masks: dict[str, Path], args) -> dict:
-    kw = {"model": str(model), "data": [str(corpus)], "output": str(out), "max_steps": args.steps, "seq_len": args.seq_len,
-          "batch_size": args.batch_size, "lr": 1e-4, "weight_decay": 0.01, "eval_share": 0.0, "overwrite": True}
+    kw = {
+        "model": str(model),
+        "data": [str(corpus)],
+        "output": str(out),
+        "max_steps": args.steps,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "lr": 1e-4,
+        "weight_decay": 0.01,
+        "eval_share": 0.0,
+        "overwrite": True,
+    }
     if mode == "row-5%":
         kw["train_mask"] = str(masks[mode])
     elif mode == "element-5%":
         kw["freeze_mask"] = str(masks[mode])
     times: list[tuple[float, float]] = []
-    result = run_training(build_config(None, kw),
-                          lambda e: times.append((time.perf_counter(), time.process_time())) if isinstance(e, StepEvent) else None)
+    result = run_training(
+        build_config(None, kw), lambda e: times.append((time.perf_counter(), time.process_time())) if isinstance(e, StepEvent) else None
+    )
     tokens = args.batch_size * args.seq_len  # per step
     # Median step time: robust to the load spikes of a shared machine. CPU seconds of this
     # process are also far less sensitive than wall time to other jobs there.
     wall = statistics.median(b[0] - a[0] for a, b in zip(times, times[1:]))
     cpu = statistics.median(b[1] - a[1] for a, b in zip(times, times[1:]))
-    return {"tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu,
-            "optimizer_state_bytes": result.optimizer_state_bytes, **result.counts}
+    return {
+        "tokens_per_s": tokens / wall,
+        "tokens_per_cpu_s": tokens / cpu,
+        "optimizer_state_bytes": result.optimizer_state_bytes,
+        **result.counts,
+    }
 
 
 def _project_7b() -> dict:
     """Optimizer memory for Llama-2-7B shapes (meta device: no memory), full vs 5 % rows."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model("llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
-                               num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     shapes = parameter_shapes(cfg)
     linear = sum(s[0] * s[1] for n, s in shapes if ".layers." in n and len(s) == 2)
     total = sum(torch.Size(s).numel() for _, s in shapes)
     adam = 2 * 4  # two fp32 moments per trained element
-    return {"parameters": total, "block_linear_parameters": linear, "full_adam_bytes": adam * total,
-            "full_block_linear_adam_bytes": adam * linear, "row_5pct_adam_bytes": int(adam * 0.05 * linear)}
+    return {
+        "parameters": total,
+        "block_linear_parameters": linear,
+        "full_adam_bytes": adam * total,
+        "full_block_linear_adam_bytes": adam * linear,
+        "row_5pct_adam_bytes": int(adam * 0.05 * linear),
+    }
 
 
 def main() -> None:
@@ -135,19 +165,31 @@ def main() -> None:
         "device": device,
         "model": {"shape": SHAPES[shape], "parameters": best["full"]["parameters"]},
         "settings": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "repeats": args.repeats},
-        "modes": {m: {**b, "vs_full": b["tokens_per_s"] / full, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[m]],
-                      "best_tokens_per_cpu_s": max(r["tokens_per_cpu_s"] for r in runs[m]),
-                      "cpu_vs_full": max(r["tokens_per_cpu_s"] for r in runs[m]) / full_cpu}
-                  for m, b in best.items()},
+        "modes": {
+            m: {
+                **b,
+                "vs_full": b["tokens_per_s"] / full,
+                "all_tokens_per_s": [r["tokens_per_s"] for r in runs[m]],
+                "best_tokens_per_cpu_s": max(r["tokens_per_cpu_s"] for r in runs[m]),
+                "cpu_vs_full": max(r["tokens_per_cpu_s"] for r in runs[m]) / full_cpu,
+            }
+            for m, b in best.items()
+        },
         "llama2_7b_projection": _project_7b(),
     }
     for m, b in doc["modes"].items():
-        print(f"{m:>11}: {b['tokens_per_s']:8.0f} tokens/s ({b['vs_full']:.2f}x full), "
-              f"{b['best_tokens_per_cpu_s']:6.0f} tokens/CPU-s ({b['cpu_vs_full']:.2f}x full), trainable {b['trainable']:,}, "
-              f"optimizer state {b['optimizer_state_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+        print(
+            f"{m:>11}: {b['tokens_per_s']:8.0f} tokens/s ({b['vs_full']:.2f}x full), "
+            f"{b['best_tokens_per_cpu_s']:6.0f} tokens/CPU-s ({b['cpu_vs_full']:.2f}x full), trainable {b['trainable']:,}, "
+            f"optimizer state {b['optimizer_state_bytes'] / 2**20:.1f} MiB",
+            file=sys.stderr,
+        )
     p = doc["llama2_7b_projection"]
-    print(f"Llama-2-7B shapes: full AdamW state {p['full_adam_bytes'] / 1e9:.1f} GB; 5 % rows of block linears "
-          f"{p['row_5pct_adam_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+    print(
+        f"Llama-2-7B shapes: full AdamW state {p['full_adam_bytes'] / 1e9:.1f} GB; 5 % rows of block linears "
+        f"{p['row_5pct_adam_bytes'] / 1e9:.2f} GB",
+        file=sys.stderr,
+    )
     print(json.dumps(doc, indent=2))
 
 

@@ -34,7 +34,7 @@ def tensor_kind(name: str) -> str:
     """The name with the block prefix removed: `mlp.down_proj.weight` for every layer's
     down projection; the whole name for tensors outside the blocks."""
     m = _LAYER.search(name)
-    return name[m.end():] if m else name
+    return name[m.end() :] if m else name
 
 
 def layer_position(name: str, num_layers: int | None) -> float:

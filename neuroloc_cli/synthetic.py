@@ -22,8 +22,12 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 # Benchmark presets: synthetic Llama models of a given size (hidden, layers, intermediate, heads, kv heads).
 PRESETS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
-    "125m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
-    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "125m": dict(
+        hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12, vocab_size=32000
+    ),
+    "1.1b": dict(
+        hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000
+    ),
 }
 
 # A few sentences in several languages and scripts: the tokenizer is trained on them, and tests
@@ -43,7 +47,9 @@ def tiny_config(arch: str, *, layers: int = 2, hidden: int = 64, vocab: int = 51
     from transformers import AutoConfig
 
     if arch == "gpt2":
-        cfg = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=256, bos_token_id=0, eos_token_id=1)
+        cfg = AutoConfig.for_model(
+            "gpt2", n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=256, bos_token_id=0, eos_token_id=1
+        )
     else:
         cfg = AutoConfig.for_model(
             arch,
@@ -99,7 +105,9 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(SENTENCES) * 4, vocab_size=min(vocab_size, 400), min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
+    bpe.train_from_iterator(
+        list(SENTENCES) * 4, vocab_size=min(vocab_size, 400), min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(folder)
 

@@ -76,7 +76,7 @@ METHOD_RECIPES = {
     "slerp": "base_model: {base}\nmodels:\n  - model: {ft1}\nparameters: {{t: 0.3}}\n",
     "model_stock": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
     "passthrough": "slices:\n  - sources: [{{model: {ft1}, layer_range: [0, 2]}}]\n  - sources: [{{model: {ft2}, layer_range: [1, 2]}}]\n"
-    "parameters:\n  scale:\n    - filter: \"*.mlp.*\"\n      value: 0.5\n    - value: 1.0\n",
+    'parameters:\n  scale:\n    - filter: "*.mlp.*"\n      value: 0.5\n    - value: 1.0\n',
     "delta": "base_model: {base}\nmodels:\n  - model: {ft1}\n",
     "ability_vector": "base_model: {base}\n" + ABILITY,
     "language_vector": "base_model: {base}\n" + LANGUAGES,
@@ -87,9 +87,12 @@ METHOD_RECIPES = {
 }
 MASKED_RECIPES = {  # name: (method, recipe)
     "masked": ("ties", "base_model: {base}\nmask: {rows}\n" + SPARSE),
-    "model-masks": ("dare_ties", "base_model: {base}\nmodels:\n"
-    "  - model: {ft1}\n    mask: {elements}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
-    "  - model: {ft2}\n    mask: {ffn}\n    parameters: {{weight: 0.4, density: 0.5}}\n"),
+    "model-masks": (
+        "dare_ties",
+        "base_model: {base}\nmodels:\n"
+        "  - model: {ft1}\n    mask: {elements}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+        "  - model: {ft2}\n    mask: {ffn}\n    parameters: {{weight: 0.4, density: 0.5}}\n",
+    ),
 }
 RECIPES = {f"merge-{m}": (m, body) for m, body in METHOD_RECIPES.items()} | {f"merge-{n}": mb for n, mb in MASKED_RECIPES.items()}
 LOCATE = [(g, s) for g in ("row", "ffn", "element") for s in ("global", "tensor")]
@@ -132,7 +135,12 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     from neuroloc_cli.locate import LOCATORS
 
     locate = LOCATORS.get("delta").fn
-    for name, tuned, granularity in (("rows", "ft1", "row"), ("rows2", "ft2", "row"), ("elements", "ft1", "element"), ("ffn", "ft2", "ffn")):
+    for name, tuned, granularity in (
+        ("rows", "ft1", "row"),
+        ("rows2", "ft2", "row"),
+        ("elements", "ft1", "element"),
+        ("ffn", "ft2", "ffn"),
+    ):
         paths[name] = root / f"{name}.mask"
         locate(base, paths[tuned], top=0.3, granularity=granularity).save(paths[name])
     rng = random.Random(0)
@@ -162,7 +170,9 @@ def _commands(p: dict[str, Path], out: Path) -> list[list[str]]:
 
 def _run_all(jobs: list[tuple[list[str], dict[str, str]]]) -> list[str]:
     """Run the processes (argv, env) side by side; return their stdouts once all succeeded."""
-    procs = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, env in jobs]
+    procs = [
+        subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, env in jobs
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
@@ -255,7 +265,10 @@ def test_same_bytes_across_runs(runs, name):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=THREAD_DEPENDENT[n])) if n in THREAD_DEPENDENT else n for n in [*CHECKPOINTS, *MASKS, "train"]],
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=THREAD_DEPENDENT[n])) if n in THREAD_DEPENDENT else n
+        for n in [*CHECKPOINTS, *MASKS, "train"]
+    ],
 )
 def test_same_bytes_at_one_and_two_threads(runs, name):
     # Non-strict expected failures: where a library happens not to split the work (another
@@ -292,7 +305,18 @@ def test_python_m_gives_the_same_bytes(inputs, runs, tmp_path):
     # The batches above run commands through `main` in one process; `python -m neuroloc_cli`
     # gives the same bytes (a random method, a mask).
     merge = ["merge", str(inputs["merge-dare_ties"]), "-o", str(tmp_path / "merge"), "--max-shard-size", SHARD, "--seed", SEED]
-    locate = ["locate", "delta", str(inputs["base"]), str(inputs["ft1"]), "-o", str(tmp_path / "m.mask"), "--top", "0.2", "--granularity", "element"]
+    locate = [
+        "locate",
+        "delta",
+        str(inputs["base"]),
+        str(inputs["ft1"]),
+        "-o",
+        str(tmp_path / "m.mask"),
+        "--top",
+        "0.2",
+        "--granularity",
+        "element",
+    ]
     _run_all([(["-m", "neuroloc_cli", *argv], _env(2, "a")) for argv in (merge, locate)])
     _assert_same(runs[1, "a"] / "merge-dare_ties", tmp_path / "merge")
     assert _sha(tmp_path / "m.mask") == _sha(runs[1, "a"] / "locate-element-global.mask")

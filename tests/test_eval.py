@@ -35,14 +35,31 @@ def test_numbers_equal_lm_eval_simple_evaluate(cli, zoo, tmp_path):
     model = zoo.get("llama").base
     ppl = SAMPLES_DIR / "ppl" / "es.jsonl"
     out = tmp_path / "out"
-    r = cli("eval", model, "--tasks", "neuroloc_math,neuroloc_choice", "--ppl", ppl, "--batch-size", BATCH, "--max-gen-toks", GEN, "-o", out, "--json")
+    r = cli(
+        "eval",
+        model,
+        "--tasks",
+        "neuroloc_math,neuroloc_choice",
+        "--ppl",
+        ppl,
+        "--batch-size",
+        BATCH,
+        "--max-gen-toks",
+        GEN,
+        "-o",
+        out,
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     ours = r.json()["models"][0]["tasks"]
-    direct = _direct(model, [
-        _task("neuroloc_math", "neuroloc_math", SAMPLES_DIR / "math_es.jsonl"),
-        _task("neuroloc_choice", "neuroloc_choice", SAMPLES_DIR / "choice_es.jsonl"),
-        _task("neuroloc_ppl", "ppl_es", ppl),
-    ])
+    direct = _direct(
+        model,
+        [
+            _task("neuroloc_math", "neuroloc_math", SAMPLES_DIR / "math_es.jsonl"),
+            _task("neuroloc_choice", "neuroloc_choice", SAMPLES_DIR / "choice_es.jsonl"),
+            _task("neuroloc_ppl", "ppl_es", ppl),
+        ],
+    )
     compared = 0
     for task, entry in direct.items():
         for key, value in entry.items():
@@ -97,7 +114,11 @@ def test_table_shows_models_side_by_side(cli, zoo, monkeypatch):
     [
         (["--limit", "1"], 2, "error: nothing to evaluate (pass --tasks, --ppl or --translate)"),
         (["--translate", "x.jsonl"], 2, "error: --translate needs --src and --tgt language codes"),
-        (["--tasks", "neuroloc_mathh=a.jsonl"], 2, "error: --tasks neuroloc_mathh=a.jsonl: only a shipped task takes a data file; unknown task 'neuroloc_mathh'"),
+        (
+            ["--tasks", "neuroloc_mathh=a.jsonl"],
+            2,
+            "error: --tasks neuroloc_mathh=a.jsonl: only a shipped task takes a data file; unknown task 'neuroloc_mathh'",
+        ),
         (["--tasks", "neuroloc_math="], 2, "error: --tasks neuroloc_math=: no data file after '='"),
         (["--tasks", "neuroloc_math", "--device", "tpu"], 2, "error: --device 'tpu': use cpu, cuda or cuda:N"),
         (["--tasks", "neuroloc_math", "--include-path", "/no/such/dir"], 2, "error: --include-path /no/such/dir: not a folder"),

@@ -66,8 +66,9 @@ def test_default_translation_length_is_capped_to_fit_and_recorded(cli, short, tm
     assert json.loads((out / "results.json").read_text()) == r.json()
     table = cli("eval", short[arch], "--translate", TRANSLATE, "--src", "en", "--tgt", "es", "--limit", "1")
     assert table.exit_code == 0, table.stderr
-    assert (f"{arch}: translate_en-es: generated at most 64 tokens, not 256, to fit the model's 128 positions "
-            "(--max-gen-toks sets it)") in table.stdout.splitlines()
+    assert (
+        f"{arch}: translate_en-es: generated at most 64 tokens, not 256, to fit the model's 128 positions (--max-gen-toks sets it)"
+    ) in table.stdout.splitlines()
 
 
 def test_default_length_of_a_generation_task_is_capped_to_fit(cli, short, tmp_path):
@@ -93,7 +94,8 @@ def test_explicit_length_the_model_cannot_hold_is_refused(cli, short, tmp_path, 
     r = cli("eval", model, *args, "--max-gen-toks", "128", "-o", tmp_path / "out")
     assert _one_error_line(r, 2, "error: ") == (
         f"error: --max-gen-toks 128: {model} holds 128 positions, prompt and generated tokens together "
-        "(pass less than 128, e.g. 64, or leave it out to fit the model)")
+        "(pass less than 128, e.g. 64, or leave it out to fit the model)"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -124,13 +126,21 @@ MATH_OK = '{"question": "2+2?", "answer_number": 4}\n'
         ("math", None, "{f}: no such data file"),
         ("math", "", "{f}: no records"),
         ("math", MATH_OK + MATH_OK + '{"question": "2+3?", "answer_number": 5\n', "{f}:3: not a JSON record"),
-        ("math", MATH_OK + '{"question": "2+3?"}\n', "{f}:2: record lacks key(s) 'answer_number' (each record needs question, answer_number)"),
+        (
+            "math",
+            MATH_OK + '{"question": "2+3?"}\n',
+            "{f}:2: record lacks key(s) 'answer_number' (each record needs question, answer_number)",
+        ),
         ("math", "\n" + MATH_OK + '{"question": "?", "answer_number": "five"}\n', "{f}:3: 'answer_number' must be a number, not 'five'"),
         ("choice", '{"question": "?", "choices": ["a", "b"]}\n', "{f}:1: record lacks key(s) 'answer'"),
         ("choice", '{"question": "?", "choices": ["a", "b"], "answer": 5}\n', "{f}:1: 'answer' must be the 0-based index"),
         ("ppl", '{"text": "Hola."}\n{"body": "x"}\n', "{f}:2: record lacks key(s) 'text' (each record needs text)"),
         ("ppl", '{"text": ""}\n', "{f}:1: 'text' must be a non-empty string"),
-        ("translate", '{"source": "a", "target": "b"}\n{"target": "c"}\n', "{f}:2: record lacks key(s) 'source' (each record needs source, target)"),
+        (
+            "translate",
+            '{"source": "a", "target": "b"}\n{"target": "c"}\n',
+            "{f}:2: record lacks key(s) 'source' (each record needs source, target)",
+        ),
         ("translate", "not json\n", "{f}:1: not a JSON record"),
         ("translate", None, "{f}: no such data file"),
     ],
@@ -166,7 +176,9 @@ def test_model_without_tokenizer_is_refused_before_loading(cli, zoo, tmp_path, m
 
 def test_broken_task_yaml_is_named_with_its_line(cli, zoo, tmp_path, monkeypatch):
     _no_model(monkeypatch)
-    yaml_file = _task_yaml(tmp_path / "tasks", "neuroloc_choice", "my_choice", SAMPLES_DIR / "choice_es.jsonl", extra="doc_to_target: [open\n")
+    yaml_file = _task_yaml(
+        tmp_path / "tasks", "neuroloc_choice", "my_choice", SAMPLES_DIR / "choice_es.jsonl", extra="doc_to_target: [open\n"
+    )
     r = cli("eval", zoo.get("llama").base, "--tasks", "my_choice", "--include-path", tmp_path / "tasks")
     line = _one_error_line(r, 2, f"error: {yaml_file}: line ")
     assert "invalid YAML" in line
@@ -209,7 +221,13 @@ def test_task_yaml_data_that_is_not_json_lines(cli, zoo, tmp_path, monkeypatch):
 
 def test_task_yaml_that_lm_eval_cannot_build(cli, zoo, tmp_path, monkeypatch):
     _no_model(monkeypatch)
-    yaml_file = _task_yaml(tmp_path / "tasks", "neuroloc_choice", "my_choice", SAMPLES_DIR / "choice_es.jsonl", extra="process_results: !function my_utils.score\n")
+    yaml_file = _task_yaml(
+        tmp_path / "tasks",
+        "neuroloc_choice",
+        "my_choice",
+        SAMPLES_DIR / "choice_es.jsonl",
+        extra="process_results: !function my_utils.score\n",
+    )
     r = cli("eval", zoo.get("llama").base, "--tasks", "my_choice", "--include-path", tmp_path / "tasks")
     _one_error_line(r, 2, f"error: {yaml_file.resolve()}: task 'my_choice' cannot be built (ImportError: ")
 

@@ -40,7 +40,7 @@ def test_include_path_task_with_local_data(cli, zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_lm", lambda *a, **k: OracleLM())
     data = tmp_path / "my.jsonl"
     data.write_text('{"question": "2+2?", "choices": ["3", "4"], "answer": 1}\n')
-    yaml_text = (runner.__file__.replace("runner.py", "tasks/neuroloc_choice.yaml"))
+    yaml_text = runner.__file__.replace("runner.py", "tasks/neuroloc_choice.yaml")
     text = open(yaml_text).read().replace("task: neuroloc_choice", "task: my_choice").replace("samples/choice_es.jsonl", str(data))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "my_choice.yaml").write_text(text)

@@ -21,7 +21,25 @@ SAMPLE = SAMPLES_DIR / "translate_en-es.jsonl"
 def _sacrebleu_cli(refs: list[str], hyp_file: Path, tmp: Path, tok: str) -> dict[str, dict]:
     ref_file = tmp / "refs.txt"
     ref_file.write_text("".join(r + "\n" for r in refs), encoding="utf-8")
-    cmd = [sys.executable, "-m", "sacrebleu", str(ref_file), "-i", str(hyp_file), "-m", "bleu", "chrf", "--smooth-method", "none", "-tok", tok, "-w", "10", "-f", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sacrebleu",
+        str(ref_file),
+        "-i",
+        str(hyp_file),
+        "-m",
+        "bleu",
+        "chrf",
+        "--smooth-method",
+        "none",
+        "-tok",
+        tok,
+        "-w",
+        "10",
+        "-f",
+        "json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return {d["name"]: d for d in json.loads(done.stdout)}
 

@@ -97,7 +97,9 @@ def test_full_disk_during_a_merge_is_an_output_error(zoo, cli, small_disk, tmp_p
     # a recipe whose output (bf16, ~0.2 MB a copy) fits only after the disk is nearly filled
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (2 * 2**20 - 100_000))
-    recipe = write_recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}}}]\n")
+    recipe = write_recipe(
+        tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}}}]\n"
+    )
     r = cli("merge", recipe, "-o", small_disk / "out")
     assert r.exit_code == 4, r.stderr
     assert r.stderr.startswith(f"error: {small_disk / 'out'}: cannot write") and "No space left on device" in r.stderr
@@ -119,9 +121,13 @@ def test_read_only_output_folder(zoo, cli, tmp_path):
     folder = tmp_path / "ro"
     _mount_tmpfs(folder, "ro,size=1m")
     try:
-        recipe = write_recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}}}]\n")
+        recipe = write_recipe(
+            tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}}}]\n"
+        )
         r = cli("merge", recipe, "-o", folder / "out")
-        assert r.exit_code == 4 and r.stderr.startswith(f"error: {folder / 'out'}: cannot create output folder (Read-only file system)"), r.stderr
+        assert r.exit_code == 4 and r.stderr.startswith(f"error: {folder / 'out'}: cannot create output folder (Read-only file system)"), (
+            r.stderr
+        )
         r = cli("locate", "delta", fam.base, fam.ft1, "-o", folder / "m.safetensors")
         assert r.exit_code == 4 and r.stderr.startswith(f"error: {folder / 'm.safetensors'}: cannot write"), r.stderr
         assert list(folder.iterdir()) == []

@@ -193,10 +193,18 @@ junk = st.one_of(
     st.integers(-(2**70), 2**70),
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=6),
-    st.lists(st.one_of(st.integers(-3, 2**65), st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.lists(st.integers(0, 4), max_size=2)), max_size=3),
+    st.lists(
+        st.one_of(
+            st.integers(-3, 2**65), st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.lists(st.integers(0, 4), max_size=2)
+        ),
+        max_size=3,
+    ),
     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
-junk_dtypes = st.one_of(st.sampled_from(["U16", "U32", "U64", "C64", "F4", "F8_E8M0", "f32", "", "float32"]), junk.filter(lambda v: not (isinstance(v, str) and v in DTYPES)))
+junk_dtypes = st.one_of(
+    st.sampled_from(["U16", "U32", "U64", "C64", "F4", "F8_E8M0", "f32", "", "float32"]),
+    junk.filter(lambda v: not (isinstance(v, str) and v in DTYPES)),
+)
 
 
 def junk_dtype(draw: st.DrawFn, file: File) -> bytes:

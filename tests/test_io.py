@@ -112,7 +112,9 @@ def test_truncated_shard_is_reported_with_file_and_tensor(zoo, tmp_path):
     shutil.copytree(zoo.get("llama").base, copy)
     shard = sorted(copy.glob("model-*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(InputError, match=r"model-0000\d-of-0000\d\.safetensors: tensor '.*' ends at byte \d+ but the file holds \d+ data bytes"):
+    with pytest.raises(
+        InputError, match=r"model-0000\d-of-0000\d\.safetensors: tensor '.*' ends at byte \d+ but the file holds \d+ data bytes"
+    ):
         Checkpoint.open(copy)
 
 
@@ -215,30 +217,95 @@ MALFORMED = [
     ("shape-negative", _one(shape=[-1]), "tensor 't' has invalid shape [-1]", False),
     ("shape-nested", _one(shape=[[1]]), "tensor 't' has invalid shape [[1]]", False),
     ("shape-not-a-list", _one(shape=1), "tensor 't' has invalid shape 1", False),
-    ("shape-5000-digits", _safetensors_bytes('{"t": {"dtype": "F32", "shape": [%s], "data_offsets": [0, 4]}}' % ("9" * 5000), b"\0" * 4), "tensor 't' has invalid shape [inf]", False),
+    (
+        "shape-5000-digits",
+        _safetensors_bytes('{"t": {"dtype": "F32", "shape": [%s], "data_offsets": [0, 4]}}' % ("9" * 5000), b"\0" * 4),
+        "tensor 't' has invalid shape [inf]",
+        False,
+    ),
     ("offsets-strings", _one(offsets=["0", "4"]), "tensor 't' has invalid data_offsets ['0', '4']", False),
     ("offsets-floats", _one(offsets=[0, 4.0]), "tensor 't' has invalid data_offsets [0, 4.0]", False),
     ("offsets-bools", _one(dtype="U8", offsets=[False, True], data=b"\0"), "tensor 't' has invalid data_offsets [False, True]", False),
     ("offsets-three", _one(offsets=[0, 4, 4]), "tensor 't' has invalid data_offsets [0, 4, 4]", False),
     ("offsets-one", _one(offsets=[4]), "tensor 't' has invalid data_offsets [4]", False),
     ("offsets-negative", _one(offsets=[-4, 0]), "tensor 't' has invalid data_offsets [-4, 0]", False),
-    ("offsets-minus-zero", _safetensors_bytes('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [-0, 4]}}', b"\0" * 4), "tensor 't' has invalid data_offsets [-0.0, 4]", False),
+    (
+        "offsets-minus-zero",
+        _safetensors_bytes('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [-0, 4]}}', b"\0" * 4),
+        "tensor 't' has invalid data_offsets [-0.0, 4]",
+        False,
+    ),
     ("offsets-reversed", _one(shape=[0], offsets=[4, 0]), "tensor 't' has invalid data_offsets [4, 0]", False),
     ("size-mismatch", _one(shape=[2]), "tensor 't' has inconsistent byte range 0..4 for shape [2] of F32", False),
-    ("size-overflow", _one(shape=[2**40, 2**40, 0], offsets=[0, 0], data=b""), "tensor 't' has shape [1099511627776, 1099511627776, 0], too large for any file", False),
-    ("dim-too-large-for-torch", _one(shape=[2**63, 0], offsets=[0, 0], data=b""), "tensor 't' has invalid shape [9223372036854775808, 0]", True),
+    (
+        "size-overflow",
+        _one(shape=[2**40, 2**40, 0], offsets=[0, 0], data=b""),
+        "tensor 't' has shape [1099511627776, 1099511627776, 0], too large for any file",
+        False,
+    ),
+    (
+        "dim-too-large-for-torch",
+        _one(shape=[2**63, 0], offsets=[0, 0], data=b""),
+        "tensor 't' has invalid shape [9223372036854775808, 0]",
+        True,
+    ),
     ("truncated", _one(data=b"\0" * 3), "tensor 't' ends at byte 4 but the file holds 3 data bytes", False),
-    ("entry-list", _safetensors_bytes({"t": ["F32", [1], [0, 4]]}, b"\0" * 4), "tensor 't' has an invalid header entry (expected an object with dtype, shape, data_offsets, got ['F32', [1], [0, 4]])", True),
+    (
+        "entry-list",
+        _safetensors_bytes({"t": ["F32", [1], [0, 4]]}, b"\0" * 4),
+        "tensor 't' has an invalid header entry (expected an object with dtype, shape, data_offsets, got ['F32', [1], [0, 4]])",
+        True,
+    ),
     ("entry-string", _safetensors_bytes({"t": "F32"}), "tensor 't' has an invalid header entry (expected an object", False),
-    ("entry-missing-key", _safetensors_bytes({"t": {"dtype": "F32", "shape": [0]}}), "tensor 't' has an invalid header entry (no 'data_offsets')", False),
+    (
+        "entry-missing-key",
+        _safetensors_bytes({"t": {"dtype": "F32", "shape": [0]}}),
+        "tensor 't' has an invalid header entry (no 'data_offsets')",
+        False,
+    ),
     ("entry-extra-key", _one(offsets_=1), "tensor 't' has an invalid header entry (unexpected key 'offsets_')", True),
-    ("metadata-string", _safetensors_bytes({"__metadata__": "x"}), "invalid safetensors header (__metadata__ is 'x', not an object of strings)", False),
-    ("metadata-list", _safetensors_bytes({"__metadata__": ["x"]}), "invalid safetensors header (__metadata__ is ['x'], not an object of strings)", False),
-    ("metadata-number-value", _safetensors_bytes({"__metadata__": {"step": 3}}), "invalid safetensors header (__metadata__ value of 'step' is 3, not a string)", False),
-    ("metadata-object-value", _safetensors_bytes({"__metadata__": {"cfg": {}}}), "invalid safetensors header (__metadata__ value of 'cfg' is {}, not a string)", False),
-    ("duplicate-tensor", _safetensors_bytes(f'{{"t": {{{ENTRY}}}, "t": {{{ENTRY}}}}}', b"\0" * 4), "invalid safetensors header (key 't' appears twice)", True),
-    ("duplicate-field", _safetensors_bytes(f'{{"t": {{{ENTRY}, "dtype": "F32"}}}}', b"\0" * 4), "invalid safetensors header (key 'dtype' appears twice)", False),
-    ("lone-surrogate", _safetensors_bytes(f'{{"\\ud800": {{{ENTRY}}}}}', b"\0" * 4), "invalid safetensors header (string '\\ud800' is not valid Unicode)", False),
+    (
+        "metadata-string",
+        _safetensors_bytes({"__metadata__": "x"}),
+        "invalid safetensors header (__metadata__ is 'x', not an object of strings)",
+        False,
+    ),
+    (
+        "metadata-list",
+        _safetensors_bytes({"__metadata__": ["x"]}),
+        "invalid safetensors header (__metadata__ is ['x'], not an object of strings)",
+        False,
+    ),
+    (
+        "metadata-number-value",
+        _safetensors_bytes({"__metadata__": {"step": 3}}),
+        "invalid safetensors header (__metadata__ value of 'step' is 3, not a string)",
+        False,
+    ),
+    (
+        "metadata-object-value",
+        _safetensors_bytes({"__metadata__": {"cfg": {}}}),
+        "invalid safetensors header (__metadata__ value of 'cfg' is {}, not a string)",
+        False,
+    ),
+    (
+        "duplicate-tensor",
+        _safetensors_bytes(f'{{"t": {{{ENTRY}}}, "t": {{{ENTRY}}}}}', b"\0" * 4),
+        "invalid safetensors header (key 't' appears twice)",
+        True,
+    ),
+    (
+        "duplicate-field",
+        _safetensors_bytes(f'{{"t": {{{ENTRY}, "dtype": "F32"}}}}', b"\0" * 4),
+        "invalid safetensors header (key 'dtype' appears twice)",
+        False,
+    ),
+    (
+        "lone-surrogate",
+        _safetensors_bytes(f'{{"\\ud800": {{{ENTRY}}}}}', b"\0" * 4),
+        "invalid safetensors header (string '\\ud800' is not valid Unicode)",
+        False,
+    ),
     ("not-utf8", _safetensors_bytes(b'{"\xff": {}}'), "invalid safetensors header (not UTF-8 at byte 10)", False),
     ("utf16", struct.pack("<Q", 6) + "{}".encode("utf-16"), "invalid safetensors header (not UTF-8 at byte 8)", False),
     ("not-json", _safetensors_bytes("{not json}"), "invalid safetensors header (Expecting property name enclosed in double quotes", False),
@@ -322,13 +389,37 @@ BAD_INDEXES = [
     ("empty-weight-map", {}, f"{INDEX}: 'weight_map' lists no tensors"),
     ("number-as-shard", {"a": 3}, f"{INDEX}: tensor 'a' is mapped to 3, not a shard file name"),
     ("null-shard", {"a": None}, f"{INDEX}: tensor 'a' is mapped to None, not a shard file name"),
-    ("parent-folder", {"a": "../s1.safetensors"}, f"{INDEX}: tensor 'a' is mapped to '../s1.safetensors', which is not a file in the checkpoint folder"),
-    ("absolute-path", {"a": "/etc/s1.safetensors"}, f"{INDEX}: tensor 'a' is mapped to '/etc/s1.safetensors', which is not a file in the checkpoint folder"),
-    ("subfolder", {"a": "sub/s1.safetensors"}, f"{INDEX}: tensor 'a' is mapped to 'sub/s1.safetensors', which is not a file in the checkpoint folder"),
+    (
+        "parent-folder",
+        {"a": "../s1.safetensors"},
+        f"{INDEX}: tensor 'a' is mapped to '../s1.safetensors', which is not a file in the checkpoint folder",
+    ),
+    (
+        "absolute-path",
+        {"a": "/etc/s1.safetensors"},
+        f"{INDEX}: tensor 'a' is mapped to '/etc/s1.safetensors', which is not a file in the checkpoint folder",
+    ),
+    (
+        "subfolder",
+        {"a": "sub/s1.safetensors"},
+        f"{INDEX}: tensor 'a' is mapped to 'sub/s1.safetensors', which is not a file in the checkpoint folder",
+    ),
     ("dot-dot", {"a": ".."}, f"{INDEX}: tensor 'a' is mapped to '..', which is not a file in the checkpoint folder"),
-    ("missing-shard", {"a": "s1.safetensors", "b": "s3.safetensors"}, f"s3.safetensors: shard listed in {INDEX} is missing (it should hold tensor 'b')"),
-    ("swapped-shards", {"a": "s2.safetensors", "b": "s1.safetensors"}, f"s2.safetensors: tensor 'a' is listed in {INDEX} but not in the shard (it is in s1.safetensors; fix the index)"),
-    ("wrong-shard", {"a": "s2.safetensors", "b": "s2.safetensors"}, f"s2.safetensors: tensor 'a' is listed in {INDEX} but not in the shard"),
+    (
+        "missing-shard",
+        {"a": "s1.safetensors", "b": "s3.safetensors"},
+        f"s3.safetensors: shard listed in {INDEX} is missing (it should hold tensor 'b')",
+    ),
+    (
+        "swapped-shards",
+        {"a": "s2.safetensors", "b": "s1.safetensors"},
+        f"s2.safetensors: tensor 'a' is listed in {INDEX} but not in the shard (it is in s1.safetensors; fix the index)",
+    ),
+    (
+        "wrong-shard",
+        {"a": "s2.safetensors", "b": "s2.safetensors"},
+        f"s2.safetensors: tensor 'a' is listed in {INDEX} but not in the shard",
+    ),
     ("weight-map-a-list", ["a"], f"{INDEX}: invalid index (expected a JSON object with a 'weight_map')"),
 ]
 
@@ -343,7 +434,11 @@ def test_open_refuses_an_unusable_index(tmp_path, weight_map, fragment):
 
 @pytest.mark.parametrize(
     "index_text,fragment",
-    [("{not json", f"{INDEX}: invalid JSON ("), ("[]", f"{INDEX}: invalid index (expected a JSON object)"), ('{"metadata": {}}', "expected a JSON object with a 'weight_map'")],
+    [
+        ("{not json", f"{INDEX}: invalid JSON ("),
+        ("[]", f"{INDEX}: invalid index (expected a JSON object)"),
+        ('{"metadata": {}}', "expected a JSON object with a 'weight_map'"),
+    ],
     ids=["not-json", "not-an-object", "no-weight-map"],
 )
 def test_open_refuses_an_index_that_is_not_an_index(tmp_path, index_text, fragment):

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from tests.helpers import load_all
 from neuroloc_cli.locate.select import global_threshold
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.synthetic import build_checkpoint, tiny_config
+from tests.helpers import load_all
 
 # The units of each architecture, written out from the definitions (not from the code):
 # row = output rows of [out, in] weights (GPT-2 Conv1D: columns) + bias; ffn = MLP neurons.

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_recipe
-from tests.helpers import load_all
 from neuroloc_cli.masks import Mask, MaskEntry
 from neuroloc_cli.synthetic import derive_finetune
+from tests.conftest import write_recipe
+from tests.helpers import load_all
 
 PARAMS = dict(alpha=0.8, beta=0.2, gamma=0.2, eta=1.0)
 
@@ -35,7 +35,7 @@ base_model: {base}
 ability: {{model: {ability}, language_model: {language}}}
 languages:
 {lines}
-parameters: {{alpha: {PARAMS['alpha']}, beta: {PARAMS['beta']}, gamma: {PARAMS['gamma']}, eta: {PARAMS['eta']}, k2: {k2}{extra}}}
+parameters: {{alpha: {PARAMS["alpha"]}, beta: {PARAMS["beta"]}, gamma: {PARAMS["gamma"]}, eta: {PARAMS["eta"]}, k2: {k2}{extra}}}
 dtype: float32
 out_dtype: float32
 """
@@ -50,11 +50,9 @@ def _expected_maet(base, ability, language, langs, weights, k2, allowed=lambda n
         r_lang[name] = sum(w * (lang[name].double() - b64) for lang, w in zip(langs, weights))
         scores[name] = float((r_a[name] * r_lang[name]).sum())
     ranking = sorted(scores, key=lambda n: -scores[n])
-    last = ranking[len(ranking) - math.floor(k2 * len(ranking)):]
+    last = ranking[len(ranking) - math.floor(k2 * len(ranking)) :]
     t = [n for n in last if allowed(n)]
-    merged = {
-        n: b.double() + (PARAMS["gamma"] * r_a[n] + PARAMS["eta"] * r_lang[n] if n in t else r_lang[n]) for n, b in base.items()
-    }
+    merged = {n: b.double() + (PARAMS["gamma"] * r_a[n] + PARAMS["eta"] * r_lang[n] if n in t else r_lang[n]) for n, b in base.items()}
     return merged, ranking, scores, t
 
 
@@ -84,7 +82,9 @@ def test_maet_transfer_filter_restricts_t_to_tensor_kinds(zoo, langs, cli, tmp_p
     r = cli("merge", recipe, "-o", tmp_path / "out")
     assert r.exit_code == 0, r.stderr
     base = load_all(fam.base)
-    merged, _, _, t = _expected_maet(base, load_all(fam.ft1), load_all(fam.ft2), [load_all(p) for p in langs["llama"]], [1.0, 1.0], 0.8, lambda n: ".mlp." in n)
+    merged, _, _, t = _expected_maet(
+        base, load_all(fam.ft1), load_all(fam.ft2), [load_all(p) for p in langs["llama"]], [1.0, 1.0], 0.8, lambda n: ".mlp." in n
+    )
     out = load_all(tmp_path / "out")
     assert t and all(".mlp." in n for n in t)
     for name, expected in merged.items():
@@ -96,11 +96,26 @@ def test_maet_transfer_filter_restricts_t_to_tensor_kinds(zoo, langs, cli, tmp_p
 @pytest.mark.parametrize(
     "body,message",
     [
-        ("merge_method: maet\nbase_model: {base}\nlanguages: [{{model: {ft}}}]\n", "ability: maet needs 'ability: {model: ..., language_model: ...}'"),
-        ("merge_method: maet\nbase_model: {base}\nability: {{model: {ft}, language_model: {ft}}}\n", "languages: maet needs at least one '{model: ..., weight: ...}'"),
-        ("merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {ft}, parameters: {{weight: 1}}}}]\nability: {{model: {ft}, language_model: {ft}}}\n", "ability/languages: task_arithmetic takes 'models:'"),
-        ("merge_method: maet\nbase_model: {base}\nability: {{model: {ft}, language_model: {ft}}}\nlanguages: [{{model: {ft}}}]\nparameters: {{k2: [0.5, 0.9]}}\n", "parameters.k2: must be one number"),
-        ("merge_method: maet\nbase_model: {base}\nability: {{model: {ft}, language_model: {ft}}}\nlanguages: [{{model: {ft}}}]\nparameters: {{k2: 1.5}}\n", "parameters.k2: must be in [0, 1], got 1.5"),
+        (
+            "merge_method: maet\nbase_model: {base}\nlanguages: [{{model: {ft}}}]\n",
+            "ability: maet needs 'ability: {model: ..., language_model: ...}'",
+        ),
+        (
+            "merge_method: maet\nbase_model: {base}\nability: {{model: {ft}, language_model: {ft}}}\n",
+            "languages: maet needs at least one '{model: ..., weight: ...}'",
+        ),
+        (
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {ft}, parameters: {{weight: 1}}}}]\nability: {{model: {ft}, language_model: {ft}}}\n",
+            "ability/languages: task_arithmetic takes 'models:'",
+        ),
+        (
+            "merge_method: maet\nbase_model: {base}\nability: {{model: {ft}, language_model: {ft}}}\nlanguages: [{{model: {ft}}}]\nparameters: {{k2: [0.5, 0.9]}}\n",
+            "parameters.k2: must be one number",
+        ),
+        (
+            "merge_method: maet\nbase_model: {base}\nability: {{model: {ft}, language_model: {ft}}}\nlanguages: [{{model: {ft}}}]\nparameters: {{k2: 1.5}}\n",
+            "parameters.k2: must be in [0, 1], got 1.5",
+        ),
     ],
 )
 def test_maet_recipe_problems_are_named(zoo, cli, tmp_path, body, message):
@@ -177,12 +192,17 @@ def test_mask_with_mismatched_shapes_is_refused_at_plan_time(zoo, cli, tmp_path)
     fam = zoo.get("llama")
     bad = Mask("row", {"model.layers.0.mlp.up_proj.weight": MaskEntry((64, 64), 0, torch.ones(64, dtype=torch.bool))})
     bad.save(tmp_path / "bad.safetensors")
-    recipe = write_recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}}}]\nmask: bad.safetensors\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}}}]\nmask: bad.safetensors\n",
+    )
     r = cli("merge", recipe, "-o", tmp_path / "out")
     assert r.exit_code == 3
     assert f"mask: mask tensor model.layers.0.mlp.up_proj.weight has shape [64, 64] but base_model ({fam.base}) has [128, 64]" in r.stderr
     assert not (tmp_path / "out").exists()
-    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}, mask: bad.safetensors}}]\n", "r2.yaml")
+    recipe = write_recipe(
+        tmp_path, f"merge_method: linear\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1}}, mask: bad.safetensors}}]\n", "r2.yaml"
+    )
     r = cli("recipe", "validate", recipe)
     assert r.exit_code == 2
     assert "models[0].mask: a mask needs base_model" in r.stderr
@@ -234,7 +254,9 @@ def test_vectors_written_as_deltas_rank_like_maet_pass_1(zoo, langs, cli, tmp_pa
     assert cli("merge", write_recipe(tmp_path, ability, "a.yaml"), "-o", tmp_path / "ra").exit_code == 0
     assert cli("merge", write_recipe(tmp_path, languages, "l.yaml"), "-o", tmp_path / "rl").exit_code == 0
     base = load_all(fam.base)
-    _, ranking, scores, _ = _expected_maet(base, load_all(fam.ft1), load_all(fam.ft2), [load_all(p) for p in langs["llama"]], [0.5, 0.25], 0.8)
+    _, ranking, scores, _ = _expected_maet(
+        base, load_all(fam.ft1), load_all(fam.ft2), [load_all(p) for p in langs["llama"]], [0.5, 0.25], 0.8
+    )
     ra, a, l0 = load_all(tmp_path / "ra"), load_all(fam.ft1), load_all(fam.ft2)
     for name, b in base.items():
         expected = 0.8 * (a[name].double() - b.double()) - 0.2 * (l0[name].double() - b.double())

@@ -12,7 +12,11 @@ from neuroloc_cli.masks import Mask, MaskEntry
 from neuroloc_cli.masks.algebra import combine, overlap
 from neuroloc_cli.masks.stats import mask_stats
 
-SHAPES = {"model.layers.0.mlp.up_proj.weight": (6, 4), "model.layers.0.mlp.down_proj.weight": (4, 6), "model.layers.1.self_attn.o_proj.weight": (5, 5)}
+SHAPES = {
+    "model.layers.0.mlp.up_proj.weight": (6, 4),
+    "model.layers.0.mlp.down_proj.weight": (4, 6),
+    "model.layers.1.self_attn.o_proj.weight": (5, 5),
+}
 
 
 def _random_mask(granularity: str, seed: int, names=None, axis_of=None) -> Mask:
@@ -37,7 +41,12 @@ def _elements(mask: Mask) -> set[tuple[str, tuple[int, ...]]]:
     return out
 
 
-PAIRS = [("row", "row", None), ("element", "element", None), ("row", "element", None), ("row", "row", {"model.layers.0.mlp.down_proj.weight": 1})]
+PAIRS = [
+    ("row", "row", None),
+    ("element", "element", None),
+    ("row", "element", None),
+    ("row", "row", {"model.layers.0.mlp.down_proj.weight": 1}),
+]
 
 
 @pytest.mark.parametrize("ga,gb,axis_b", PAIRS)

@@ -13,7 +13,8 @@ from neuroloc_cli.masks.show import density_map, layer_kind_grid
 def _mask() -> Mask:
     gen = torch.Generator().manual_seed(0)
     entries = {
-        f"model.layers.{i}.self_attn.o_proj.weight": MaskEntry((40, 30), None, torch.rand(40, 30, generator=gen) < 0.1 * (i + 1)) for i in range(3)
+        f"model.layers.{i}.self_attn.o_proj.weight": MaskEntry((40, 30), None, torch.rand(40, 30, generator=gen) < 0.1 * (i + 1))
+        for i in range(3)
     }
     entries["model.layers.0.mlp.down_proj.weight"] = MaskEntry((30, 50), 1, torch.rand(50, generator=gen) < 0.3)
     return Mask("element", entries)

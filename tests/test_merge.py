@@ -227,7 +227,11 @@ def test_inputs_are_left_untouched(zoo, cli, tmp_path):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
     before = [digest(p) for p in (fam.base, fam.ft1)]
-    _merge(cli, tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 0.5}}}}]\n")
+    _merge(
+        cli,
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 0.5}}}}]\n",
+    )
     assert [digest(p) for p in (fam.base, fam.ft1)] == before
 
 
@@ -314,7 +318,9 @@ def test_tied_embeddings_merge_and_load(zoo, cli, tmp_path, arch):
     fam = zoo.get(arch, tie=True, sharded=False)
     assert "lm_head.weight" not in load_all(fam.base)
     out, merged = _merge(
-        cli, tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 0.5}}}}]\n"
+        cli,
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 0.5}}}}]\n",
     )
     assert "lm_head.weight" not in merged
     model = AutoModelForCausalLM.from_pretrained(out)

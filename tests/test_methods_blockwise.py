@@ -222,7 +222,10 @@ def test_strided_tensors_are_read_correctly():
     whole = {"normalize": True, "rescale": False, "lambda": 1.0}
     assert torch.equal(METHODS.get("ties")(base, [strided], whole, pm), METHODS.get("ties")(base, [t1], whole, pm))
     flat = base.reshape(-1)
-    assert torch.equal(bw.mix(flat[::2], [t1.reshape(-1)[::2]], [bw.Keep()], [1.0], [1.0], consensus=False, normalize=False, lambda_=1.0), t1.reshape(-1)[::2])
+    assert torch.equal(
+        bw.mix(flat[::2], [t1.reshape(-1)[::2]], [bw.Keep()], [1.0], [1.0], consensus=False, normalize=False, lambda_=1.0),
+        t1.reshape(-1)[::2],
+    )
 
 
 def test_the_loops_run_where_no_cache_folder_is_writable():

@@ -75,7 +75,9 @@ def test_ties_hand_computed():
 
 def test_ties_without_normalize_and_with_lambda():
     # same election, no division, times lambda 2: [[-3,0,0],[2,2.5,4]] * 2
-    out = call("ties", BASE, [D1, D2], {"normalize": False, "lambda": 2.0}, [{"weight": 0.5, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    out = call(
+        "ties", BASE, [D1, D2], {"normalize": False, "lambda": 2.0}, [{"weight": 0.5, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
+    )
     assert torch.equal(out, BASE + torch.tensor([[-6.0, 0, 0], [4, 5, 8]]))
 
 

@@ -109,7 +109,9 @@ parameters: {{normalize: true}}
     assert r.exit_code == 0, r.stderr
     doc = r.json()
     assert [i["role"] for i in doc["inputs"]] == ["base_model", "models[1].model"]
-    assert doc["notes"] == ["models[0] is the base model: task_arithmetic uses it as the base, not as another input; its parameters are not used"]
+    assert doc["notes"] == [
+        "models[0] is the base model: task_arithmetic uses it as the base, not as another input; its parameters are not used"
+    ]
 
 
 def test_slerp_needs_t(zoo, cli, tmp_path):
@@ -186,8 +188,14 @@ parameters:
 @pytest.mark.parametrize(
     "slices, message",
     [
-        ("[{sources: [{model: M1, layer_range: [1, 5]}]}]", "slices[0].sources[0].layer_range: [1, 5] is not a non-empty range within the 2 layers of"),
-        ("[{sources: [{model: M1, layer_range: [0, 2]}, {model: M2, layer_range: [0, 2]}]}]", "slices[0].sources: passthrough takes one source per slice, got 2"),
+        (
+            "[{sources: [{model: M1, layer_range: [1, 5]}]}]",
+            "slices[0].sources[0].layer_range: [1, 5] is not a non-empty range within the 2 layers of",
+        ),
+        (
+            "[{sources: [{model: M1, layer_range: [0, 2]}, {model: M2, layer_range: [0, 2]}]}]",
+            "slices[0].sources: passthrough takes one source per slice, got 2",
+        ),
     ],
 )
 def test_layer_stacking_errors(zoo, cli, tmp_path, slices, message):

@@ -99,7 +99,14 @@ out_dtype: float32
     base, ft1, ft2 = _inputs(fam)
     for name, b in base.items():
         want = VARIANTS["breadcrumbs_ties"].reference(
-            b, [ft1[name], ft2[name]], weight=[1.0, 0.5], density=[0.6, 0.6], gamma=[0.05, 0.05], normalize=False, rescale=False, lambda_=1.0
+            b,
+            [ft1[name], ft2[name]],
+            weight=[1.0, 0.5],
+            density=[0.6, 0.6],
+            gamma=[0.05, 0.05],
+            normalize=False,
+            rescale=False,
+            lambda_=1.0,
         )
         assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-5), name
 

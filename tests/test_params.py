@@ -54,4 +54,7 @@ models:
 """
     r = cli("recipe", "validate", write_recipe(tmp_path, text))
     assert r.exit_code == 2
-    assert "parameters: parameter 'weight' has no value for tensor model.embed_tokens.weight (add an entry without 'filter' as the default)" in r.stderr
+    assert (
+        "parameters: parameter 'weight' has no value for tensor model.embed_tokens.weight (add an entry without 'filter' as the default)"
+        in r.stderr
+    )

@@ -71,6 +71,8 @@ def test_demo_output_matches_its_recipe(example):
     merged = load_all(example / "example" / "merged")
     for name, t in merged.items():
         w_es = 0.5 if ".mlp." in name else 0.3
-        expected = base[name].double() + 0.7 * (math_[name].double() - base[name].double()) + w_es * (es[name].double() - base[name].double())
+        expected = (
+            base[name].double() + 0.7 * (math_[name].double() - base[name].double()) + w_es * (es[name].double() - base[name].double())
+        )
         assert t.dtype == torch.bfloat16
         assert torch.allclose(t.double(), expected, rtol=2**-7, atol=1e-6), name

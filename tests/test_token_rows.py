@@ -35,7 +35,8 @@ def token_mask(zoo, cli, tmp_path):
 def test_a_token_row_mask_restricts_a_merge(cli, tmp_path, token_mask):
     fam, path, mask = token_mask
     recipe = write_recipe(
-        tmp_path, f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmask: {path}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1.0}}}}]\n"
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {fam.base}\nmask: {path}\nmodels: [{{model: {fam.ft1}, parameters: {{weight: 1.0}}}}]\n",
     )
     r = cli("merge", recipe, "-o", tmp_path / "out")
     assert r.exit_code == 0, r.stderr
@@ -53,8 +54,28 @@ def test_a_token_row_mask_restricts_training(cli, tmp_path, token_mask):
     words = ["the", "fox", "jumps", "over", "lazy", "dog", "river", "stone"]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n" for _ in range(80)))
-    r = cli("train", fam.base, "--data", corpus, "--train-mask", path, "-o", tmp_path / "out", "--max-steps", "3", "--lr", "1e-2",
-            "--seq-len", "32", "--batch-size", "4", "--eval-share", "0", "--seed", "0")
+    r = cli(
+        "train",
+        fam.base,
+        "--data",
+        corpus,
+        "--train-mask",
+        path,
+        "-o",
+        tmp_path / "out",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-share",
+        "0",
+        "--seed",
+        "0",
+    )
     assert r.exit_code == 0, r.stderr
     base, out = load_all(fam.base), load_all(tmp_path / "out")
     moved = 0

@@ -42,7 +42,7 @@ def test_packing_matches_independent_tokenization(tmp_path, tokenizer, packed):
     held = int(n * 0.25)
     assert corpus.tokens == len(stream)
     assert torch.equal(corpus.train, expected[: n - held])
-    assert torch.equal(corpus.held_out, expected[n - held:])
+    assert torch.equal(corpus.held_out, expected[n - held :])
 
 
 def test_txt_documents_split_at_blank_lines(tmp_path):
@@ -150,7 +150,14 @@ def test_linguistic_regions_recipe_has_public_settings():
     [recipe] = [r for r in RECIPES if "linguistic" in r.name]
     cfg = build_config(recipe, {})
     assert (cfg.adam_betas, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup, cfg.grad_clip, cfg.seq_len) == (
-        (0.9, 0.95), 5e-5, 0.001, "cosine", 100, 1.0, 512)
+        (0.9, 0.95),
+        5e-5,
+        0.001,
+        "cosine",
+        100,
+        1.0,
+        512,
+    )
 
 
 def test_crlf_text_still_splits_documents_at_blank_lines(tmp_path):
@@ -176,13 +183,17 @@ def test_rewinding_the_log_for_a_resume_drops_later_steps_and_a_half_written_lin
     from neuroloc_cli.train.events import EvalEvent, EventLog, StepEvent, event_from_dict
 
     log = EventLog(tmp_path / "run" / "log.jsonl")
-    written = [EvalEvent(step=0, perplexity={"c.txt": 9.5}),
-               *(StepEvent(step=s, loss=2.5, lr=1e-4, grad_norm=None, tokens=64 * s, tokens_per_s=1e3, trainable=10) for s in (1, 2, 3))]
+    written = [
+        EvalEvent(step=0, perplexity={"c.txt": 9.5}),
+        *(StepEvent(step=s, loss=2.5, lr=1e-4, grad_norm=None, tokens=64 * s, tokens_per_s=1e3, trainable=10) for s in (1, 2, 3)),
+    ]
     for event in written:
         log.write(event)
     lines = log.path.read_text().splitlines()
     assert [list(json.loads(line)) for line in lines[:2]] == [
-        ["time", "event", "step", "perplexity"], ["time", "event", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "trainable"]]
+        ["time", "event", "step", "perplexity"],
+        ["time", "event", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "trainable"],
+    ]
     assert [event_from_dict(json.loads(line)) for line in lines] == written
     with open(log.path, "a") as f:
         f.write('{"event": "step", "step": 4, "lo')  # what kill -9 leaves

@@ -17,7 +17,6 @@ from tests.helpers import load_all
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):
     base = zoo.get("llama").base
     inputs = load_all(base)
@@ -26,10 +25,41 @@ def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):
     Mask("element", entries).save(tmp_path / "core.mask")
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(" ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(3)) for i in range(60)))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "neuroloc_cli", "train", str(base), "--data", str(corpus),
-           "-o", str(tmp_path / "out"), "--freeze-mask", str(tmp_path / "core.mask"), "--max-steps", "3", "--seq-len", "32",
-           "--batch-size", "2", "--lr", "1e-2", "--weight-decay", "0.5", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "neuroloc_cli",
+        "train",
+        str(base),
+        "--data",
+        str(corpus),
+        "-o",
+        str(tmp_path / "out"),
+        "--freeze-mask",
+        str(tmp_path / "core.mask"),
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--weight-decay",
+        "0.5",
+        "--json",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]

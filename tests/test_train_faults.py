@@ -17,7 +17,6 @@ from neuroloc_cli.train.state import default_run_dir
 POSITIONS = 128
 
 
-
 @pytest.fixture(scope="module")
 def short(tmp_path_factory) -> Path:
     """A tiny llama of 128 positions."""
@@ -136,7 +135,11 @@ def test_bad_recipe_value_names_the_recipe_and_a_bad_flag_the_flag(cli, short, c
     [
         ("c.txt", "", "{f}: empty corpus (no text)"),
         ("c.jsonl", "\n\n", "{f}: empty corpus (no text)"),
-        ("c.jsonl", '{"text": "The fox."}\n', "{f}: corpus has 5 tokens, shorter than one sequence of 128 tokens (add text or lower --seq-len)"),
+        (
+            "c.jsonl",
+            '{"text": "The fox."}\n',
+            "{f}: corpus has 5 tokens, shorter than one sequence of 128 tokens (add text or lower --seq-len)",
+        ),
         ("c.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c"\n', "{f}: line 3: invalid JSON ("),
         ("c.jsonl", '{"text": "a"}\n{"body": "b"}\n', "{f}: line 2: no string field 'text'"),
         ("c.jsonl", None, "{f}: no such corpus file"),
@@ -156,7 +159,10 @@ def test_bad_corpus_is_one_line_naming_the_file(cli, short, tmp_path, name, cont
     "removed, message",
     [
         (("tokenizer*",), "no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder"),
-        (("tokenizer.json",), "tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder"),
+        (
+            ("tokenizer.json",),
+            "tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder",
+        ),
     ],
     ids=["none", "config-only"],
 )

@@ -184,7 +184,7 @@ def _hand_nll(model: Path, docs: list[list[int]]) -> tuple[float, int]:
     nll, count = 0.0, 0
     for i, d in enumerate(docs):
         n = len(d) - 1
-        nll += float(torch.nn.functional.cross_entropy(logits[i, :n], ids[i, 1:n + 1], reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(logits[i, :n], ids[i, 1 : n + 1], reduction="sum"))
         count += n
     return nll, count
 
@@ -193,15 +193,35 @@ def _hand_nll(model: Path, docs: list[list[int]]) -> tuple[float, int]:
 def test_padded_loss_and_perplexity_score_only_real_tokens(models, tmp_path, grad_accum):
     model = models["bos"]
     tokenizer = load_tokenizer(model)
-    texts = ["The fox.", "Two plus three equals five.", "The dog.", "Le chien.", "The quick brown fox.", "five",
-             "The lazy dog.", "Two plus three."]
+    texts = [
+        "The fox.",
+        "Two plus three equals five.",
+        "The dog.",
+        "Le chien.",
+        "The quick brown fox.",
+        "five",
+        "The lazy dog.",
+        "Two plus three.",
+    ]
     docs = [[BOS, *_ids(tokenizer, t), EOS] for t in texts]
     assert max(map(len, docs)) <= 16  # one row each
     data = _jsonl(tmp_path / "c.jsonl", texts)
     # 8 rows, a quarter held out: the last two documents; one step of a batch of the other six
-    cfg = build_config(None, {"model": str(model), "data": [str(data)], "output": str(tmp_path / "out"), "packing": "padded",
-                              "seq_len": 16, "batch_size": 6 // grad_accum, "grad_accum": grad_accum, "eval_share": 0.25,
-                              "max_steps": 1, "lr": 1e-6})
+    cfg = build_config(
+        None,
+        {
+            "model": str(model),
+            "data": [str(data)],
+            "output": str(tmp_path / "out"),
+            "packing": "padded",
+            "seq_len": 16,
+            "batch_size": 6 // grad_accum,
+            "grad_accum": grad_accum,
+            "eval_share": 0.25,
+            "max_steps": 1,
+            "lr": 1e-6,
+        },
+    )
     result = run_training(cfg)
     nll, count = _hand_nll(model, docs[:6])
     # the step's loss is the mean over the batch's scored targets, however they split into micro-batches
@@ -239,8 +259,6 @@ def _padding_scored_loss(model: Path, docs: list[list[int]], width: int) -> floa
 
 
 # -- reporting and recording the framing ---------------------------------------------------------
-
-
 
 
 def _corpus(tmp_path: Path, name: str = "c.jsonl") -> Path:
@@ -306,16 +324,24 @@ def _crash_at(step: int):
 
 def test_resume_refuses_other_framing(models, tmp_path):
     data = _corpus(tmp_path)
-    flags = {"model": str(models["plain"]), "data": [str(data)], "output": str(tmp_path / "out"), "seq_len": 32, "batch_size": 2,
-             "max_steps": 4, "save_every": 2}
+    flags = {
+        "model": str(models["plain"]),
+        "data": [str(data)],
+        "output": str(tmp_path / "out"),
+        "seq_len": 32,
+        "batch_size": 2,
+        "max_steps": 4,
+        "save_every": 2,
+    }
     with pytest.raises(_Crash):
         run_training(build_config(None, flags), _crash_at(3))
     from neuroloc_cli.errors import UsageError
 
     with pytest.raises(UsageError) as e:
         run_training(build_config(None, {**flags, "resume": True, "packing": "padded"}))
-    assert str(e.value).startswith(f"--resume: {default_run_dir(tmp_path / 'out') / 'step-00000002'} was made with a different framing "
-                                   "({'packing': 'packed', ")
+    assert str(e.value).startswith(
+        f"--resume: {default_run_dir(tmp_path / 'out') / 'step-00000002'} was made with a different framing ({{'packing': 'packed', "
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -333,13 +359,28 @@ def test_a_completed_run_leaves_no_side_folder(models, cli, tmp_path):
 
 def test_keep_state_and_run_dir_keep_the_run_folder(models, cli, tmp_path):
     data = _corpus(tmp_path)
-    r = cli("train", models["plain"], "--data", data, "-o", tmp_path / "out", *FAST, "--max-steps", "3", "--save-every", "2", "--keep-state")
+    r = cli(
+        "train", models["plain"], "--data", data, "-o", tmp_path / "out", *FAST, "--max-steps", "3", "--save-every", "2", "--keep-state"
+    )
     assert r.exit_code == 0, r.stderr
     state = default_run_dir(tmp_path / "out")
     assert sorted(p.name for p in state.iterdir()) == ["log.jsonl", "step-00000002"]
     assert (state / "log.jsonl").read_text() == (tmp_path / "out" / "train_log.jsonl").read_text()
-    r = cli("train", models["plain"], "--data", data, "-o", tmp_path / "out2", *FAST, "--max-steps", "3", "--save-every", "2",
-            "--run-dir", tmp_path / "mine")
+    r = cli(
+        "train",
+        models["plain"],
+        "--data",
+        data,
+        "-o",
+        tmp_path / "out2",
+        *FAST,
+        "--max-steps",
+        "3",
+        "--save-every",
+        "2",
+        "--run-dir",
+        tmp_path / "mine",
+    )
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["log.jsonl", "step-00000002"]
     assert not default_run_dir(tmp_path / "out2").exists()
@@ -369,8 +410,26 @@ def test_a_killed_run_resumes_from_its_hidden_folder(models, cli, tmp_path):
     state = default_run_dir(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == [state.name, "c.jsonl"]  # hidden: nothing visible but the data
     assert sorted(p.name for p in state.glob("step-*")) == ["step-00000002", "step-00000004"]
-    r = cli("train", models["plain"], "--data", data, "-o", out, "--seq-len", "32", "--batch-size", "2", "--max-steps", "6",
-            "--save-every", "2", "--packing", "padded", "--resume", "--json")
+    r = cli(
+        "train",
+        models["plain"],
+        "--data",
+        data,
+        "-o",
+        out,
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--packing",
+        "padded",
+        "--resume",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     assert r.json()["steps"] == 6
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

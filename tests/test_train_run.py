@@ -62,8 +62,27 @@ def _loss_on(model_path: Path, sequences: torch.Tensor) -> float:
 def test_full_cpt_loss_falls_and_writes_hf_checkpoint(zoo, cli, corpus, tmp_path):
     base = zoo.get("llama").base
     out = tmp_path / "out"
-    r = cli("train", base, "--data", corpus, "-o", out, "--max-steps", "25", "--lr", "3e-3", "--seq-len", "32",
-            "--batch-size", "4", "--eval-share", "0.1", "--max-shard-size", "60KB", "--json")
+    r = cli(
+        "train",
+        base,
+        "--data",
+        corpus,
+        "-o",
+        out,
+        "--max-steps",
+        "25",
+        "--lr",
+        "3e-3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-share",
+        "0.1",
+        "--max-shard-size",
+        "60KB",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     doc = r.json()
     assert doc["steps"] == 25 and doc["tokens"] == 25 * 4 * 32
@@ -98,8 +117,7 @@ def test_freeze_mask_keeps_every_frozen_element_bit_exact(zoo, corpus, tmp_path)
     base = zoo.get("llama").base
     inputs = load_all(base)
     gen = torch.Generator().manual_seed(3)
-    entries = {n: MaskEntry(tuple(t.shape), None, torch.rand(t.shape, generator=gen) < 0.3)
-               for n, t in inputs.items() if ".layers." in n}
+    entries = {n: MaskEntry(tuple(t.shape), None, torch.rand(t.shape, generator=gen) < 0.3) for n, t in inputs.items() if ".layers." in n}
     mask = tmp_path / "core.mask"
     Mask("element", entries).save(mask)
     result = run_training(_config(base, corpus, tmp_path / "out", freeze_mask=str(mask), weight_decay=0.5))
@@ -163,8 +181,27 @@ def test_train_mask_updates_only_selected_rows(zoo, corpus, tmp_path, arch, rows
 
 def test_trainable_glob_trains_whole_tensors_only(zoo, cli, corpus, tmp_path):
     base = zoo.get("qwen2").base
-    r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--trainable", "*.mlp.up_proj.weight",
-            "--trainable", "model.norm.weight", "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--json")
+    r = cli(
+        "train",
+        base,
+        "--data",
+        corpus,
+        "-o",
+        tmp_path / "out",
+        "--trainable",
+        "*.mlp.up_proj.weight",
+        "--trainable",
+        "model.norm.weight",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     inputs, outputs = load_all(base), load_all(tmp_path / "out")
     trained = {n for n in inputs if not torch.equal(_bits(inputs[n]), _bits(outputs[n]))}
@@ -212,8 +249,29 @@ def test_resume_refuses_other_settings(zoo, corpus, tmp_path, cli):
     base = zoo.get("llama").base
     run_training(_config(base, corpus, tmp_path / "a", max_steps=3, save_every=2, keep_state=True))
     state = default_run_dir(tmp_path / "a")
-    r = cli("train", base, "--data", corpus, "-o", tmp_path / "a2", "--run-dir", state, "--resume",
-            "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-2", "--weight-decay", "0.1", "--eval-share", "0.1")
+    r = cli(
+        "train",
+        base,
+        "--data",
+        corpus,
+        "-o",
+        tmp_path / "a2",
+        "--run-dir",
+        state,
+        "--resume",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--lr",
+        "2e-2",
+        "--weight-decay",
+        "0.1",
+        "--eval-share",
+        "0.1",
+    )
     assert r.exit_code == 2
     assert f"--resume: {state / 'step-00000002'} was made with a different hyper_parameters" in r.stderr
     assert not (tmp_path / "a2").exists()
@@ -230,8 +288,9 @@ def test_mask_from_another_architecture(zoo, cli, corpus, tmp_path):
     base = zoo.get("llama").base
     r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--train-mask", tmp_path / "gpt2.mask", "--seq-len", "128")
     assert r.exit_code == 3
-    assert r.stderr.strip() == (f"error: {tmp_path / 'gpt2.mask'}: mask tensor transformer.wte.weight is not in {base} "
-                                "(the mask was made for another architecture)")
+    assert r.stderr.strip() == (
+        f"error: {tmp_path / 'gpt2.mask'}: mask tensor transformer.wte.weight is not in {base} (the mask was made for another architecture)"
+    )
     _assert_nothing_written(tmp_path)
 
 
@@ -257,8 +316,10 @@ def test_missing_tokenizer(zoo, cli, corpus, tmp_path):
     shutil.copytree(zoo.get("llama").base, model, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
     r = cli("train", model, "--data", corpus, "-o", tmp_path / "out", "--seq-len", "128")
     assert r.exit_code == 3
-    assert r.stderr.strip() == (f"error: {model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder "
-                                "(copy the base model's tokenizer files into it)")
+    assert r.stderr.strip() == (
+        f"error: {model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder "
+        "(copy the base model's tokenizer files into it)"
+    )
     _assert_nothing_written(tmp_path)
 
 
@@ -274,8 +335,26 @@ def test_dry_run_plans_without_writing(zoo, cli, corpus, tmp_path):
     base = zoo.get("llama").base
     mask = _random_row_mask(base, LLAMA_ROWS, 0.25, seed=2)
     mask.save(tmp_path / "n.mask")
-    r = cli("train", base, "--data", corpus, "-o", tmp_path / "out", "--train-mask", tmp_path / "n.mask",
-            "--seq-len", "32", "--batch-size", "2", "--grad-accum", "3", "--max-tokens", "1000", "--dry-run", "--json")
+    r = cli(
+        "train",
+        base,
+        "--data",
+        corpus,
+        "-o",
+        tmp_path / "out",
+        "--train-mask",
+        tmp_path / "n.mask",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "3",
+        "--max-tokens",
+        "1000",
+        "--dry-run",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     doc = r.json()
     assert doc["valid"] is True

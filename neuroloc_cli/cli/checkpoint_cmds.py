@@ -11,7 +11,6 @@ from neuroloc_cli.cli import render
 from neuroloc_cli.cli.options import JsonOpt, ModelArg, shard_size_option
 
 
-
 def inspect(model: ModelArg, as_json: JsonOpt = False) -> None:
     """Show a checkpoint's architecture, parameter count, dtypes, shards and tensors."""
     from rich.table import Table
@@ -71,7 +70,9 @@ def ablate(
     mask: Annotated[Path, typer.Argument(help="The region: a mask file (.safetensors, written by `neuroloc locate`).", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
     mode: Annotated[str, typer.Option("--mode", help="zero (remove), mean (the tensor's mean) or noise (add Gaussian noise).")] = "zero",
-    scale: Annotated[Optional[float], typer.Option("--scale", help="With --mode noise: noise std in units of the tensor's std [1.0].")] = None,
+    scale: Annotated[
+        Optional[float], typer.Option("--scale", help="With --mode noise: noise std in units of the tensor's std [1.0].")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the noise.")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
@@ -89,5 +90,7 @@ def ablate(
         return
     shard_bytes = shard_size_option(max_shard_size)
     with render.progress(f"ablate ({mode})", len(plan.steps)) as advance:
-        result = run_merge(plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance(), command="ablate")
+        result = run_merge(
+            plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance(), command="ablate"
+        )
     render.merge_result(result, as_json)

@@ -20,9 +20,25 @@ def delta(
     output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
     top: Annotated[float, typer.Option("--top", help="Share of units to keep, e.g. 0.05 for 5 %.")] = 0.05,
     granularity: Annotated[str, typer.Option("--granularity", help="row (output neurons), ffn (MLP neurons) or element.")] = "row",
-    scope: Annotated[str, typer.Option("--scope", help="global: rank all units together (the paper); tensor: top share of each tensor.")] = "global",
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="Rank only tensors matching this glob or substring (repeatable). Default: rows of every 2-D weight, token rows of the embedding and LM head included; ffn and element: the transformer blocks.", show_default=False)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors matching this glob or substring (repeatable), e.g. --exclude '*embed*'.", show_default=False)] = None,
+    scope: Annotated[
+        str, typer.Option("--scope", help="global: rank all units together (the paper); tensor: top share of each tensor.")
+    ] = "global",
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--include",
+            help="Rank only tensors matching this glob or substring (repeatable). Default: rows of every 2-D weight, token rows of the embedding and LM head included; ffn and element: the transformer blocks.",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--exclude",
+            help="Leave out tensors matching this glob or substring (repeatable), e.g. --exclude '*embed*'.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -32,7 +48,9 @@ def delta(
     from neuroloc_cli.masks.stats import mask_stats
 
     check_output_file(output, [base, tuned], overwrite)
-    mask = LOCATORS.get("delta").fn(base, tuned, top=top, granularity=granularity, scope=scope, include=include or (), exclude=exclude or ())
+    mask = LOCATORS.get("delta").fn(
+        base, tuned, top=top, granularity=granularity, scope=scope, include=include or (), exclude=exclude or ()
+    )
     stats = mask_stats(mask)
     mask.save(output)
     _render_saved(output, stats, mask.provenance, as_json)

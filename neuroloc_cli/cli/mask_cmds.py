@@ -33,7 +33,11 @@ def stats(mask: MaskArg, as_json: JsonOpt = False) -> None:
         f"[bold]{mask}[/bold]: {doc['granularity']} mask, {doc['selected_units']} of {doc['units']} units, "
         f"selected {doc['selected']} of {doc['total']} elements ({100 * doc['share']:.3f} %)"
     )
-    for title, key, rows in (("per layer", "layer", doc["layers"]), ("per tensor kind", "kind", doc["kinds"]), ("per tensor", "tensor", doc["tensors"])):
+    for title, key, rows in (
+        ("per layer", "layer", doc["layers"]),
+        ("per tensor kind", "kind", doc["kinds"]),
+        ("per tensor", "tensor", doc["tensors"]),
+    ):
         table = Table(title=title)
         for col in (key, "selected", "total", "share"):
             table.add_column(col, justify="left" if col == key else "right")
@@ -56,7 +60,9 @@ def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: b
     if as_json:
         render.print_json(doc)
     else:
-        render.out().print(f"wrote [bold]{output}[/bold]: {op}, {doc['granularity']} mask, {doc['selected']} of {doc['total']} elements selected")
+        render.out().print(
+            f"wrote [bold]{output}[/bold]: {op}, {doc['granularity']} mask, {doc['selected']} of {doc['total']} elements selected"
+        )
 
 
 @mask_app.command("union")
@@ -101,7 +107,9 @@ def overlap(a: MaskArg, b: MaskArg, as_json: JsonOpt = False) -> None:
 def show(
     mask: MaskArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")],
-    tensor: Annotated[Optional[str], typer.Option("--tensor", help="Also draw this tensor's density by row and column (name, glob or unique substring).")] = None,
+    tensor: Annotated[
+        Optional[str], typer.Option("--tensor", help="Also draw this tensor's density by row and column (name, glob or unique substring).")
+    ] = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:

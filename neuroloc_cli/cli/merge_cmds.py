@@ -79,6 +79,9 @@ def methods(as_json: JsonOpt = False) -> None:
     for col in ("method", "parameters (default)", "base", "paper"):
         table.add_column(col)
     for d in docs:
-        params = ", ".join(f"{p['name']}{'' if p['required'] else '=' + str(p['default'])}{' (per model)' if p['per_model'] else ''}" for p in d["parameters"])
+        params = ", ".join(
+            f"{p['name']}{'' if p['required'] else '=' + str(p['default'])}{' (per model)' if p['per_model'] else ''}"
+            for p in d["parameters"]
+        )
         table.add_row(f"[bold]{d['name']}[/bold]\n{d['summary']}", params or "-", "yes" if d["needs_base"] else "no", d["paper"])
     render.out().print(table)

@@ -71,7 +71,14 @@ def progress(description: str, total: int) -> Iterator[Any]:
 
 def merge_result(result: Any, as_json: bool) -> None:
     """What `merge` and `delta` print about the checkpoint they wrote (a `MergeResult`)."""
-    doc = {"output": str(result.path), "tensors": result.tensors, "bytes": result.bytes, "shards": result.shards, "seconds": round(result.seconds, 3), "warnings": result.warnings}
+    doc = {
+        "output": str(result.path),
+        "tensors": result.tensors,
+        "bytes": result.bytes,
+        "shards": result.shards,
+        "seconds": round(result.seconds, 3),
+        "warnings": result.warnings,
+    }
     for line in result.warnings:
         err().print(f"warning: {line}", markup=False, highlight=False)
     if as_json:
@@ -92,7 +99,9 @@ def merge_plan(plan: Any, as_json: bool) -> None:
     if as_json:
         print_json({"valid": True, **doc})
         return
-    table = Table(title=f"{doc['method']} merge: {doc['tensors']} tensors, {human_bytes(doc['out_bytes'])} out, compute {doc['compute_dtype']}")
+    table = Table(
+        title=f"{doc['method']} merge: {doc['tensors']} tensors, {human_bytes(doc['out_bytes'])} out, compute {doc['compute_dtype']}"
+    )
     for col in ("role", "path", "tensors", "parameters"):
         table.add_column(col)
     for i in doc["inputs"]:

@@ -19,37 +19,110 @@ _RUN = "Run"
 
 def train(
     model: Annotated[Optional[Path], typer.Argument(help="Base checkpoint folder (or `model:` in --config).", show_default=False)] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Corpus: .txt, .jsonl with a 'text' field, or a folder; PATH:WEIGHT sets its mixture weight. Repeatable.", show_default=False)] = None,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--data",
+            help="Corpus: .txt, .jsonl with a 'text' field, or a folder; PATH:WEIGHT sets its mixture weight. Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output checkpoint folder (appears atomically).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML training recipe; its keys are these flags' names, flags override it.")] = None,
-    train_mask: Annotated[Optional[Path], typer.Option("--train-mask", help="Update only this mask's selection.", rich_help_panel=_SEL)] = None,
-    freeze_mask: Annotated[Optional[Path], typer.Option("--freeze-mask", help="Keep this mask's selection exactly; train the rest.", rich_help_panel=_SEL)] = None,
-    trainable: Annotated[Optional[list[str]], typer.Option("--trainable", help="Train whole tensors matching this glob. Repeatable.", rich_help_panel=_SEL)] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", help="YAML training recipe; its keys are these flags' names, flags override it.")
+    ] = None,
+    train_mask: Annotated[
+        Optional[Path], typer.Option("--train-mask", help="Update only this mask's selection.", rich_help_panel=_SEL)
+    ] = None,
+    freeze_mask: Annotated[
+        Optional[Path], typer.Option("--freeze-mask", help="Keep this mask's selection exactly; train the rest.", rich_help_panel=_SEL)
+    ] = None,
+    trainable: Annotated[
+        Optional[list[str]], typer.Option("--trainable", help="Train whole tensors matching this glob. Repeatable.", rich_help_panel=_SEL)
+    ] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.", rich_help_panel=_OPT)] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Training tokens (the smaller limit wins; neither: one pass).", rich_help_panel=_OPT)] = None,
+    max_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max-tokens", help="Training tokens (the smaller limit wins; neither: one pass).", rich_help_panel=_OPT),
+    ] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate [5e-5].", rich_help_panel=_OPT)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW decoupled weight decay, matrices only [0.01].", rich_help_panel=_OPT)] = None,
-    adam_betas: Annotated[Optional[str], typer.Option("--adam-betas", help="AdamW betas as B1,B2 [0.9,0.95].", rich_help_panel=_OPT)] = None,
+    weight_decay: Annotated[
+        Optional[float], typer.Option("--weight-decay", help="AdamW decoupled weight decay, matrices only [0.01].", rich_help_panel=_OPT)
+    ] = None,
+    adam_betas: Annotated[
+        Optional[str], typer.Option("--adam-betas", help="AdamW betas as B1,B2 [0.9,0.95].", rich_help_panel=_OPT)
+    ] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear warm-up steps [0].", rich_help_panel=_OPT)] = None,
-    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine (to 0) or constant \\[cosine].", rich_help_panel=_OPT)] = None,
-    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Gradient norm clip, 0 = off [1.0].", rich_help_panel=_OPT)] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1].", rich_help_panel=_OPT)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch per process [8].", rich_help_panel=_OPT)] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per row, packed or padded [512, or the model's positions if fewer].", rich_help_panel=_OPT)] = None,
+    schedule: Annotated[
+        Optional[str], typer.Option("--schedule", help="cosine (to 0) or constant \\[cosine].", rich_help_panel=_OPT)
+    ] = None,
+    grad_clip: Annotated[
+        Optional[float], typer.Option("--grad-clip", help="Gradient norm clip, 0 = off [1.0].", rich_help_panel=_OPT)
+    ] = None,
+    grad_accum: Annotated[
+        Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1].", rich_help_panel=_OPT)
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch per process [8].", rich_help_panel=_OPT)
+    ] = None,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option("--seq-len", help="Tokens per row, packed or padded [512, or the model's positions if fewer].", rich_help_panel=_OPT),
+    ] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and dropout [0].", rich_help_panel=_OPT)] = None,
-    packing: Annotated[Optional[str], typer.Option("--packing", help="packed (documents joined and cut into rows) or padded (one document per row, padding not scored) \\[packed].", rich_help_panel=_DATA)] = None,
-    txt_docs: Annotated[Optional[str], typer.Option("--txt-docs", help="A .txt document ends at a blank line (paragraph) or at every line (line) \\[paragraph].", rich_help_panel=_DATA)] = None,
-    eval_share: Annotated[Optional[float], typer.Option("--eval-share", help="Held-out share of each corpus, for perplexity [0.05].", rich_help_panel=_RUN)] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out perplexity every N steps (and at start and end).", rich_help_panel=_RUN)] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Periodic checkpoint every N steps, into the run folder.", rich_help_panel=_RUN)] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept [2].", rich_help_panel=_RUN)] = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints and log, kept after the run \\[hidden .OUTPUT.neuroloc-run beside the output, removed when the run completes].", rich_help_panel=_RUN)] = None,
-    keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep the hidden run folder (checkpoints, log) after a successful run.", rich_help_panel=_RUN)] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.", rich_help_panel=_RUN)] = False,
+    packing: Annotated[
+        Optional[str],
+        typer.Option(
+            "--packing",
+            help="packed (documents joined and cut into rows) or padded (one document per row, padding not scored) \\[packed].",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    txt_docs: Annotated[
+        Optional[str],
+        typer.Option(
+            "--txt-docs",
+            help="A .txt document ends at a blank line (paragraph) or at every line (line) \\[paragraph].",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    eval_share: Annotated[
+        Optional[float], typer.Option("--eval-share", help="Held-out share of each corpus, for perplexity [0.05].", rich_help_panel=_RUN)
+    ] = None,
+    eval_every: Annotated[
+        Optional[int], typer.Option("--eval-every", help="Held-out perplexity every N steps (and at start and end).", rich_help_panel=_RUN)
+    ] = None,
+    save_every: Annotated[
+        Optional[int], typer.Option("--save-every", help="Periodic checkpoint every N steps, into the run folder.", rich_help_panel=_RUN)
+    ] = None,
+    keep_checkpoints: Annotated[
+        Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept [2].", rich_help_panel=_RUN)
+    ] = None,
+    run_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--run-dir",
+            help="Checkpoints and log, kept after the run \\[hidden .OUTPUT.neuroloc-run beside the output, removed when the run completes].",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
+    keep_state: Annotated[
+        bool,
+        typer.Option("--keep-state", help="Keep the hidden run folder (checkpoints, log) after a successful run.", rich_help_panel=_RUN),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.", rich_help_panel=_RUN)
+    ] = False,
     log: Annotated[Optional[Path], typer.Option("--log", help="JSONL log file [RUN_DIR/log.jsonl].", rich_help_panel=_RUN)] = None,
-    out_dtype: Annotated[Optional[str], typer.Option("--out-dtype", help="Output dtype [each input tensor's].", rich_help_panel=_RUN)] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Output shard size cap [5GB].", rich_help_panel=_RUN)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and earlier run folder.", rich_help_panel=_RUN)] = False,
+    out_dtype: Annotated[
+        Optional[str], typer.Option("--out-dtype", help="Output dtype [each input tensor's].", rich_help_panel=_RUN)
+    ] = None,
+    max_shard_size: Annotated[
+        Optional[str], typer.Option("--max-shard-size", help="Output shard size cap [5GB].", rich_help_panel=_RUN)
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output and earlier run folder.", rich_help_panel=_RUN)
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs and print the plan; load no weights, write nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -60,15 +133,37 @@ def train(
     # Every flag is the config key of the same name; None (and an unset switch) leaves the
     # recipe's value, or the default, in place.
     flags = {
-        "model": _text(model), "data": data, "output": _text(output),
-        "train_mask": _text(train_mask), "freeze_mask": _text(freeze_mask), "trainable": trainable,
-        "max_steps": max_steps, "max_tokens": max_tokens, "lr": lr, "weight_decay": weight_decay,
-        "adam_betas": _betas(adam_betas), "warmup": warmup, "schedule": schedule, "grad_clip": grad_clip,
-        "grad_accum": grad_accum, "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
-        "packing": packing, "txt_docs": txt_docs,
-        "eval_share": eval_share, "eval_every": eval_every, "save_every": save_every, "keep_checkpoints": keep_checkpoints,
-        "run_dir": _text(run_dir), "keep_state": keep_state or None, "resume": resume or None, "log": _text(log),
-        "out_dtype": out_dtype, "max_shard_size": max_shard_size, "overwrite": overwrite or None,
+        "model": _text(model),
+        "data": data,
+        "output": _text(output),
+        "train_mask": _text(train_mask),
+        "freeze_mask": _text(freeze_mask),
+        "trainable": trainable,
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "adam_betas": _betas(adam_betas),
+        "warmup": warmup,
+        "schedule": schedule,
+        "grad_clip": grad_clip,
+        "grad_accum": grad_accum,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "packing": packing,
+        "txt_docs": txt_docs,
+        "eval_share": eval_share,
+        "eval_every": eval_every,
+        "save_every": save_every,
+        "keep_checkpoints": keep_checkpoints,
+        "run_dir": _text(run_dir),
+        "keep_state": keep_state or None,
+        "resume": resume or None,
+        "log": _text(log),
+        "out_dtype": out_dtype,
+        "max_shard_size": max_shard_size,
+        "overwrite": overwrite or None,
     }
     cfg = build_config(config, flags)
     if dry_run:
@@ -106,10 +201,16 @@ class _Progress:
 
         self.console = render.err()
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("trainable {task.fields[trainable]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not self.console.is_terminal,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("trainable {task.fields[trainable]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal,
         )
         self.bar.__enter__()
         self.task = None
@@ -135,8 +236,9 @@ class _Progress:
         )
         self.console.print(f"documents: {_framing(e.framing)}", markup=False, highlight=False)
         _warn(e.warnings)
-        self.task = self.bar.add_task("train", total=e.total_steps, completed=e.step, loss="-", tps="-",
-                                      trainable=render.human_count(e.trainable))
+        self.task = self.bar.add_task(
+            "train", total=e.total_steps, completed=e.step, loss="-", tps="-", trainable=render.human_count(e.trainable)
+        )
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
@@ -169,7 +271,9 @@ def _render_plan(doc: dict, as_json: bool) -> None:
     )
     render.out().print(f"documents: {_framing(doc['framing'])}", markup=False, highlight=False)
     for d in doc["data"]:
-        render.out().print(f"  {d['path']}: {d['tokens']} tokens, {d['train_sequences']} training / {d['held_out_sequences']} held-out sequences, weight {d['weight']:g}")
+        render.out().print(
+            f"  {d['path']}: {d['tokens']} tokens, {d['train_sequences']} training / {d['held_out_sequences']} held-out sequences, weight {d['weight']:g}"
+        )
     _warn(doc["warnings"])
     render.err().print("[green]run is valid[/green]: no weights were loaded, nothing was written")
 

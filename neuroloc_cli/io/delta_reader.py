@@ -29,7 +29,9 @@ class DeltaReader:
         self.role = role
         self.base = None if self.ckpt.kind == Kind.DELTA else base
         if self.ckpt.kind != Kind.DELTA and base is None:
-            raise UsageError(f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`")
+            raise UsageError(
+                f"{role} ({path}) is a model, not a delta checkpoint", hint="pass --base BASE, or give deltas written by `neuroloc delta`"
+            )
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """`Δ` of one tensor (or of its rows `[start, stop)`) in float32.
@@ -42,7 +44,9 @@ class DeltaReader:
         if not bool(torch.isfinite(d).all()):
             bad = int(d.numel() - torch.isfinite(d).sum())
             where = self.ckpt.path if self.base is None else f"{self.ckpt.path} or {self.base.path}"
-            raise InputError(f"{where}: tensor {name} holds NaN or inf ({bad} of {d.numel()} values of its delta)", hint="check that checkpoint")
+            raise InputError(
+                f"{where}: tensor {name} holds NaN or inf ({bad} of {d.numel()} values of its delta)", hint="check that checkpoint"
+            )
         return d
 
 

@@ -16,8 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
 import torch
 
@@ -222,7 +221,9 @@ def _metadata(path: Path, value: object) -> dict[str, str]:
         raise InputError(f"{path}: invalid safetensors header (__metadata__ is {_short.repr(value)}, not an object of strings)")
     for key, text in value.items():
         if not isinstance(text, str):
-            raise InputError(f"{path}: invalid safetensors header (__metadata__ value of {_short.repr(key)} is {_short.repr(text)}, not a string)")
+            raise InputError(
+                f"{path}: invalid safetensors header (__metadata__ value of {_short.repr(key)} is {_short.repr(text)}, not a string)"
+            )
     return value
 
 
@@ -240,7 +241,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorI
     begin, end = offsets
     nbytes = _byte_size(shape, itemsize(dtype))
     if nbytes is None:
-        raise InputError(f"{where} has shape {_short.repr(shape)}, too large for any file (its size in {dtype} overflows 64 bits)", hint=_CORRUPTED)
+        raise InputError(
+            f"{where} has shape {_short.repr(shape)}, too large for any file (its size in {dtype} overflows 64 bits)", hint=_CORRUPTED
+        )
     if nbytes != end - begin:
         raise InputError(f"{where} has inconsistent byte range {begin}..{end} for shape {_short.repr(shape)} of {dtype}", hint=_CORRUPTED)
     if end > data_len:
@@ -299,7 +302,9 @@ def _check_tiling(path: Path, tensors: Iterable[TensorInfo], data_len: int) -> N
                 hint=_CORRUPTED,
             )
         if begin > pos:
-            raise InputError(f"{path}: data bytes {pos}..{begin} before tensor {_short.repr(info.name)} belong to no tensor", hint=_CORRUPTED)
+            raise InputError(
+                f"{path}: data bytes {pos}..{begin} before tensor {_short.repr(info.name)} belong to no tensor", hint=_CORRUPTED
+            )
         pos = end
     if pos < data_len:  # not beyond: each tensor's end was checked against data_len
         after = f" after tensor {_short.repr(ordered[-1].name)}" if ordered else ""

@@ -43,7 +43,7 @@ def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num) * units[unit]
     except (KeyError, ValueError):

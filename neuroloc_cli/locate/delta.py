@@ -15,11 +15,11 @@ import torch
 from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
 from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_units
 from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
-from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
 from neuroloc_cli.ops.sparsify import share_count
 
 SCOPES = ("global", "tensor")
@@ -147,7 +147,11 @@ def _element_mask(deltas: _Deltas, names: list[str], top: float, scope: str, cap
     k = share_count(top, total)
     entries = {}
     if k == 0:
-        return {n: MaskEntry(shapes[n], None, torch.zeros(shapes[n], dtype=torch.bool)) for n in names}, {"units": total, "selected_units": 0, "k": 0}
+        return {n: MaskEntry(shapes[n], None, torch.zeros(shapes[n], dtype=torch.bool)) for n in names}, {
+            "units": total,
+            "selected_units": 0,
+            "k": 0,
+        }
     t = global_threshold(stream, k, cap)
     ties = k - t.greater
     for n, a in zip(names, stream()):

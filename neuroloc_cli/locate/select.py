@@ -70,7 +70,13 @@ def global_threshold(stream: Callable[[], Iterable[torch.Tensor]], k: int, cap: 
     Returns:
         The threshold `t` and the count of values > t (so k − greater ties at t complete k).
     """
-    edges = torch.cat([torch.zeros(1), torch.exp2(torch.arange(_LOG2_LOW * _OCTAVE_BINS + 1, _LOG2_HIGH * _OCTAVE_BINS + 1) / _OCTAVE_BINS), torch.tensor([float("inf")])])
+    edges = torch.cat(
+        [
+            torch.zeros(1),
+            torch.exp2(torch.arange(_LOG2_LOW * _OCTAVE_BINS + 1, _LOG2_HIGH * _OCTAVE_BINS + 1) / _OCTAVE_BINS),
+            torch.tensor([float("inf")]),
+        ]
+    )
     lo, hi, above, passes = 0.0, float("inf"), 0, 0
     while True:
         counts = torch.zeros(edges.numel() - 1, dtype=torch.int64)

@@ -24,7 +24,18 @@ from neuroloc_cli.errors import InputError
 from neuroloc_cli.io.format import TensorInfo
 
 # Weights of GPT-2-style `Conv1D` modules, stored [in, out].
-CONV1D_KINDS = frozenset({"attn.c_attn.weight", "attn.c_proj.weight", "attn.q_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "crossattention.c_attn.weight", "crossattention.c_proj.weight", "crossattention.q_attn.weight"})
+CONV1D_KINDS = frozenset(
+    {
+        "attn.c_attn.weight",
+        "attn.c_proj.weight",
+        "attn.q_attn.weight",
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+        "crossattention.c_attn.weight",
+        "crossattention.c_proj.weight",
+        "crossattention.q_attn.weight",
+    }
+)
 
 # MLP module names per family: (up-side modules, down module). Up-side rows (Linear) or
 # columns (Conv1D) are the FFN neurons; the down module's columns (Linear) or rows (Conv1D).

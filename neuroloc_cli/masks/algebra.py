@@ -35,7 +35,10 @@ def check_compatible(a: Mask, b: Mask, a_name: str = "A", b_name: str = "B") -> 
     """
     la, lb = a.provenance.get(LAYOUT_KEY), b.provenance.get(LAYOUT_KEY)
     if la and lb and la != lb:
-        raise InputError(f"{a_name} and {b_name} were made for models with different tensors (layout {la} vs {lb})", hint="combine masks of one architecture")
+        raise InputError(
+            f"{a_name} and {b_name} were made for models with different tensors (layout {la} vs {lb})",
+            hint="combine masks of one architecture",
+        )
     for name, ea in a.entries.items():
         eb = b.entries.get(name)
         if eb is not None and ea.shape != eb.shape:
@@ -98,7 +101,14 @@ class Overlap:
         return self.intersection / self.union if self.union else 1.0
 
     def as_dict(self) -> dict:
-        return {"tensor": self.tensor, "a": self.a, "b": self.b, "intersection": self.intersection, "union": self.union, "jaccard": self.jaccard}
+        return {
+            "tensor": self.tensor,
+            "a": self.a,
+            "b": self.b,
+            "intersection": self.intersection,
+            "union": self.union,
+            "jaccard": self.jaccard,
+        }
 
 
 def overlap(a: Mask, b: Mask, a_name: str = "A", b_name: str = "B") -> tuple[list[Overlap], Overlap]:

@@ -57,7 +57,9 @@ class MaskEntry:
     def __post_init__(self) -> None:
         expected = self.shape if self.axis is None else (self.shape[self.axis],)
         if tuple(self.selected.shape) != tuple(expected) or self.selected.dtype != torch.bool:
-            raise ValueError(f"mask entry of shape {tuple(self.selected.shape)} {self.selected.dtype} does not fit {self.shape} along axis {self.axis}")
+            raise ValueError(
+                f"mask entry of shape {tuple(self.selected.shape)} {self.selected.dtype} does not fit {self.shape} along axis {self.axis}"
+            )
 
     def dense(self) -> torch.Tensor:
         """A BOOL tensor of the model tensor's shape (a view where possible)."""
@@ -143,7 +145,9 @@ class Mask:
                 if meta.get("neuroloc.kind") != "mask":
                     raise InputError(f"{path}: not a neuroloc mask (no 'neuroloc.kind: mask' in its metadata)")
                 if meta.get("neuroloc.mask_version") != MASK_VERSION:
-                    raise InputError(f"{path}: mask format version {meta.get('neuroloc.mask_version')!r} is not supported (expected {MASK_VERSION})")
+                    raise InputError(
+                        f"{path}: mask format version {meta.get('neuroloc.mask_version')!r} is not supported (expected {MASK_VERSION})"
+                    )
                 layout = json.loads(meta["tensors"])
                 entries = {name: _read_entry(f, name, spec, path) for name, spec in layout.items()}
                 return cls(meta["granularity"], entries, json.loads(meta.get("provenance", "{}")))

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from neuroloc_cli.arch import layer_index, name_matches, tensor_kind
 from neuroloc_cli.errors import UsageError, did_you_mean
 from neuroloc_cli.io.output import atomic_file
-from neuroloc_cli.masks.format import Mask, MaskEntry
 from neuroloc_cli.masks.algebra import selected_elements
+from neuroloc_cli.masks.format import Mask, MaskEntry
 
 MAX_SIDE = 256  # cells a side of a tensor's density map
 _CELL = 22  # pixels per cell of the layer × kind map
@@ -90,7 +90,11 @@ def density_map(entry: MaskEntry, max_side: int = MAX_SIDE) -> tuple[torch.Tenso
     Returns:
         (map [≤max_side, ≤max_side], row shares [rows], column shares [cols]).
     """
-    shape = entry.shape if len(entry.shape) == 2 else ((1, entry.shape[0]) if len(entry.shape) == 1 else (entry.shape[0], math.prod(entry.shape[1:])))
+    shape = (
+        entry.shape
+        if len(entry.shape) == 2
+        else ((1, entry.shape[0]) if len(entry.shape) == 1 else (entry.shape[0], math.prod(entry.shape[1:])))
+    )
     rows, cols = shape
     if entry.axis is not None:
         unit = entry.selected.float()
@@ -98,7 +102,11 @@ def density_map(entry: MaskEntry, max_side: int = MAX_SIDE) -> tuple[torch.Tenso
         along_rows = len(entry.shape) > 1 and entry.axis == 0
         row_share = unit if along_rows else torch.full((rows,), unit.mean().item())
         col_share = torch.full((cols,), unit.mean().item()) if along_rows else unit
-        grid = _pool(row_share, max_side)[:, None] * torch.ones(1, min(cols, max_side)) if along_rows else torch.ones(min(rows, max_side), 1) * _pool(col_share, max_side)[None, :]
+        grid = (
+            _pool(row_share, max_side)[:, None] * torch.ones(1, min(cols, max_side))
+            if along_rows
+            else torch.ones(min(rows, max_side), 1) * _pool(col_share, max_side)[None, :]
+        )
         return grid, row_share, col_share
     selected = entry.selected.reshape(rows, cols)
     row_share = torch.empty(rows)
@@ -107,8 +115,8 @@ def density_map(entry: MaskEntry, max_side: int = MAX_SIDE) -> tuple[torch.Tenso
     bounds = [(i * rows) // out_rows for i in range(out_rows + 1)]
     grid = torch.empty(out_rows, min(cols, max_side))
     for i in range(out_rows):
-        block = selected[bounds[i]:bounds[i + 1]].float()
-        row_share[bounds[i]:bounds[i + 1]] = block.mean(1)
+        block = selected[bounds[i] : bounds[i + 1]].float()
+        row_share[bounds[i] : bounds[i + 1]] = block.mean(1)
         col_sum += block.sum(0, dtype=torch.float64)
         grid[i] = _pool(block.mean(0), max_side)
     return grid, row_share, (col_sum / rows).float()

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 
 from neuroloc_cli.arch import layer_index, tensor_kind
-from neuroloc_cli.masks.format import Mask
 from neuroloc_cli.masks.algebra import selected_elements
+from neuroloc_cli.masks.format import Mask
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,17 @@ def mask_stats(mask: Mask) -> dict:
     for name, e in mask.entries.items():
         c = Count(name, selected_elements(e), math.prod(e.shape))
         layer, kind = layer_index(name), tensor_kind(name)
-        tensors.append({**c.as_dict("tensor"), "layer": layer, "kind": kind, "shape": list(e.shape), "axis": e.axis,
-                        "units": e.units, "selected_units": e.selected_units})
+        tensors.append(
+            {
+                **c.as_dict("tensor"),
+                "layer": layer,
+                "kind": kind,
+                "shape": list(e.shape),
+                "axis": e.axis,
+                "units": e.units,
+                "selected_units": e.selected_units,
+            }
+        )
         _add(layers, "-" if layer is None else str(layer), c)
         _add(kinds, kind, c)
         units += e.units

@@ -78,7 +78,9 @@ def describe_masks(masks: MergeMasks | None, recipe: MergeRecipe, entries: Seque
     for key, spec, mask in keys:
         if mask is not None:
             doc = mask_stats(mask)
-            notes.append(f"{key} {spec}: {doc['granularity']} mask over {len(mask.entries)} tensors, {doc['selected']} elements selected; outside it the base is kept")
+            notes.append(
+                f"{key} {spec}: {doc['granularity']} mask over {len(mask.entries)} tensors, {doc['selected']} elements selected; outside it the base is kept"
+            )
     return notes
 
 

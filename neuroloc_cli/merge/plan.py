@@ -225,7 +225,9 @@ def _check_config(reference: Source, method: MergeMethod) -> list[str]:
     if method.output_kind != Kind.MODEL or reference.checkpoint.config is not None:
         return []
     file = reference.checkpoint.path / "config.json"
-    return [f"{reference.role}: {file} is missing (the merged model takes its config from {reference.role}, and could not be loaded without one)"]
+    return [
+        f"{reference.role}: {file} is missing (the merged model takes its config from {reference.role}, and could not be loaded without one)"
+    ]
 
 
 def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> list[str]:
@@ -237,7 +239,9 @@ def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> 
         diff = compare_tensors(reference.checkpoint, src.checkpoint)
         issues = [f"tensor {n} has shape {theirs}, {reference.role} has {ours}" for n, theirs, ours in diff.reshaped]
         if on_missing == "error":
-            issues += [f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in diff.missing]
+            issues += [
+                f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in diff.missing
+            ]
         issues += [f"tensor {n} is not in {reference.role} (it would be dropped)" for n in diff.extra]
         for text in issues[:_MAX_LISTED]:
             problems.append(f"{src.role} ({src.checkpoint.path}): {text}")
@@ -271,7 +275,12 @@ def fixed_out_dtype(recipe: MergeRecipe, method: MergeMethod) -> torch.dtype | N
 
 
 def make_step(
-    out_name: str, info: TensorInfo, t: float, fixed_out: torch.dtype | None, present: tuple[bool, ...], origin: tuple[int, str] | None = None
+    out_name: str,
+    info: TensorInfo,
+    t: float,
+    fixed_out: torch.dtype | None,
+    present: tuple[bool, ...],
+    origin: tuple[int, str] | None = None,
 ) -> Step:
     """The step for one output tensor; integer and boolean buffers are copied, not merged."""
     floating = info.torch_dtype.is_floating_point
@@ -353,7 +362,12 @@ def describe_plan(plan: MergePlan) -> dict:
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "num_layers": plan.num_layers,
         "inputs": [
-            {"role": s.role, "path": str(s.checkpoint.path), "tensors": len(s.checkpoint.tensors), "parameters": s.checkpoint.num_parameters}
+            {
+                "role": s.role,
+                "path": str(s.checkpoint.path),
+                "tensors": len(s.checkpoint.tensors),
+                "parameters": s.checkpoint.num_parameters,
+            }
             for s in plan.sources
         ],
         "tensors": len(plan.steps),

@@ -31,7 +31,6 @@ from neuroloc_cli.merge.stream import Inputs, stream_inputs
 from neuroloc_cli.methods.base import Prepared
 
 
-
 @dataclass(frozen=True)
 class MergeResult:
     """What a merge wrote."""
@@ -156,7 +155,6 @@ def _provenance(plan: MergePlan, seed: int | None, command: str) -> dict:
         "seed": seed,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "inputs": [
-            {"role": s.role, "path": str(s.checkpoint.path.resolve()), "fingerprint": s.checkpoint.fingerprint}
-            for s in plan.sources
+            {"role": s.role, "path": str(s.checkpoint.path.resolve()), "fingerprint": s.checkpoint.fingerprint} for s in plan.sources
         ],
     }

@@ -132,7 +132,9 @@ def _check_stacking(recipe: MergeRecipe, sources: list[list[Source]], method: Me
         a, b = sl.sources[0].layer_range
         n = row[0].checkpoint.num_layers or 0
         if not 0 <= a < b <= n:
-            problems.append(f"slices[{i}].sources[0].layer_range: [{a}, {b}] is not a non-empty range within the {n} layers of {sl.sources[0].model}")
+            problems.append(
+                f"slices[{i}].sources[0].layer_range: [{a}, {b}] is not a non-empty range within the {n} layers of {sl.sources[0].model}"
+            )
     return problems
 
 

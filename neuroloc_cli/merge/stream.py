@@ -82,5 +82,3 @@ def _load(plan: MergePlan, step: Step, rows: Rows) -> Inputs:
             assert base is not None  # on_missing: base is only planned with a base model
             tensors.append(base.clone())  # its own tensor, like every other input
     return base, tensors, raw
-
-

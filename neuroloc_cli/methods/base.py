@@ -209,8 +209,22 @@ def merge_method(
         if accepted != expected:
             raise TypeError(f"merge method {name}: function takes {sorted(accepted)}, declared {sorted(expected)}")
         return MergeMethod(
-            name, fn, tuple(params), needs_base, min_models, max_models, random, elementwise, output_kind, paper,
-            tuple(roles), tuple(statistics), select, tuple(context), check, check_values,
+            name,
+            fn,
+            tuple(params),
+            needs_base,
+            min_models,
+            max_models,
+            random,
+            elementwise,
+            output_kind,
+            paper,
+            tuple(roles),
+            tuple(statistics),
+            select,
+            tuple(context),
+            check,
+            check_values,
         )
 
     return METHODS.decorator(name, wrap)

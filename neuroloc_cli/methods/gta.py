@@ -88,7 +88,9 @@ class Family:
         params += (PAPER_RESCALE,) if self.sparsifier.random else ()
         params += (LAMBDA,)
         fn = _tensor_function(name, variant, params, doc)
-        merge_method(name, needs_base=True, params=params, random=self.sparsifier.random, paper=self.paper, check_values=self.check_values)(fn)
+        merge_method(name, needs_base=True, params=params, random=self.sparsifier.random, paper=self.paper, check_values=self.check_values)(
+            fn
+        )
         VARIANTS[name] = variant
 
 

@@ -58,8 +58,15 @@ def check_maet_recipe(recipe) -> list[str]:
 
 
 def alignment(
-    base: torch.Tensor, *, ability: torch.Tensor, language_model: torch.Tensor, languages: Sequence[torch.Tensor],
-    alpha: float, beta: float, weight: Sequence[float], **_: object,
+    base: torch.Tensor,
+    *,
+    ability: torch.Tensor,
+    language_model: torch.Tensor,
+    languages: Sequence[torch.Tensor],
+    alpha: float,
+    beta: float,
+    weight: Sequence[float],
+    **_: object,
 ) -> float:
     """Eq. 4's score of one tensor (or block of rows): `⟨R(A), R_Lang⟩`."""
     return fixed_dot(ability_vector(base, ability, language_model, alpha, beta), language_vector(base, languages, weight))
@@ -77,7 +84,7 @@ def select_tensors(stats: TensorStatistics) -> Prepared:
     """
     ranked = sort_scores([TensorScore(name, v[ALIGNMENT.name], stats.numel[name]) for name, v in stats.values.items()])
     k2 = float(next(iter(stats.params.values()))["k2"]) if stats.params else 0.0  # one number (check_maet_recipe)
-    by_rank = {s.tensor for s in ranked[len(ranked) - share_count(k2, len(ranked)):]} if k2 > 0 else set()
+    by_rank = {s.tensor for s in ranked[len(ranked) - share_count(k2, len(ranked)) :]} if k2 > 0 else set()
     chosen = [s.tensor for s in ranked if s.tensor in by_rank and stats.params[s.tensor]["transfer"]]
     in_t = set(chosen)
     provenance = {
@@ -170,7 +177,9 @@ def _check_languages_only(recipe) -> list[str]:
     ),
     paper=PAPER,
 )
-def ability_vector_method(base: torch.Tensor, *, ability: torch.Tensor, language_model: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def ability_vector_method(
+    base: torch.Tensor, *, ability: torch.Tensor, language_model: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
     """Eq. 2, R(A), written as a delta checkpoint (for `neuroloc rank` or inspection)."""
     return ability_vector(base, ability, language_model, alpha, beta)
 
@@ -189,4 +198,3 @@ def ability_vector_method(base: torch.Tensor, *, ability: torch.Tensor, language
 def language_vector_method(base: torch.Tensor, *, languages: Sequence[torch.Tensor], weight: Sequence[float]) -> torch.Tensor:
     """Eq. 3, R_Lang, written as a delta checkpoint (for `neuroloc rank` or inspection)."""
     return language_vector(base, languages, weight)
-

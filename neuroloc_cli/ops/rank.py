@@ -50,7 +50,13 @@ class TensorScore:
     numel: int
 
     def as_dict(self) -> dict:
-        return {"tensor": self.tensor, "layer": layer_index(self.tensor), "kind": tensor_kind(self.tensor), "score": self.score, "numel": self.numel}
+        return {
+            "tensor": self.tensor,
+            "layer": layer_index(self.tensor),
+            "kind": tensor_kind(self.tensor),
+            "score": self.score,
+            "numel": self.numel,
+        }
 
 
 def sort_scores(scores: list[TensorScore]) -> list[TensorScore]:

@@ -129,7 +129,9 @@ def check_parameters(
             p = by_name.get(name)
             if p is None:
                 known = ", ".join(by_name) or "none"
-                problems.append(f"{where}.{name}: {method} has no parameter {name!r}{did_you_mean(name, by_name)} (its parameters: {known})")
+                problems.append(
+                    f"{where}.{name}: {method} has no parameter {name!r}{did_you_mean(name, by_name)} (its parameters: {known})"
+                )
                 continue
             if where != "parameters" and not p.per_model:
                 problems.append(f"{where}.{name}: {name!r} applies to the whole merge; set it in the top-level 'parameters'")

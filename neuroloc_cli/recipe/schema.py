@@ -26,7 +26,6 @@ from neuroloc_cli.errors import RecipeError
 from neuroloc_cli.io.format import DtypeName
 
 
-
 class InputModel(Frozen):
     """One entry of `models:`."""
 
@@ -106,7 +105,10 @@ def input_models(recipe: MergeRecipe) -> list[tuple[str, InputModel]]:
         return [(f"models[{i}].model", m) for i, m in enumerate(recipe.models)]
     out = []
     if recipe.ability is not None:
-        out += [("ability.model", InputModel(model=recipe.ability.model)), ("ability.language_model", InputModel(model=recipe.ability.language_model))]
+        out += [
+            ("ability.model", InputModel(model=recipe.ability.model)),
+            ("ability.language_model", InputModel(model=recipe.ability.language_model)),
+        ]
     for i, lang in enumerate(recipe.languages):
         params = {} if lang.weight is None else {"weight": lang.weight}
         out.append((f"languages[{i}].model", InputModel(model=lang.model, parameters=params)))

@@ -126,8 +126,22 @@ class TrainConfig(Frozen):
 
     def hyper_parameters(self) -> dict[str, Any]:
         """The settings that define the optimisation; a resumed run must match them exactly."""
-        keys = ("trainable", "max_steps", "max_tokens", "lr", "weight_decay", "adam_betas", "warmup", "schedule",
-                "grad_clip", "grad_accum", "batch_size", "seq_len", "seed", "eval_share")
+        keys = (
+            "trainable",
+            "max_steps",
+            "max_tokens",
+            "lr",
+            "weight_decay",
+            "adam_betas",
+            "warmup",
+            "schedule",
+            "grad_clip",
+            "grad_accum",
+            "batch_size",
+            "seq_len",
+            "seed",
+            "eval_share",
+        )
         return {k: getattr(self, k) for k in keys}
 
 

@@ -65,8 +65,14 @@ class Corpus:
     warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "sha256": self.sha256, "weight": self.weight, "tokens": self.tokens,
-                "train_sequences": len(self.train), "held_out_sequences": len(self.held_out)}
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "weight": self.weight,
+            "tokens": self.tokens,
+            "train_sequences": len(self.train),
+            "held_out_sequences": len(self.held_out),
+        }
 
 
 @dataclass(frozen=True)
@@ -124,8 +130,10 @@ def load_tokenizer(model: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(model))
     except Exception as e:  # transformers raises many types for a broken tokenizer
         reason = " ".join(str(e).split())[:300]  # its messages span lines; ours is one
-        raise InputError(f"{model}: cannot load the tokenizer ({type(e).__name__}: {reason})",
-                         hint="copy all of the base model's tokenizer files into the folder") from None
+        raise InputError(
+            f"{model}: cannot load the tokenizer ({type(e).__name__}: {reason})",
+            hint="copy all of the base model's tokenizer files into the folder",
+        ) from None
 
 
 def check_tokenizer_files(model: Path) -> None:
@@ -136,11 +144,15 @@ def check_tokenizer_files(model: Path) -> None:
         InputError: naming the folder and the files it lacks.
     """
     if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
-        raise InputError(f"{model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder",
-                         hint="copy the base model's tokenizer files into it")
+        raise InputError(
+            f"{model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder",
+            hint="copy the base model's tokenizer files into it",
+        )
     if not any(any(model.glob(pattern)) for pattern in _VOCABULARY_FILES):
-        raise InputError(f"{model}: tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder",
-                         hint="copy the base model's tokenizer files into it")
+        raise InputError(
+            f"{model}: tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder",
+            hint="copy the base model's tokenizer files into it",
+        )
 
 
 def load_corpora(sources: list[DataSource], tokenizer: Any, framing: Framing, seq_len: int, eval_share: float) -> list[Corpus]:
@@ -164,14 +176,15 @@ def load_corpora(sources: list[DataSource], tokenizer: Any, framing: Framing, se
         tokens = sum(map(len, ids))
         rows = pack(ids, seq_len) if framing.packing == "packed" else pad_rows(ids, seq_len)
         if len(rows) == 0 and framing.packing == "packed":
-            raise InputError(f"{path}: corpus has {tokens} tokens, shorter than one sequence of {seq_len} tokens",
-                             hint="add text or lower --seq-len")
+            raise InputError(
+                f"{path}: corpus has {tokens} tokens, shorter than one sequence of {seq_len} tokens", hint="add text or lower --seq-len"
+            )
         if len(rows) == 0:
             raise InputError(f"{path}: corpus has {tokens} tokens and no document of two tokens or more", hint="add text")
         held = int(len(rows) * eval_share) if len(rows) > 1 else 0
         if eval_share > 0 and held == 0 and len(rows) > 1:
             held = 1  # a held-out share was asked for: give it at least one sequence
-        train, held_out = rows[: len(rows) - held], rows[len(rows) - held:]
+        train, held_out = rows[: len(rows) - held], rows[len(rows) - held :]
         weight = src.weight if src.weight is not None else float(tokens)
         corpora.append(Corpus(path, weight, train, held_out, tokens, docs.sha256, docs.warnings))
     return corpora
@@ -265,7 +278,7 @@ def tokenize(documents: list[str], tokenizer: Any, framing: Framing) -> list[lis
     ids: list[list[int]] = []
     # The tokenizer's own length limit is meaningless here: documents are cut into rows afterwards.
     for start in range(0, len(documents), 256):
-        batch = tokenizer(documents[start:start + 256], add_special_tokens=True, verbose=False)["input_ids"]
+        batch = tokenizer(documents[start : start + 256], add_special_tokens=True, verbose=False)["input_ids"]
         ids.extend(doc + eos for doc in batch)
     return ids
 
@@ -289,7 +302,7 @@ def pad_rows(documents: list[list[int]], seq_len: int) -> torch.Tensor:
     rows = []
     for doc in documents:
         for start in range(0, len(doc) - 1, seq_len - 1):
-            piece = doc[start:start + seq_len]
+            piece = doc[start : start + seq_len]
             rows.append(piece + [IGNORE] * (seq_len - len(piece)))
     return torch.tensor(rows, dtype=torch.int64).view(-1, seq_len)
 
@@ -325,5 +338,7 @@ class MixtureSampler:
         key = (c, epoch)
         if key not in self._perms:
             self._perms = {k: v for k, v in self._perms.items() if k[0] != c}  # keep one pass per corpus
-            self._perms[key] = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch)))
+            self._perms[key] = torch.randperm(
+                len(train), generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch))
+            )
         return train[self._perms[key][pos]]

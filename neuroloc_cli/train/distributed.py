@@ -40,7 +40,7 @@ def average_gradients(params: list[nn.Parameter], loss: torch.Tensor, world: int
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).clone()
+        p.grad = flat[offset : offset + n].view_as(g).clone()
         offset += n
     loss.copy_(flat[-1])
 

@@ -82,8 +82,16 @@ def write_model(
     return writer.files
 
 
-def provenance(inputs: RunInputs, identity: dict[str, Any], *, world_size: int, steps: int, tokens: int,
-               counts: dict[str, int], perplexity: dict[str, dict[str, float]]) -> dict[str, Any]:
+def provenance(
+    inputs: RunInputs,
+    identity: dict[str, Any],
+    *,
+    world_size: int,
+    steps: int,
+    tokens: int,
+    counts: dict[str, int],
+    perplexity: dict[str, dict[str, float]],
+) -> dict[str, Any]:
     """What `neuroloc.json` records of a run: versions and time, the inputs with their
     fingerprints, the framing and hyper-parameters, what trained, and the results.
 
@@ -93,8 +101,12 @@ def provenance(inputs: RunInputs, identity: dict[str, Any], *, world_size: int, 
     cfg = inputs.config
     mask = None
     if inputs.mask is not None:
-        mask = {"path": str(Path(cfg.mask_path).resolve()), "role": identity["mask_role"], "sha256": identity["mask"],
-                "granularity": inputs.mask.granularity}
+        mask = {
+            "path": str(Path(cfg.mask_path).resolve()),
+            "role": identity["mask_role"],
+            "sha256": identity["mask"],
+            "granularity": inputs.mask.granularity,
+        }
     return {
         "neuroloc_version": __version__,
         "command": "train",

@@ -44,8 +44,9 @@ def summed_nll(model: Any, rows: torch.Tensor, pad_token_id: int | None) -> torc
 
 
 @torch.no_grad()
-def held_out_perplexity(model: Any, corpora: list[Corpus], *, pad_token_id: int | None, batch_size: int,
-                        accelerator: Accelerator) -> dict[str, float]:
+def held_out_perplexity(
+    model: Any, corpora: list[Corpus], *, pad_token_id: int | None, batch_size: int, accelerator: Accelerator
+) -> dict[str, float]:
     """Perplexity on each corpus's held-out rows (corpora without any are skipped): exp of the
     mean NLL over their scored targets, padding never counted.
 
@@ -66,7 +67,7 @@ def held_out_perplexity(model: Any, corpora: list[Corpus], *, pad_token_id: int 
         rows = corpus.held_out[rank::world]
         total = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, scored targets
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             with accelerator.autocast():
                 nll = summed_nll(model, batch.to(device), pad_token_id)
             total += torch.tensor([float(nll), scored_targets(batch)], dtype=torch.float64, device=device)

@@ -132,11 +132,20 @@ class MaskedCPTRecipe:
         plan = self._plan_selection(parameter_names(model_skeleton(Path(self.cfg.model)), self.inputs.source))
         counts = plan.counts()
         inputs, cfg = self.inputs, self.cfg
-        return {"output": cfg.output, "total_steps": self._total_steps(), "tokens_per_step": self.global_batch * cfg.seq_len,
-                "seq_len": cfg.seq_len, "seq_len_default": inputs.seq_len_default, "positions": inputs.positions,
-                **counts, "optimizer_state_bytes": 8 * counts["optimizer_elements"],
-                "data": [c.describe() for c in inputs.corpora], "framing": inputs.framing.describe(), "warnings": inputs.warnings,
-                "hyper_parameters": cfg.hyper_parameters()}
+        return {
+            "output": cfg.output,
+            "total_steps": self._total_steps(),
+            "tokens_per_step": self.global_batch * cfg.seq_len,
+            "seq_len": cfg.seq_len,
+            "seq_len_default": inputs.seq_len_default,
+            "positions": inputs.positions,
+            **counts,
+            "optimizer_state_bytes": 8 * counts["optimizer_elements"],
+            "data": [c.describe() for c in inputs.corpora],
+            "framing": inputs.framing.describe(),
+            "warnings": inputs.warnings,
+            "hyper_parameters": cfg.hyper_parameters(),
+        }
 
     def _check_inputs(self) -> None:
         self.inputs = check_inputs(self.cfg)
@@ -210,9 +219,17 @@ class MaskedCPTRecipe:
             self.first_loss = loss if self.first_loss is None else self.first_loss
             self.last_loss = loss
             elapsed = time.perf_counter() - start
-            self._emit(StepEvent(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
-                                 tokens_per_s=(self.tokens - tokens_at_start) / max(elapsed, 1e-9),
-                                 trainable=self.counts["trainable"]))
+            self._emit(
+                StepEvent(
+                    step=self.step,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens=self.tokens,
+                    tokens_per_s=(self.tokens - tokens_at_start) / max(elapsed, 1e-9),
+                    trainable=self.counts["trainable"],
+                )
+            )
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self._emit(EvalEvent(step=self.step, perplexity=self.evaluate()))
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
@@ -254,15 +271,28 @@ class MaskedCPTRecipe:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out perplexity of each corpus (see `loss.held_out_perplexity`)."""
-        return held_out_perplexity(self.model, self.inputs.corpora, pad_token_id=self.inputs.framing.pad_token_id,
-                                   batch_size=self.cfg.batch_size, accelerator=self.accelerator)
+        return held_out_perplexity(
+            self.model,
+            self.inputs.corpora,
+            pad_token_id=self.inputs.framing.pad_token_id,
+            batch_size=self.cfg.batch_size,
+            accelerator=self.accelerator,
+        )
 
     def _start_event(self) -> StartEvent:
         inputs = self.inputs
-        return StartEvent(step=self.step, total_steps=self.total_steps, seq_len=self.cfg.seq_len,
-                          seq_len_default=inputs.seq_len_default, positions=inputs.positions, **self.counts,
-                          optimizer_state_bytes=optimizer_state_bytes(self.optimizer, self.params), world_size=self.world,
-                          framing=inputs.framing.describe(), warnings=inputs.warnings)
+        return StartEvent(
+            step=self.step,
+            total_steps=self.total_steps,
+            seq_len=self.cfg.seq_len,
+            seq_len_default=inputs.seq_len_default,
+            positions=inputs.positions,
+            **self.counts,
+            optimizer_state_bytes=optimizer_state_bytes(self.optimizer, self.params),
+            world_size=self.world,
+            framing=inputs.framing.describe(),
+            warnings=inputs.warnings,
+        )
 
     def _emit(self, event: Event) -> None:
         if self.is_main:  # one log and one progress bar for the run, not one per process
@@ -273,8 +303,16 @@ class MaskedCPTRecipe:
     def save_checkpoint(self) -> None:
         """A periodic checkpoint of the trainable state (main process writes it)."""
         if self.is_main:
-            path = save_checkpoint(self.run_dir, self.step, self.tokens, self.sampler.counters, self.trainable.params,
-                                   self.optimizer, self.identity, self.cfg.keep_checkpoints)
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.tokens,
+                self.sampler.counters,
+                self.trainable.params,
+                self.optimizer,
+                self.identity,
+                self.cfg.keep_checkpoints,
+            )
             self._emit(CheckpointEvent(step=self.step, path=str(path)))
         self.accelerator.wait_for_everyone()
 
@@ -283,17 +321,43 @@ class MaskedCPTRecipe:
         shards: list[str] = []
         if self.is_main:
             out_dtype = DTYPE_NAMES[self.cfg.out_dtype] if self.cfg.out_dtype else None
-            record = provenance(self.inputs, self.identity, world_size=self.world, steps=self.step, tokens=self.tokens,
-                                counts=self.counts, perplexity=self.perplexity)
-            shards = write_model(self.output, self.inputs.source, self.trainable, inputs=self.inputs.paths, out_dtype=out_dtype,
-                                 max_shard_bytes=self.inputs.max_shard_bytes, overwrite=self.cfg.overwrite,
-                                 provenance=record, log_file=self.log.path)
+            record = provenance(
+                self.inputs,
+                self.identity,
+                world_size=self.world,
+                steps=self.step,
+                tokens=self.tokens,
+                counts=self.counts,
+                perplexity=self.perplexity,
+            )
+            shards = write_model(
+                self.output,
+                self.inputs.source,
+                self.trainable,
+                inputs=self.inputs.paths,
+                out_dtype=out_dtype,
+                max_shard_bytes=self.inputs.max_shard_bytes,
+                overwrite=self.cfg.overwrite,
+                provenance=record,
+                log_file=self.log.path,
+            )
             if self.remove_run_dir:  # the output holds the log now; the checkpoints served their purpose
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.output, self.step, self.tokens, self._seconds, self._tokens_this_run / max(self._seconds, 1e-9),
-                           self.first_loss, self.last_loss, self.perplexity, self.counts,
-                           optimizer_state_bytes(self.optimizer, self.params), shards, self.is_main)
+        return TrainResult(
+            self.output,
+            self.step,
+            self.tokens,
+            self._seconds,
+            self._tokens_this_run / max(self._seconds, 1e-9),
+            self.first_loss,
+            self.last_loss,
+            self.perplexity,
+            self.counts,
+            optimizer_state_bytes(self.optimizer, self.params),
+            shards,
+            self.is_main,
+        )
 
     def cleanup(self) -> None:
         """Release the checkpoint's file handles."""

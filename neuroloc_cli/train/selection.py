@@ -63,8 +63,12 @@ class SelectionPlan:
         masked = sum(numel[n] - int(f.sum()) for n, f in self.masked.items())
         whole = sum(numel[n] for n in self.whole)
         trainable = whole + split + masked
-        return {"parameters": total, "trainable": trainable, "frozen": total - trainable,
-                "optimizer_elements": whole + split + sum(numel[n] for n in self.masked)}
+        return {
+            "parameters": total,
+            "trainable": trainable,
+            "frozen": total - trainable,
+            "optimizer_elements": whole + split + sum(numel[n] for n in self.masked),
+        }
 
 
 def plan_selection(
@@ -121,7 +125,9 @@ def _match_globs(names: list[str], globs: list[str] | tuple[str, ...]) -> set[st
     for g in globs:
         hits = {n for n in names if fnmatch.fnmatchcase(n, g)}
         if not hits:
-            raise UsageError(f"--trainable {g!r}: matches no tensor of the model", hint="names look like 'model.layers.0.mlp.up_proj.weight'")
+            raise UsageError(
+                f"--trainable {g!r}: matches no tensor of the model", hint="names look like 'model.layers.0.mlp.up_proj.weight'"
+            )
         matched |= hits
     return matched
 

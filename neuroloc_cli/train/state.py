@@ -89,16 +89,25 @@ def discard_earlier_run(run_dir: Path, log: Path, *, overwrite: bool, delete: bo
     if not found and not log.exists():
         return
     if not overwrite:
-        raise UsageError(f"{run_dir}: holds the checkpoints or log of an earlier run",
-                         hint="pass --resume to continue it, or --overwrite to start over")
+        raise UsageError(
+            f"{run_dir}: holds the checkpoints or log of an earlier run", hint="pass --resume to continue it, or --overwrite to start over"
+        )
     if delete:
         for old in found:
             shutil.rmtree(old)
         log.unlink(missing_ok=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, tokens: int, counters: list[int], params: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, identity: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    tokens: int,
+    counters: list[int],
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    identity: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write `RUN_DIR/step-NNNNNNNN` atomically and drop all but the newest `keep`.
 
     Args:
@@ -117,8 +126,9 @@ def save_checkpoint(run_dir: Path, step: int, tokens: int, counters: list[int], 
     return target
 
 
-def load_checkpoint(run_dir: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    identity: dict[str, Any]) -> ResumeState:
+def load_checkpoint(
+    run_dir: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, identity: dict[str, Any]
+) -> ResumeState:
     """Load the newest checkpoint of `run_dir` into `params` and `optimizer`.
 
     Raises:
