@@ -477,13 +477,13 @@ CASES: list[tuple[str, Callable[[Case], list], int, str]] = [
         "invalid JSONL corpus",
         lambda c: ["train", c.base, "--data", c.write("b.jsonl", '{"text": "ok"}\n{"text": \n'), "-o", c.root / "out"],
         3,
-        "{root}/b.jsonl: line 2",
+        "{root}/b.jsonl:2: not a JSON record",
     ),
     (
         "JSONL records without text",
         lambda c: ["train", c.base, "--data", c.write("b.jsonl", '{"body": "x"}\n'), "-o", c.root / "out"],
         3,
-        "{root}/b.jsonl: line 1: no string field 'text'",
+        "{root}/b.jsonl:1: no string field 'text'",
     ),
     ("missing corpus file", lambda c: ["train", c.base, "--data", c.root / "nope.txt", "-o", c.root / "out"], 3, "{root}/nope.txt"),
     (

@@ -59,8 +59,8 @@ def test_txt_documents_split_at_blank_lines(tmp_path):
     ("name", "content", "message"),
     [
         ("empty.txt", "\n\n  \n", "empty.txt: empty corpus (no text)"),
-        ("bad.jsonl", '{"text": "ok"}\n{"body": "x"}\n', "bad.jsonl: line 2: no string field 'text'"),
-        ("broken.jsonl", '{"text": "ok"\n', "broken.jsonl: line 1: invalid JSON"),
+        ("bad.jsonl", '{"text": "ok"}\n{"body": "x"}\n', "bad.jsonl:2: no string field 'text'"),
+        ("broken.jsonl", '{"text": "ok"\n', "broken.jsonl:1: not a JSON record"),
         ("data.csv", "a,b\n", "data.csv: unknown corpus kind '.csv'"),
     ],
 )

@@ -11,7 +11,6 @@ user file, from any working directory. Perplexity files are scored by neuroloc i
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ from typing import Any
 
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.eval.task_options import apply_options, parse_task_options, prompt_fields
+from neuroloc_cli.io import jsonl
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SAMPLES_DIR = TASKS_DIR / "samples"
@@ -191,32 +191,26 @@ def read_jsonl(path: Path, keys: tuple[str, ...], check: Callable[[dict[str, Any
     """
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
-    records = []
+    found = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not a JSON record ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}:{number}: a record must be a JSON object")
+    for number, record in jsonl.records(path, text):
         missing = [k for k in keys if k not in record]
         if missing:
-            raise InputError(
-                f"{path}:{number}: record lacks key(s) {', '.join(map(repr, missing))}", hint=f"each record needs {', '.join(keys)}"
+            raise jsonl.record_error(
+                path, number, f"record lacks key(s) {', '.join(map(repr, missing))}", hint=f"each record needs {', '.join(keys)}"
             )
         empty = [k for k in keys if record[k] is None]
         if empty:
-            raise InputError(f"{path}:{number}: key(s) {', '.join(map(repr, empty))} are null", hint=f"each record needs {', '.join(keys)}")
+            raise jsonl.record_error(
+                path, number, f"key(s) {', '.join(map(repr, empty))} are null", hint=f"each record needs {', '.join(keys)}"
+            )
         problem = check(record) if check else None
         if problem:
-            raise InputError(f"{path}:{number}: {problem}")
-        records.append(record)
-    if not records:
+            raise jsonl.record_error(path, number, problem)
+        found.append(record)
+    if not found:
         raise InputError(f"{path}: no records")
-    return records
+    return found

@@ -23,7 +23,6 @@ a resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from neuroloc_cli.errors import InputError
+from neuroloc_cli.io import jsonl
 from neuroloc_cli.train.config import DataSource
 from neuroloc_cli.train.rng import derive_seed
 
@@ -257,16 +257,10 @@ def _txt_warnings(file: Path, docs: list[str], txt_docs: str) -> list[str]:
 
 def _jsonl_documents(file: Path, text: str, text_field: str) -> list[str]:
     docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"{file}: line {n}: invalid JSON ({e})") from None
-        value = record.get(text_field) if isinstance(record, dict) else None
+    for n, record in jsonl.records(file, text):
+        value = record.get(text_field)
         if not isinstance(value, str):
-            raise InputError(f"{file}: line {n}: no string field {text_field!r}")
+            raise jsonl.record_error(file, n, f"no string field {text_field!r}")
         docs.append(value)
     return docs
 
