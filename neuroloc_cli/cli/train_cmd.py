@@ -223,7 +223,7 @@ class _Progress:
             self.bar.update(self.task, completed=event.step, loss=f"{event.loss:.4f}", tps=f"{event.tokens_per_s:.0f}")
         elif isinstance(event, EvalEvent):
             ppl = ", ".join(f"{Path(k).name} {v:.2f}" for k, v in event.perplexity.items())
-            self.console.print(f"step {event.step}: held-out perplexity {ppl or '(no held-out data)'}")
+            self.console.print(f"step {event.step}: held-out token perplexity {ppl or '(no held-out data)'}")
         elif isinstance(event, CheckpointEvent):
             self.console.print(f"step {event.step}: checkpoint {event.path}")
 
@@ -255,7 +255,7 @@ def _render(result, as_json: bool) -> None:
     render.out().print(
         f"wrote [bold]{result.output}[/bold]: {result.steps} steps, {render.human_count(result.tokens)} tokens, "
         f"{result.tokens_per_s:.0f} tokens/s; loss {result.first_loss:.4f} → {result.last_loss:.4f}"
-        + (f"; held-out perplexity {ppl}" if ppl else "")
+        + (f"; held-out token perplexity {ppl}" if ppl else "")
     )
 
 
