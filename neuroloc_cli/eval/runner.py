@@ -20,8 +20,9 @@ from neuroloc_cli.eval.specs import TaskRequest
 from neuroloc_cli.eval.task_names import check_task_names
 from neuroloc_cli.eval.translate import TranslationSettings, check_settings, resolve_template, translate
 from neuroloc_cli.io.checkpoint import model_positions
+from neuroloc_cli.io.format import DTYPE_NAMES
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *DTYPE_NAMES)  # "auto": as stored
 
 
 @dataclass(frozen=True)
