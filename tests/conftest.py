@@ -8,6 +8,7 @@ mistral, qwen2, gpt2. Tests must treat these folders as read-only.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from typer.testing import CliRunner
 from neuroloc_cli.cli.app import app
 from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, tiny_config
 
-SHARD_BYTES = 60_000  # small enough that every tiny model is split into several shards
+SHARD_BYTES = 60_000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Hypothesis caches constants and Unicode tables in `./.hypothesis`, some while pytest
+    # collects; a run of the suite writes nothing into the checkout.
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="neuroloc-hypothesis-"))  # small enough that every tiny model is split into several shards
 
 
 @dataclass(frozen=True)

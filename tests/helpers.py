@@ -20,3 +20,12 @@ def load_all(path: Path) -> dict[str, torch.Tensor]:
             for name in f.keys():
                 out[name] = f.get_tensor(name)
     return out
+
+
+def console_script() -> str | None:
+    """The `neuroloc` console script of the Python running the tests (not another install on
+    PATH), or None when the package is not installed."""
+    import sys
+
+    exe = Path(sys.executable).with_name("neuroloc")
+    return str(exe) if exe.is_file() else None

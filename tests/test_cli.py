@@ -242,6 +242,19 @@ def test_kill_9_mid_merge_leaves_nothing_at_target(zoo, tmp_path):
     shutil.rmtree(tmp_path / leftovers[0])
 
 
+def test_a_bug_is_exit_1_with_one_line_and_nothing_written(zoo, cli, tmp_path, monkeypatch):
+    from neuroloc_cli.io import writer as writer_mod
+
+    def boom(self, name, tensor):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(writer_mod.ShardedWriter, "write", boom)
+    r = cli("merge", write_recipe(tmp_path, _ta(zoo.get("llama"))), "-o", tmp_path / "out")
+    assert r.exit_code == 1
+    assert r.stderr == "internal error: RuntimeError: boom (rerun with --debug for the traceback)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 def test_debug_shows_traceback(zoo, cli, tmp_path, monkeypatch):
     from neuroloc_cli.io import writer as writer_mod
 

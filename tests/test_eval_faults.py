@@ -238,8 +238,9 @@ def test_task_yaml_that_lm_eval_cannot_build(cli, zoo, tmp_path, monkeypatch):
 def test_unknown_task_is_refused_fast_with_a_suggestion(cli, zoo, monkeypatch):
     _no_model(monkeypatch)
     monkeypatch.setattr(harness, "_manager", lambda *a: pytest.fail("lm-eval's task index was built for an unknown name"))
+    model = zoo.get("llama").base  # built before the clock starts
     start = time.monotonic()
-    r = cli("eval", zoo.get("llama").base, "--tasks", "neuroloc_choice,mgsm_direct_ess")
+    r = cli("eval", model, "--tasks", "neuroloc_choice,mgsm_direct_ess")
     elapsed = time.monotonic() - start
     _one_error_line(r, 2, "error: --tasks: unknown task 'mgsm_direct_ess' (did you mean \"mgsm_direct_es\"?)")
     assert elapsed < 5  # a text scan (well under a second), not lm-eval's 10–20 s index

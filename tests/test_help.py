@@ -7,7 +7,6 @@ the real entry point shows that.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +14,7 @@ import pytest
 import typer.main
 
 from neuroloc_cli.cli.app import app
+from tests.helpers import console_script
 
 
 def _paths(cmd, prefix=()):
@@ -34,7 +34,7 @@ def test_every_command_is_reached():
 
 
 def test_every_help_exits_0_through_the_console_script():
-    exe = shutil.which("neuroloc")
+    exe = console_script()
     assert exe is not None, "the `neuroloc` console script is not installed (pip install -e '.[test]')"
 
     def run(path):

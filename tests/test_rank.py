@@ -61,8 +61,10 @@ def test_rank_refuses_mismatched_shapes_naming_the_tensor(zoo, cli):
 
 
 def test_rank_cosine_of_a_zero_delta_is_zero():
-    from neuroloc_cli.ops.rank import cosine, dot
+    from neuroloc_cli.ops.rank import similarity_from_sums
+    from neuroloc_cli.ops.sums import fixed_dot
 
     z, x = torch.zeros(3, 4), torch.randn(3, 4)
-    assert cosine(z, x) == 0.0
-    assert dot(x, x) == pytest.approx(float((x.double() ** 2).sum()))
+    sums = {"ab": fixed_dot(z, x), "aa": fixed_dot(z, z), "bb": fixed_dot(x, x)}
+    assert similarity_from_sums(sums, "cosine") == 0.0
+    assert fixed_dot(x, x) == pytest.approx(float((x.double() ** 2).sum()))

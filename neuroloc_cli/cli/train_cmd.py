@@ -115,7 +115,7 @@ def train(
     ] = False,
     log: Annotated[Optional[Path], typer.Option("--log", help="JSONL log file [RUN_DIR/log.jsonl].", rich_help_panel=_RUN)] = None,
     out_dtype: Annotated[
-        Optional[str], typer.Option("--out-dtype", help="Output dtype [each input tensor's].", rich_help_panel=_RUN)
+        Optional[str], typer.Option("--out-dtype", help="Output dtype \\[each input tensor's].", rich_help_panel=_RUN)
     ] = None,
     max_shard_size: Annotated[
         Optional[str], typer.Option("--max-shard-size", help="Output shard size cap [5GB].", rich_help_panel=_RUN)

@@ -188,7 +188,9 @@ def load_tasks(manager, request: TaskRequest, include_paths: list[Path], online:
             if is_missing_dataset(e):
                 raise missing_dataset_error(name, e, online) from None
             raise
-        out.top.extend(loaded["groups"].values() if loaded.get("groups") else loaded["tasks"].values())
+        # the requested group alone: its subgroups are inside it, and lm-eval refuses a task twice
+        groups = loaded.get("groups") or {}
+        out.top.extend([groups[name]] if name in groups else groups.values() if groups else loaded["tasks"].values())
         out.leaves.update(loaded["tasks"])
     return out
 

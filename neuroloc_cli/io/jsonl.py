@@ -17,10 +17,13 @@ from neuroloc_cli.errors import InputError
 def records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Each non-blank line of `text` (the contents of `path`) as (line number, JSON object).
 
+    Lines end at `\n` only (a `\r` before it is dropped): `str.splitlines` would also break at
+    U+2028, U+2029 and U+0085, which JSON strings may hold unescaped.
+
     Raises:
         InputError: `FILE:LINE:` a line that is not JSON, or not a JSON object.
     """
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

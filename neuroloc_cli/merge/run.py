@@ -91,7 +91,10 @@ def run_merge(
         nonfinite = _stream(plan, writer, seed, on_tensor, prepared)
         if nonfinite:  # neuroloc.json is written as the block ends
             provenance["nonfinite_tensors"] = nonfinite
-    warnings = [f"tensor {name}: {n} NaN or inf value(s) in the output (its inputs hold them)" for name, n in nonfinite.items()]
+    warnings = [
+        f"tensor {name}: {n} NaN or inf value(s) in the output (from the inputs, or overflow in the output dtype)"
+        for name, n in nonfinite.items()
+    ]
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start, warnings)
 
 

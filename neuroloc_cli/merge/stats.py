@@ -49,14 +49,15 @@ def statistics_pass(plan: MergePlan) -> Prepared | None:
     if not method.statistics:
         return None
     assert method.select is not None  # merge_method requires one with statistics
-    sums, numel, params = BlockSums(), {}, {}
-    for step, _, (base, tensors, _) in stream_inputs(plan, [s for s in plan.steps if s.merge], blocks=True):
-        whole, per_model = plan.resolver.at(step.name, step.t)
+    steps = [s for s in plan.steps if s.merge]
+    resolved = {s.name: plan.resolver.at(s.name, s.t) for s in steps}
+    sums = BlockSums()
+    for step, _, (base, tensors, _) in stream_inputs(plan, steps, blocks=True):
+        whole, per_model = resolved[step.name]
         for stat in method.statistics:
             sums.add(step.name, stat.name, float(method(base, tensors, whole, per_model, roles=plan.roles, fn=stat.fn)))
-        numel[step.name] = numel.get(step.name, 0) + base.numel()
-        params[step.name] = whole
-    return method.select(TensorStatistics(sums.totals(), numel, params))
+    numel = {s.name: math.prod(s.out.shape) for s in steps}
+    return method.select(TensorStatistics(sums.totals(), numel, {name: whole for name, (whole, _) in resolved.items()}))
 
 
 def rank_deltas(a: Path, b: Path, base: Path | None = None, metric: str = "dot") -> list[TensorScore]:

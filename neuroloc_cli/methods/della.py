@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from neuroloc_cli.methods.gta import Family
-from neuroloc_cli.ops.sparsify import MAGPRUNE
+from neuroloc_cli.ops.sparsify import MAGPRUNE, magprune_fits
 from neuroloc_cli.recipe.params import Param, Scalar
 
 EPSILON = Param("epsilon", default=0.15, per_model=True, low=0.0, high=1.0, help="spread of keep probabilities around density")
@@ -16,7 +16,7 @@ def _probabilities_fit(whole: Mapping[str, Scalar], per_model: Sequence[Mapping[
     for every model whose density does not keep or drop everything."""
     for m in per_model:
         d, e = float(m["density"]), float(m["epsilon"])
-        if 0 < d < 1 and not (0 < d - e and d + e < 1):
+        if 0 < d < 1 and not magprune_fits(d, e):
             return f"density ± epsilon must lie in (0, 1), got density {d:g}, epsilon {e:g} (lower epsilon)"
     return None
 

@@ -32,7 +32,7 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     base (mergekit would write inf/NaN).
     """
     shape = base.shape
-    if filter_wise and base.dim() >= 2:  # row sums: PyTorch gives each row to one thread
+    if filter_wise and base.dim() >= 2 and base.shape[0] > 1:  # row sums: PyTorch gives each row to one thread
         view = lambda w: w  # noqa: E731
         dot = lambda x, y: (x * y).sum(dim=-1)  # noqa: E731
     else:  # one sum over the whole tensor, in a fixed order (`ops.sums`)

@@ -9,28 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from neuroloc_cli.arch import layer_index, tensor_kind
-from neuroloc_cli.ops.sums import fixed_dot
 
 METRICS = ("dot", "cosine")
-
-
-def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """⟨a, b⟩ of the flattened tensors, in float64, the same at any thread count."""
-    return fixed_dot(a, b)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """⟨a, b⟩ / (‖a‖·‖b‖); 0 when either is all zeros (no direction to compare)."""
-    norms = (fixed_dot(a, a) * fixed_dot(b, b)) ** 0.5
-    return fixed_dot(a, b) / norms if norms else 0.0
-
-
-def similarity(a: torch.Tensor, b: torch.Tensor, metric: str = "dot") -> float:
-    """`dot` or `cosine` similarity of two tensors of one shape."""
-    return dot(a, b) if metric == "dot" else cosine(a, b)
 
 
 def similarity_from_sums(sums: dict[str, float], metric: str) -> float:

@@ -149,6 +149,11 @@ RANDOM = Sparsifier("random", _random, _random_reference, random=True)
 """DARE's drop: each element kept with probability `density`."""
 
 
+def magprune_fits(density: float, epsilon: float) -> bool:
+    """Whether MagPrune's keep probabilities `density ± epsilon` lie in (0, 1) (mergekit's rule)."""
+    return 0 < density - epsilon and density + epsilon < 1
+
+
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune keep probabilities: within each row (a 1-D tensor is one row), the
     element of rank r (ascending magnitude, 0-based, of m; equal magnitudes by position) is
@@ -158,7 +163,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     Raises:
         ValueError: density ± epsilon leaves (0, 1) (mergekit's rule).
     """
-    if not (0 < density - epsilon and density + epsilon < 1):
+    if not magprune_fits(density, epsilon):
         raise ValueError(f"della: density ± epsilon must lie in (0, 1), got density {density:g}, epsilon {epsilon:g}")
     m = reference.row_length(delta.shape)
     if m <= 1 or delta.numel() == 0:  # one element a row, or none at all

@@ -62,12 +62,12 @@ class Param:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"must be a number, got {v!r}"
         if self.low is not None and v < self.low or self.high is not None and v > self.high:
-            return f"must be in [{_fmt(self.low)}, {_fmt(self.high)}], got {v}"
+            return f"must be in [{_fmt(self.low, '-inf')}, {_fmt(self.high, 'inf')}], got {v}"
         return None
 
 
-def _fmt(x: float | None) -> str:
-    return "-inf" if x is None else f"{x:g}"
+def _fmt(x: float | None, unbounded: str) -> str:
+    return unbounded if x is None else f"{x:g}"
 
 
 def check_value(value: Any, param: Param, where: str) -> list[str]:

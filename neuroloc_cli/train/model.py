@@ -12,6 +12,8 @@ and the LM head). Masks, selections and written shards all use checkpoint names.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,10 +33,8 @@ def load_model(path: Path, *, device: torch.device | str = "cpu", dtype: torch.d
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is on stderr; one is enough
-    try:
+    with _model_errors(path):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as e:  # transformers' many error types: unknown architecture, bad config
-        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
     return model.to(device)
 
 
@@ -43,8 +43,17 @@ def model_skeleton(path: Path) -> nn.Module:
     ties, without reading a weight or allocating memory (what `--dry-run` plans from)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with _model_errors(path), torch.device("meta"):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+
+
+@contextmanager
+def _model_errors(path: Path) -> Iterator[None]:
+    """transformers' many error types (unknown architecture, bad config) as one input error line."""
+    try:
+        yield
+    except Exception as e:
+        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def parameter_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:

@@ -83,7 +83,7 @@ class MaskedCPTRecipe:
     def __init__(self, config: TrainConfig, on_event: Callable[[Event], None] | None = None):
         self.cfg = config
         self.output = Path(config.output or "neuroloc-train-out")  # only --dry-run may omit it
-        self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(self.output)
+        self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(self.output.absolute())
         # Our own hidden folder is removed once the output is written; a --run-dir is the user's.
         self.remove_run_dir = config.run_dir is None and not config.keep_state
         self.log = EventLog(Path(config.log) if config.log else self.run_dir / "log.jsonl", on_event)
