@@ -27,7 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # collects; a run of the suite writes nothing into the checkout.
     from hypothesis.configuration import set_hypothesis_home_dir
 
-    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="neuroloc-hypothesis-"))  # small enough that every tiny model is split into several shards
+    set_hypothesis_home_dir(
+        tempfile.mkdtemp(prefix="neuroloc-hypothesis-")
+    )  # small enough that every tiny model is split into several shards
 
 
 @dataclass(frozen=True)

@@ -85,3 +85,19 @@ def test_a_mask_of_another_model_is_refused(zoo, cli, tmp_path, region):
     _, mask, _ = region
     r = cli("ablate", zoo.get("gpt2").base, mask, "-o", tmp_path / "out")
     assert r.exit_code == 3 and "mask tensor" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_dry_run_needs_no_output_and_a_run_does(cli, tmp_path, region):
+    fam, mask, _ = region
+    r = cli("ablate", fam.base, mask, "--dry-run", "--json")
+    assert r.exit_code == 0 and r.json()["method"] == "ablate_zero", r.stderr
+    r = cli("ablate", fam.base, mask)
+    assert r.exit_code == 2 and r.stderr.startswith("error: ablate needs an output folder")
+
+
+def test_an_ablation_recipe_without_a_mask_is_refused(cli, tmp_path, region):
+    fam, _, _ = region
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ablate_zero\nbase_model: {fam.base}\n")
+    r = cli("recipe", "validate", recipe)
+    assert r.exit_code == 2 and "mask: ablate_zero ablates a region" in r.stderr

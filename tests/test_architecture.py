@@ -29,7 +29,9 @@ def _imports(file: Path) -> set[str]:
     """The top-level neuroloc packages a file imports (`neuroloc_cli.X...` → X)."""
     found = set()
     for node in ast.walk(ast.parse(file.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("neuroloc_cli"):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.add(f"(relative import in {file.name}: write it absolute)")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("neuroloc_cli"):
             names = node.module.split(".")[1:2] or [a.name for a in node.names]
             found.update(names)
         elif isinstance(node, ast.Import):

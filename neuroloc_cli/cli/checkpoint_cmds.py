@@ -68,7 +68,7 @@ def delta(
 def ablate(
     model: ModelArg,
     mask: Annotated[Path, typer.Argument(help="The region: a mask file (.safetensors, written by `neuroloc locate`).", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (appears atomically).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="zero (remove), mean (the tensor's mean) or noise (add Gaussian noise).")] = "zero",
     scale: Annotated[
         Optional[float], typer.Option("--scale", help="With --mode noise: noise std in units of the tensor's std [1.0].")
@@ -81,13 +81,16 @@ def ablate(
 ) -> None:
     """Remove or perturb a region of MODEL: inside MASK the weights are zeroed, set to the mean
     or perturbed; outside it they stay bit for bit (the linguistic-regions damage study)."""
+    from neuroloc_cli.errors import UsageError
     from neuroloc_cli.merge.plan import plan_ablation
     from neuroloc_cli.merge.run import run_merge
 
     plan = plan_ablation(model, mask, mode, scale)
     if dry_run:
-        render.merge_plan(plan, as_json)
+        render.merge_plan(plan, as_json, what="ablation")
         return
+    if output is None:
+        raise UsageError("ablate needs an output folder", hint="pass -o OUT_DIR, or --dry-run to only check the model and mask")
     shard_bytes = shard_size_option(max_shard_size)
     with render.progress(f"ablate ({mode})", len(plan.steps)) as advance:
         result = run_merge(

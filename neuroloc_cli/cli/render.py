@@ -70,7 +70,7 @@ def progress(description: str, total: int) -> Iterator[Any]:
 
 
 def merge_result(result: Any, as_json: bool) -> None:
-    """What `merge` and `delta` print about the checkpoint they wrote (a `MergeResult`)."""
+    """What `merge`, `delta` and `ablate` print about the checkpoint they wrote (a `MergeResult`)."""
     doc = {
         "output": str(result.path),
         "tensors": result.tensors,
@@ -89,8 +89,8 @@ def merge_result(result: Any, as_json: bool) -> None:
         )
 
 
-def merge_plan(plan: Any, as_json: bool) -> None:
-    """What `recipe validate` and `--dry-run` print about a `MergePlan`."""
+def merge_plan(plan: Any, as_json: bool, what: str = "recipe") -> None:
+    """What `recipe validate` and `--dry-run` print about a `MergePlan` (`what` was checked)."""
     from rich.table import Table
 
     from neuroloc_cli.merge.plan import describe_plan
@@ -109,4 +109,4 @@ def merge_plan(plan: Any, as_json: bool) -> None:
     out().print(table)
     for note in doc["notes"]:
         err().print(f"note: {note}")
-    err().print("[green]recipe is valid[/green]: no tensor data was read, nothing was written")
+    err().print(f"[green]{what} is valid[/green]: no tensor data was read, nothing was written")

@@ -16,8 +16,6 @@ from neuroloc_cli.errors import UsageError
 # lm-eval's HFLM generates this many tokens when a task does not say; translations too.
 DEFAULT_GEN_TOKS = 256
 
-# The config.json keys that hold a context length, in the order lm-eval reads them.
-
 
 def fitting_gen_toks(positions: int | None) -> int | None:
     """The most tokens a default generation may take: half the model's positions (None: no limit known)."""

@@ -86,7 +86,9 @@ def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool
     """Yield a temporary folder that becomes `target` only if the block succeeds.
 
     Raises:
-        OutputError: see `check_output_path`, or the parent folder cannot be created.
+        OutputError: see `check_output_path`; the parent folder cannot be created; or the
+            block fails to write (a full disk or quota, a read-only folder, any error on a file
+            inside the temporary folder). Other errors pass through, the folder removed.
     """
     check_output_path(target, inputs, overwrite)
     try:

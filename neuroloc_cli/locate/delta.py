@@ -71,7 +71,7 @@ def locate_delta(
         The mask, listing every tensor that was ranked (selected or not).
 
     Raises:
-        UsageError: a bad share, granularity or scope.
+        UsageError: a bad share, granularity or scope, or filters that leave no tensor.
         InputError: unreadable checkpoints, missing or mismatched tensors, no MLP for ffn.
     """
     if not 0 < top <= 1:

@@ -57,7 +57,8 @@ def combine(op: str, a: Mask, b: Mask, a_name: str = "A", b_name: str = "B") -> 
         the inputs' when they share it and no entry had to be expanded, else `element`.
 
     Raises:
-        InputError: a tensor has different shapes in the two masks.
+        InputError: the masks were made for models of different layouts, or a tensor has
+            different shapes in the two (`check_compatible`).
     """
     check_compatible(a, b, a_name, b_name)
     fn = SET_OPS[op]
@@ -115,7 +116,8 @@ def overlap(a: Mask, b: Mask, a_name: str = "A", b_name: str = "B") -> tuple[lis
     """Jaccard overlap in selected elements, per tensor (every tensor either lists) and overall.
 
     Raises:
-        InputError: a tensor has different shapes in the two masks.
+        InputError: the masks were made for models of different layouts, or a tensor has
+            different shapes in the two (`check_compatible`).
     """
     check_compatible(a, b, a_name, b_name)
     names = list(a.entries) + [n for n in b.entries if n not in a.entries]

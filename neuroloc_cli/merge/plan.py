@@ -326,6 +326,8 @@ def plan_ablation(model: Path, mask: Path, mode: str, scale: float | None = None
 
     Raises:
         UsageError: an unknown mode, or `scale` without `noise`.
+        InputError: the model folder is missing.
+        RecipeError: the model or mask cannot be used (as for any recipe).
     """
     from neuroloc_cli.io.checkpoint import check_model_folder
     from neuroloc_cli.methods.ablate import MODES

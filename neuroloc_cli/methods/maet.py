@@ -11,7 +11,7 @@ Recipe shape:
 The functions take their inputs by role: `ability` (ability.model), `language_model`
 (ability.language_model) and `languages` (languages[i].model, with `weight` one per language).
 The engine's statistics pass computes `S(τ) = ⟨R(A)[τ], R_Lang[τ]⟩` per floating tensor
-(`ALIGNMENT`); `select_tensors` sorts descending and puts the last `floor(k2 · N)` tensors
+(`ALIGNMENT`); `select_tensors` sorts descending and puts the last `share_count(k2, N)` = `int(k2 · N)` tensors
 into T (floor: the paper's Table 3 shares are counts out of 232 = ⌊0.8 · 291⌋ tensors of
 Llama-3 8B), then keeps those whose `transfer` parameter is true (Table 3's restriction of T
 to tensor kinds, written with filters). The merge pass (`maet`) then merges each tensor.

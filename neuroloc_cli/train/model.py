@@ -1,8 +1,9 @@
 """A checkpoint folder as a transformers causal LM, and the map between their tensor names.
 
-Nothing here is about training: any command that runs a checkpoint's model — to train it, or
-to score text with it — loads it with `load_model` (or `model_skeleton`, for names and shapes
-only) and reaches its parameters by checkpoint name through `parameter_names`.
+Nothing here is about training, though training is its only user today (eval loads models
+through lm-eval's HFLM): a command that runs a checkpoint's model loads it with `load_model`
+(or `model_skeleton`, for names and shapes only) and reaches its parameters by checkpoint
+name through `parameter_names`.
 
 Why a map is needed: a checkpoint names its tensors as `save_pretrained` wrote them, and the
 module built from it may name the same parameter differently (a GPT-2 checkpoint saved
