@@ -17,7 +17,12 @@ Exit codes (stable, documented in the README):
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable, Sequence
+
+# OS errors that are the output's fault wherever they are met (exit 4, not a bug): a full
+# disk or quota, a file too large for the file system, a read-only file system.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class NeurolocError(Exception):

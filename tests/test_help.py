@@ -64,3 +64,14 @@ def test_command_line_usage_errors_are_one_line_and_exit_2(cli, args, message):
     assert r.exit_code == 2
     assert r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stdout == ""
+
+
+def test_the_command_line_imports_no_heavy_library():
+    """`--help` and usage errors must be instant: torch, transformers and lm-eval are imported
+    inside the commands that need them."""
+    import subprocess
+    import sys
+
+    code = "import sys, neuroloc_cli.cli.app; print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'numba') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"

@@ -360,6 +360,8 @@ def test_dry_run_plans_without_writing(zoo, cli, corpus, tmp_path):
     assert doc["valid"] is True
     assert doc["trainable"] == mask.selected
     assert doc["total_steps"] == -(-1000 // (2 * 3 * 32))  # ceil: the smaller limit wins
+    # what AdamW will hold: two fp32 moments per trainable element, a 4-byte step per slice
+    assert doc["optimizer_state_bytes"] == 8 * mask.selected + 4 * len(mask.entries)
     _assert_nothing_written(tmp_path)
 
 

@@ -6,7 +6,6 @@ module registers them. They never import this module, so each can be imported on
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sys
@@ -18,15 +17,12 @@ from typer.core import TyperGroup
 
 from neuroloc_cli import __version__
 from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, eval_cmd, locate_cmds, mask_cmds, merge_cmds, rank_cmd, train_cmd
-from neuroloc_cli.errors import NeurolocError, RecipeError
+from neuroloc_cli.errors import WRITE_ERRNOS, NeurolocError, RecipeError
 
 # Exceptions through which the command-line layer itself reports: `--help` and `--version`
 # (Exit), usage errors of the command line (a missing argument, an unknown option, `--seed
 # abc`), and aborts. They are passed on untouched, so that Typer prints them and exits 0 or 2.
 _CLI_SIGNALS: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort, typer.TyperException)
-
-# A full disk or quota is the output's problem, wherever it is met.
-_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class Terminated(KeyboardInterrupt):
@@ -68,7 +64,7 @@ class _Group(TyperGroup):
                 traceback.print_exc()
             _fail(ctx, [f"error: {line}" for line in (e.lines() if isinstance(e, RecipeError) else [str(e)])], e.exit_code)
         except OSError as e:
-            if e.errno not in _FULL or _debug(ctx):
+            if e.errno not in WRITE_ERRNOS or _debug(ctx):
                 return _bug(ctx, e)
             _fail(ctx, f"error: {e.filename or 'output'}: cannot write ({os.strerror(e.errno)})", 4)
         except Exception as e:  # a bug: say so briefly, show the traceback on request

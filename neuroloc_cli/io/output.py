@@ -9,7 +9,6 @@ that target on the same machine deletes the ones whose process is gone.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from neuroloc_cli.errors import OutputError
+from neuroloc_cli.errors import WRITE_ERRNOS, OutputError
 from neuroloc_cli.io.checkpoint import KIND_KEY, PROVENANCE_FILE, Kind
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 
@@ -119,7 +118,7 @@ def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool
 
 def _is_write_error(e: OSError, tmp: Path) -> bool:
     """A full disk or quota, or any failure on a file inside the output's temporary folder."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+    if e.errno in WRITE_ERRNOS:
         return True
     return any(f and tmp in Path(f).parents for f in (e.filename, e.filename2))
 

@@ -140,7 +140,8 @@ class MaskedCPTRecipe:
             "seq_len_default": inputs.seq_len_default,
             "positions": inputs.positions,
             **counts,
-            "optimizer_state_bytes": 8 * counts["optimizer_elements"],
+            # two fp32 moments per element and a step counter per parameter, as AdamW allocates
+            "optimizer_state_bytes": 8 * counts["optimizer_elements"] + 4 * len(plan.trained),
             "data": [c.describe() for c in inputs.corpora],
             "framing": inputs.framing.describe(),
             "warnings": inputs.warnings,
