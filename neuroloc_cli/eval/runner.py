@@ -19,7 +19,7 @@ from neuroloc_cli.eval.results import EvalResult, ModelArtifacts, ModelResult
 from neuroloc_cli.eval.specs import TaskRequest
 from neuroloc_cli.eval.task_names import check_task_names
 from neuroloc_cli.eval.translate import TranslationSettings, check_settings, resolve_template, translate
-from neuroloc_cli.io.checkpoint import model_positions
+from neuroloc_cli.io.checkpoint import check_tokenizer_files, model_positions
 from neuroloc_cli.io.format import DTYPE_NAMES
 
 DTYPES = ("auto", *DTYPE_NAMES)  # "auto": as stored
@@ -141,7 +141,6 @@ def check_request(request: EvalRequest) -> tuple[list[ModelToEvaluate], list[dic
 
 def _open_model(path: Path, label: str) -> ModelToEvaluate:
     from neuroloc_cli.io.checkpoint import Checkpoint
-    from neuroloc_cli.train.data import check_tokenizer_files
 
     with Checkpoint.open(path, spec=str(path)) as checkpoint:
         model = ModelToEvaluate(path, label, checkpoint.fingerprint, model_positions(checkpoint.config))

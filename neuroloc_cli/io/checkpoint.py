@@ -70,6 +70,29 @@ def check_model_folder(path: Path, spec: str | None = None) -> None:
     raise InputError(f"{path}: no such folder")
 
 
+# Files that hold a tokenizer's vocabulary (fast tokenizers, SentencePiece, BPE, tiktoken).
+_VOCABULARY_FILES = ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")
+
+
+def check_tokenizer_files(model: Path) -> None:
+    """Refuse a model folder without tokenizer files, or with a tokenizer config but no vocabulary,
+    before any weights load (transformers' own error for these spans several lines).
+
+    Raises:
+        InputError: naming the folder and the files it lacks.
+    """
+    if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise InputError(
+            f"{model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder",
+            hint="copy the base model's tokenizer files into it",
+        )
+    if not any(any(model.glob(pattern)) for pattern in _VOCABULARY_FILES):
+        raise InputError(
+            f"{model}: tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder",
+            hint="copy the base model's tokenizer files into it",
+        )
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder: its tensors (from headers), config and metadata.

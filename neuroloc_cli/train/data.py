@@ -32,6 +32,7 @@ import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.io import jsonl
+from neuroloc_cli.io.checkpoint import check_tokenizer_files
 from neuroloc_cli.train.config import DataSource
 from neuroloc_cli.train.rng import derive_seed
 
@@ -49,7 +50,6 @@ _MANY_LINES = 20
 
 # Files a tokenizer's vocabulary is read from: fast (tokenizer.json), SentencePiece (*.model),
 # BPE/WordPiece (vocab.json, vocab.txt) and tiktoken ones.
-_VOCABULARY_FILES = ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")
 
 
 @dataclass
@@ -134,25 +134,6 @@ def load_tokenizer(model: Path) -> Any:
             f"{model}: cannot load the tokenizer ({type(e).__name__}: {reason})",
             hint="copy all of the base model's tokenizer files into the folder",
         ) from None
-
-
-def check_tokenizer_files(model: Path) -> None:
-    """Refuse a model folder without tokenizer files, or with a tokenizer config but no vocabulary,
-    before any weights load (transformers' own error for these spans several lines).
-
-    Raises:
-        InputError: naming the folder and the files it lacks.
-    """
-    if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
-        raise InputError(
-            f"{model}: no tokenizer (tokenizer.json or tokenizer_config.json) in the model folder",
-            hint="copy the base model's tokenizer files into it",
-        )
-    if not any(any(model.glob(pattern)) for pattern in _VOCABULARY_FILES):
-        raise InputError(
-            f"{model}: tokenizer_config.json but no vocabulary (tokenizer.json, tokenizer.model or vocab.json) in the model folder",
-            hint="copy the base model's tokenizer files into it",
-        )
 
 
 def load_corpora(sources: list[DataSource], tokenizer: Any, framing: Framing, seq_len: int, eval_share: float) -> list[Corpus]:
