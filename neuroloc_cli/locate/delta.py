@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from neuroloc_cli.arch import NameFilter
+from neuroloc_cli.arch import NameFilter, in_blocks
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
 from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_units
-from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
+from neuroloc_cli.locate.units import UnitGroup, element_tensors, every_tensor, ffn_groups, row_groups
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
 from neuroloc_cli.ops.sparsify import share_count
 
@@ -80,7 +80,7 @@ def locate_delta(
         raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if scope not in SCOPES:
         raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    keep = NameFilter.of(include, exclude, (ROW_DEFAULT if granularity == "row" else BLOCKS).default)
+    keep = NameFilter.of(include, exclude, every_tensor if granularity == "row" else in_blocks)
     deltas = _Deltas(base, tuned)
     provenance = {
         "locator": "delta",

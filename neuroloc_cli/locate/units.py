@@ -75,6 +75,7 @@ def every_tensor(name: str) -> bool:
     return True
 
 
+# The selections without --include / --exclude.
 ROW_DEFAULT = NameFilter(default=every_tensor)
 BLOCKS = NameFilter(default=in_blocks)
 

@@ -126,8 +126,11 @@ class EventLog:
         half-written. Returns the events kept, oldest first; none when there is no log."""
         if not self.path.is_file():
             return []
+        from neuroloc_cli.io.output import atomic_file  # lazily: the command line imports this module
+
         kept = [(line, event) for line in self.path.read_text().splitlines() if (event := _parse(line)) and event.step <= step]
-        self.path.write_text("".join(line + "\n" for line, _ in kept))
+        with atomic_file(self.path, "training log") as tmp:  # a kill mid-rewrite keeps the old log
+            tmp.write_text("".join(line + "\n" for line, _ in kept))
         return [event for _, event in kept]
 
 

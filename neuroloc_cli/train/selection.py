@@ -26,6 +26,7 @@ example).
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,9 +58,9 @@ class SelectionPlan:
 
     def counts(self) -> dict[str, int]:
         """Trainable and frozen element counts, and the elements the optimizer holds state for."""
-        numel = {n: _numel(s) for n, s in self.shapes.items()}
+        numel = {n: math.prod(s) for n, s in self.shapes.items()}
         total = sum(numel.values())
-        split = sum(_numel(self.shapes[n]) // self.shapes[n][a] * len(i) for n, (a, i) in self.split.items())
+        split = sum(math.prod(self.shapes[n]) // self.shapes[n][a] * len(i) for n, (a, i) in self.split.items())
         masked = sum(numel[n] - int(f.sum()) for n, f in self.masked.items())
         whole = sum(numel[n] for n in self.whole)
         trainable = whole + split + masked
@@ -130,13 +131,6 @@ def _match_globs(names: list[str], globs: list[str] | tuple[str, ...]) -> set[st
             )
         matched |= hits
     return matched
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass
