@@ -1,4 +1,5 @@
-"""`neuroloc locate delta` (MAET Eq. 1) and `neuroloc locate list`."""
+"""`neuroloc locate delta` (MAET Eq. 1), `neuroloc locate gradient` (linguistic regions) and
+`neuroloc locate list`."""
 
 from __future__ import annotations
 
@@ -67,6 +68,94 @@ def _render_saved(path: Path, stats: dict, provenance: dict, as_json: bool) -> N
         f"wrote [bold]{path}[/bold]: {doc['granularity']} mask, {doc['selected_units']} of {doc['units']} units, "
         f"{render.human_count(doc['selected'])} of {render.human_count(doc['total'])} elements ({100 * doc['share']:.2f} %)"
     )
+
+
+@locate_app.command("gradient")
+def gradient(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder (with its tokenizer).", show_default=False)],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="LANG=PATH: one language's corpus (.txt, .jsonl or a folder); repeatable, at least 2.", show_default=False
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: importance, masks, summary.json.")],
+    top: Annotated[float, typer.Option("--top", help="Share of each tensor's elements a region keeps (the paper: 0.01).")] = 0.01,
+    samples: Annotated[int, typer.Option("--samples", help="Packed rows scored per language.")] = 64,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option("--seq-len", help="Tokens per row. Default: the smaller of 512 and the model's positions.", show_default=False),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per backward pass.")] = 8,
+    abs_per_batch: Annotated[
+        bool, typer.Option("--abs-per-batch", help="Importance sum_b |g_b * theta| instead of |sum_b g_b * theta| (the paper's code).")
+    ] = False,
+    score: Annotated[str, typer.Option("--score", help="taylor: gradient times weight; fisher: sum_b g_b^2.")] = "taylor",
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--include",
+            help="Score only tensors matching this glob or substring (repeatable). Default: the transformer blocks.",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", help="Leave out tensors matching this glob or substring (repeatable).", show_default=False),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random control mask.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find core and monolingual regions from per-language gradients (linguistic regions)."""
+    from neuroloc_cli.arch import NameFilter
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.io.output import check_output_path
+    from neuroloc_cli.locate import LOCATORS
+    from neuroloc_cli.train.importance import parse_languages, score_languages
+
+    if score not in ("taylor", "fisher"):
+        raise UsageError(f"--score must be taylor or fisher, got {score!r}")
+    if score == "fisher" and abs_per_batch:
+        raise UsageError("--abs-per-batch applies to --score taylor only (a Fisher score is a sum of squares already)")
+    if not 0 < top <= 1:
+        raise UsageError(f"--top must be a share in (0, 1], got {top}", hint="e.g. --top 0.01 for 1 %")
+    languages = parse_languages(data)
+    inputs = [model, *(lang.path for lang in languages)]
+    check_output_path(output, inputs, overwrite)
+    order = "fisher" if score == "fisher" else ("abs" if abs_per_batch else "signed")
+    scores = score_languages(
+        model, languages, keep=NameFilter.of(include, exclude), samples=samples, seq_len=seq_len, batch_size=batch_size, score=order
+    )
+    provenance = {"model": str(model.resolve()), "model_fingerprint": scores.fingerprint, **scores.settings}
+    provenance["tensors"] = NameFilter.of(include, exclude).describe()
+    regions = LOCATORS.get("gradient").fn(
+        {s.language: s.tensors for s in scores.languages},
+        top=top,
+        seed=seed,
+        provenance=provenance,
+        shapes=scores.shapes,
+        languages={s.language: s.describe() for s in scores.languages},
+    )
+    regions.save(output, inputs, overwrite)
+    _render_regions(output, regions.summary, as_json)
+
+
+def _render_regions(path: Path, summary: dict, as_json: bool) -> None:
+    doc = {"output": str(path), **summary}
+    if as_json:
+        render.print_json(doc)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{path}: regions of {render.human_count(summary['elements'])} elements in {summary['tensors']} tensors")
+    for col in ("mask", "selected", "share"):
+        table.add_column(col)
+    for stem, m in summary["masks"].items():
+        table.add_row(stem, render.human_count(m["selected"]), f"{100 * m['share']:.3f} %")
+    render.out().print(table)
+    for pair, j in summary["jaccard"].items():
+        render.out().print(f"Jaccard of the top sets {pair}: {j:.3f}")
 
 
 @locate_app.command("list")

@@ -15,4 +15,5 @@ top to bottom. Each other job has a module of its own, in the order a run uses t
     events.py       what a run reports, and its JSONL log
     state.py        periodic checkpoints, and resuming from them
     export.py       the trained checkpoint and its provenance
+    importance.py   per-language gradient importance for `locate gradient` (no training step)
 """
