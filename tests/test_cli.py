@@ -293,3 +293,17 @@ def test_truncated_shard_in_a_merge_is_refused_before_writing(zoo, cli, tmp_path
 def test_delta_with_missing_folder(zoo, cli, tmp_path):
     r = cli("delta", zoo.get("llama").base, tmp_path / "nope", "-o", tmp_path / "d")
     assert r.exit_code == 3 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder"
+
+
+def test_demo_overwrite_deletes_only_a_folder_the_demo_made(cli, tmp_path):
+    """`neuroloc demo . --overwrite` must not wipe the folder a user happens to stand in."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    r = cli("demo", mine, "--overwrite")
+    assert r.exit_code == 4 and "not a folder neuroloc demo made" in r.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert cli("demo", tmp_path / "ex").exit_code == 0
+    assert cli("demo", tmp_path / "ex").exit_code == 4  # exists, no --overwrite
+    r = cli("demo", tmp_path / "ex", "--overwrite")
+    assert r.exit_code == 0 and (tmp_path / "ex" / "merged" / "neuroloc.json").is_file()

@@ -9,6 +9,8 @@ import typer
 
 from neuroloc_cli.cli import render
 
+_MARKER = ".neuroloc-demo"
+
 _RECIPE = """\
 # Written by `neuroloc demo`: task arithmetic of two tiny "fine-tunes" onto their base.
 merge_method: task_arithmetic
@@ -47,16 +49,26 @@ def demo(
     if folder.exists():
         if not overwrite:
             raise OutputError(f"{folder}: already exists", hint="pass --overwrite, or give another folder")
+        if not (folder / _MARKER).is_file():  # --overwrite deletes the folder: only one the demo made
+            raise OutputError(
+                f"{folder}: not a folder neuroloc demo made (no {_MARKER} in it); refusing to delete it", hint="give another folder"
+            )
         shutil.rmtree(folder)
     log = render.err()
     log.print(f"building tiny checkpoints in {folder}/ (base, math, spanish)")
-    build_checkpoint(tiny_config("llama", layers=4, hidden=128), folder / "base", seed=0, dtype=torch.bfloat16, max_shard_bytes=200_000)
-    derive_finetune(folder / "base", folder / "math", seed=1)
-    derive_finetune(folder / "base", folder / "spanish", seed=2)
-    (folder / "recipe.yaml").write_text(_RECIPE)
-    plan = build_plan(parse_recipe(_RECIPE, str(folder / "recipe.yaml")), folder, str(folder / "recipe.yaml"))
-    with render.progress("task_arithmetic", len(plan.steps)) as advance:
-        result = run_merge(plan, folder / "merged", on_tensor=lambda _: advance())
+    try:
+        folder.mkdir(parents=True)
+        (folder / _MARKER).write_text("made by `neuroloc demo`; `neuroloc demo --overwrite` may delete this folder\n")
+        build_checkpoint(tiny_config("llama", layers=4, hidden=128), folder / "base", seed=0, dtype=torch.bfloat16, max_shard_bytes=200_000)
+        derive_finetune(folder / "base", folder / "math", seed=1)
+        derive_finetune(folder / "base", folder / "spanish", seed=2)
+        (folder / "recipe.yaml").write_text(_RECIPE)
+        plan = build_plan(parse_recipe(_RECIPE, str(folder / "recipe.yaml")), folder, str(folder / "recipe.yaml"))
+        with render.progress("task_arithmetic", len(plan.steps)) as advance:
+            result = run_merge(plan, folder / "merged", on_tensor=lambda _: advance())
+    except BaseException:  # nothing half-built is left behind (errors, Ctrl-C, SIGTERM)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     render.out().print(
         f"merged {result.tensors} tensors into [bold]{result.path}[/bold] in {result.seconds:.2f}s\n"
         f"next: neuroloc inspect {result.path}    ·    neuroloc recipe validate {folder / 'recipe.yaml'}"
