@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuroloc_cli.ops.blockwise import l1_rescale_factor
-
 # splitmix64's increment and multipliers (Steele, Lea & Flood 2014)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -112,7 +110,8 @@ def merge(
         normalize: divide by the weights of the agreeing models (0 → 1), or without
             consensus by `Σ w_i` (below 1e-8 in magnitude → 1).
         rescale: multiply survivors by `1 / p` (`paper_rescale`, for a random draw), or else
-            by the one factor that restores the task vector's L1 norm (`l1_rescale_factor`).
+            by the one factor that restores the task vector's L1 norm (none below an L1 norm of 1e-7,
+            mergekit's rule; written out here, not taken from the fused path).
         lambda_: the scale of the mixed task vector.
 
     Returns:
@@ -128,7 +127,8 @@ def merge(
         if rescale and paper_rescale and k.p is not None:
             survivors = survivors / torch.as_tensor(k.p, dtype=work)
         elif rescale:
-            survivors = survivors * l1_rescale_factor(float(delta.double().abs().sum()), float(survivors.double().abs().sum()))
+            before, after = float(delta.double().abs().sum()), float(survivors.double().abs().sum())
+            survivors = survivors * (before / after if before >= 1e-7 and after >= 1e-7 else 1.0)
         weighted.append(w * survivors)
     stack = torch.stack(weighted)
     w = torch.tensor(list(weights), dtype=work).reshape(-1, *[1] * b.dim())
