@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from neuroloc_cli.errors import InputError, RecipeError
+from neuroloc_cli.runtime.data import framing_of, load_tokenizer, read_documents
 from neuroloc_cli.train.config import DataSource, build_config, parse_data_spec
-from neuroloc_cli.train.data import Corpus, MixtureSampler, framing_of, load_corpora, load_tokenizer, read_documents
+from neuroloc_cli.train.data import Corpus, MixtureSampler, load_corpora
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("train-*.yaml"))
 
@@ -161,7 +162,7 @@ def test_linguistic_regions_recipe_has_public_settings():
 
 
 def test_crlf_text_still_splits_documents_at_blank_lines(tmp_path):
-    from neuroloc_cli.train.data import read_documents
+    from neuroloc_cli.runtime.data import read_documents
 
     f = tmp_path / "c.txt"
     f.write_bytes(b"doc one line\r\n\r\ndoc two line\r\n\r\ndoc three\r\n")

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from neuroloc_cli.errors import RecipeError
+from neuroloc_cli.runtime.data import IGNORE, framing_of, load_tokenizer, read_documents
 from neuroloc_cli.synthetic import SENTENCES
 from neuroloc_cli.train.config import DataSource, build_config
-from neuroloc_cli.train.data import IGNORE, framing_of, load_corpora, load_tokenizer, read_documents
+from neuroloc_cli.train.data import load_corpora
 from neuroloc_cli.train.events import StepEvent
 from neuroloc_cli.train.run import run_training
 from neuroloc_cli.train.state import default_run_dir

@@ -89,7 +89,8 @@ def test_full_cpt_loss_falls_and_writes_hf_checkpoint(zoo, cli, corpus, tmp_path
     assert doc["counts"]["frozen"] == 0 and doc["counts"]["trainable"] == doc["counts"]["parameters"]
     # The loss on the training data falls, computed here with transformers, independently.
     recipe = MaskedCPTRecipe(_config(base, corpus, tmp_path / "unused"))
-    from neuroloc_cli.train.data import framing_of, load_corpora, load_tokenizer
+    from neuroloc_cli.runtime.data import framing_of, load_tokenizer
+    from neuroloc_cli.train.data import load_corpora
 
     tokenizer = load_tokenizer(base)
     [c] = load_corpora(recipe.cfg.data, tokenizer, framing_of(tokenizer, "packed", "paragraph"), 32, 0.1)

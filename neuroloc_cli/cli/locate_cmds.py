@@ -81,7 +81,13 @@ def gradient(
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: importance, masks, summary.json.")],
     top: Annotated[float, typer.Option("--top", help="Share of each tensor's elements a region keeps (the paper: 0.01).")] = 0.01,
-    samples: Annotated[int, typer.Option("--samples", help="Packed rows scored per language.")] = 64,
+    samples: Annotated[
+        Optional[int], typer.Option("--samples", help="Packed rows scored per language. Default: 64.", show_default=False)
+    ] = None,
+    max_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max-tokens", help="Tokens scored per language instead of --samples (whole rows).", show_default=False),
+    ] = None,
     seq_len: Annotated[
         Optional[int],
         typer.Option("--seq-len", help="Tokens per row. Default: the smaller of 512 and the model's positions.", show_default=False),
@@ -105,14 +111,20 @@ def gradient(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random control mask.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the settings and show what would be scored and the memory it takes; load nothing.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find core and monolingual regions from per-language gradients (linguistic regions)."""
+    """Find core and monolingual regions from per-language gradients (linguistic regions).
+
+    Runs data-parallel under `accelerate launch`: each process scores its share of the
+    batches, and the sums are added once at the end."""
     from neuroloc_cli.arch import NameFilter
     from neuroloc_cli.errors import UsageError
     from neuroloc_cli.io.output import check_output_path
     from neuroloc_cli.locate import LOCATORS
-    from neuroloc_cli.train.importance import parse_languages, score_languages
+    from neuroloc_cli.locate.scoring import parse_languages, plan_scoring, score_languages
 
     if score not in ("taylor", "fisher"):
         raise UsageError(f"--score must be taylor or fisher, got {score!r}")
@@ -124,11 +136,17 @@ def gradient(
     inputs = [model, *(lang.path for lang in languages)]
     check_output_path(output, inputs, overwrite)
     order = "fisher" if score == "fisher" else ("abs" if abs_per_batch else "signed")
-    scores = score_languages(
-        model, languages, keep=NameFilter.of(include, exclude), samples=samples, seq_len=seq_len, batch_size=batch_size, score=order
-    )
+    keep = NameFilter.of(include, exclude)
+    settings = dict(keep=keep, samples=samples, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, score=order)
+    if dry_run:
+        _, plan = plan_scoring(model, languages, **settings)
+        _render_scoring_plan(output, plan.describe(), as_json)
+        return
+    scores = score_languages(model, languages, **settings)
+    if not scores.is_main:
+        return  # under accelerate launch, the first process writes
     provenance = {"model": str(model.resolve()), "model_fingerprint": scores.fingerprint, **scores.settings}
-    provenance["tensors"] = NameFilter.of(include, exclude).describe()
+    provenance["tensors"] = keep.describe()
     regions = LOCATORS.get("gradient").fn(
         {s.language: s.tensors for s in scores.languages},
         top=top,
@@ -139,6 +157,22 @@ def gradient(
     )
     regions.save(output, inputs, overwrite)
     _render_regions(output, regions.summary, as_json)
+
+
+def _render_scoring_plan(path: Path, plan: dict, as_json: bool) -> None:
+    doc = {"output": str(path), "dry_run": True, **plan}
+    if as_json:
+        render.print_json(doc)
+        return
+    mem = plan["memory_bytes"]
+    render.out().print(
+        f"would score {render.human_count(plan['scored_elements'])} elements in {plan['tensors']} tensors on "
+        f"{plan['rows_per_language']} rows of {plan['seq_len']} tokens per language ({', '.join(plan['languages'])}) into {path}"
+    )
+    render.out().print(
+        f"memory: model {render.human_bytes(mem['model'])} + accumulators {render.human_bytes(mem['accumulators'])} + "
+        f"one gradient {render.human_bytes(mem['gradient'])} = {render.human_bytes(mem['total'])}, plus activations"
+    )
 
 
 def _render_regions(path: Path, summary: dict, as_json: bool) -> None:

@@ -1,6 +1,6 @@
 """The `gradient` locator: linguistic regions (Zhang et al. 2024) from per-language importance.
 
-Given each language's element importance (computed by `train.importance`, which runs the
+Given each language's element importance (computed by `locate.scoring`, which runs the
 model; this module only selects), every mask is per tensor, as the paper's code does: a
 tensor of `n` elements keeps `share_count(top, n)` of them.
 
@@ -26,13 +26,15 @@ import torch
 from neuroloc_cli.arch import tensor_kind
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.output import atomic_output_dir
-from neuroloc_cli.io.writer import OutTensor, encode_header, write_tensor_bytes
 from neuroloc_cli.locate.base import locator
 from neuroloc_cli.locate.select import top_units
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry, layout_digest
+from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
 from neuroloc_cli.ops.sparsify import share_count
 
 PAPER = "Zhang et al. 2024, linguistic regions"
+# the scorer's orders as importance files name them
+_SCORE_NAMES = {"signed": "taylor", "abs": "taylor-abs", "fisher": "fisher"}
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Regions:
     masks: dict[str, Mask]
     summary: dict[str, Any]
     importance: dict[str, dict[str, torch.Tensor]]  # language -> tensor name -> fp32
-    importance_metadata: dict[str, dict[str, str]]  # language -> safetensors metadata
+    importance_meta: dict[str, ImportanceMeta]  # language -> what its file records
 
     def save(self, output: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
         """Write the folder atomically: `importance/LANG.safetensors`, one file per mask, and
@@ -55,19 +57,10 @@ class Regions:
         with atomic_output_dir(output, inputs, overwrite) as tmp:
             (tmp / "importance").mkdir()
             for lang, tensors in self.importance.items():
-                _write_tensors(tmp / "importance" / f"{lang}.safetensors", tensors, self.importance_metadata[lang])
+                write_importance(tmp / "importance" / f"{lang}.safetensors", tensors, self.importance_meta[lang])
             for stem, mask in self.masks.items():
                 mask.save(tmp / f"{stem}.safetensors")
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-
-
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    # encode_header fixes the header order, so the same scores always give the same bytes
-    layout = [OutTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    with open(path, "wb") as f:
-        f.write(encode_header(layout, metadata))
-        for t in tensors.values():
-            write_tensor_bytes(f, t)
 
 
 @locator("gradient", paper=PAPER)
@@ -140,13 +133,11 @@ def locate_gradient(
     masks.update({f"top-{lang}": mask(f"top-{lang}", tops[lang], language=lang) for lang in langs})
     masks.update({f"mono-{lang}": mask(f"mono-{lang}", monos[lang], language=lang) for lang in langs})
     summary = _summary(masks, tops, core, names, shape_of, base, languages or {})
-    meta = {}
-    for lang in langs:
-        meta[lang] = {
-            "neuroloc.kind": "importance",
-            "language": lang,
-            "provenance": json.dumps({**base, **dict((languages or {}).get(lang, {}))}, separators=(",", ":"), default=str),
-        }
+    score = str(base.get("score", "signed"))
+    meta = {
+        lang: ImportanceMeta(_SCORE_NAMES.get(score, score), "sum", lang, {**base, **dict((languages or {}).get(lang, {}))})
+        for lang in langs
+    }
     return Regions(masks, summary, {lang: dict(importance[lang]) for lang in langs}, meta)
 
 

@@ -23,7 +23,6 @@ from neuroloc_cli.config_models import Frozen, describe_error, load_yaml
 from neuroloc_cli.errors import RecipeError, UsageError
 from neuroloc_cli.io.format import DtypeName
 
-DEFAULT_SEQ_LEN = 512
 _PATH_KEYS = ("model", "output", "train_mask", "freeze_mask", "run_dir", "log")
 _ARGUMENTS = ("model",)  # command-line arguments, not flags
 
@@ -64,7 +63,7 @@ class TrainConfig(Frozen):
     seed: int = 0
     packing: Literal["packed", "padded"] = "packed"
     """packed: documents joined and cut into rows, no padding; padded: one document per row,
-    padding left out of the loss (see `neuroloc_cli.train.data`)."""
+    padding left out of the loss (see `neuroloc_cli.runtime.data`)."""
     txt_docs: Literal["paragraph", "line"] = "paragraph"
     """Where a .txt document ends: at a blank line, or at every line."""
 

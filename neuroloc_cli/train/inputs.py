@@ -16,8 +16,9 @@ from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
 from neuroloc_cli.io.output import check_output_path
 from neuroloc_cli.io.writer import parse_size
 from neuroloc_cli.masks import Mask
-from neuroloc_cli.train.config import DEFAULT_SEQ_LEN, TrainConfig
-from neuroloc_cli.train.data import Corpus, Framing, framing_of, load_corpora, load_tokenizer
+from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, Framing, framing_of, load_tokenizer
+from neuroloc_cli.train.config import TrainConfig
+from neuroloc_cli.train.data import Corpus, load_corpora
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from neuroloc_cli.train.data import IGNORE, Corpus
-from neuroloc_cli.train.distributed import sum_over_processes
+from neuroloc_cli.runtime.data import IGNORE
+from neuroloc_cli.runtime.distributed import sum_over_processes
+from neuroloc_cli.train.data import Corpus
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -33,14 +33,14 @@ import torch
 
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.format import DTYPE_NAMES
+from neuroloc_cli.runtime.distributed import average_gradients, start_accelerator
+from neuroloc_cli.runtime.model import load_model, model_skeleton, parameter_names
 from neuroloc_cli.train.config import TrainConfig
 from neuroloc_cli.train.data import MixtureSampler
-from neuroloc_cli.train.distributed import average_gradients, start_accelerator
 from neuroloc_cli.train.events import CheckpointEvent, EvalEvent, Event, EventLog, StartEvent, StepEvent
 from neuroloc_cli.train.export import provenance, write_model
 from neuroloc_cli.train.inputs import RunInputs, check_inputs
 from neuroloc_cli.train.loss import held_out_perplexity, scored_targets, summed_nll
-from neuroloc_cli.train.model import load_model, model_skeleton, parameter_names
 from neuroloc_cli.train.optim import adamw, learning_rate, optimizer_state_bytes
 from neuroloc_cli.train.rng import derive_seed
 from neuroloc_cli.train.selection import SelectionPlan, apply_selection, plan_selection

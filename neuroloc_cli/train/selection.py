@@ -18,7 +18,7 @@
    otherwise still move them. Cost: full Adam state for the tensor, plus a BOOL mask
    (1 byte/element) and a copy of the frozen values.
 
-Tensors are named as in the checkpoint (and the mask); `train.model.parameter_names` maps them
+Tensors are named as in the checkpoint (and the mask); `runtime.model.parameter_names` maps them
 to the model's parameter names (GPT-2 checkpoints saved without the `transformer.` prefix, for
 example).
 """
@@ -194,7 +194,7 @@ def apply_selection(model: nn.Module, plan: SelectionPlan, names: dict[str, str]
     Args:
         model: the HF model, fp32, on its device.
         plan: from `plan_selection`.
-        names: from `neuroloc_cli.train.model.parameter_names`.
+        names: from `neuroloc_cli.runtime.model.parameter_names`.
     """
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,14 +1,15 @@
 """A checkpoint folder as a transformers causal LM, and the map between their tensor names.
 
-Nothing here is about training, though training is its only user today (eval loads models
-through lm-eval's HFLM): a command that runs a checkpoint's model loads it with `load_model`
-(or `model_skeleton`, for names and shapes only) and reaches its parameters by checkpoint
-name through `parameter_names`.
+Every command that runs a checkpoint's model loads it here: `train`, the data locators
+(`locate gradient`, `locate lape`) and `eval` (which hands the loaded model to lm-eval) call
+`load_model`, `--dry-run` plans from `model_skeleton` (names and shapes only), and parameters
+are reached by checkpoint name through `parameter_names`.
 
 Why a map is needed: a checkpoint names its tensors as `save_pretrained` wrote them, and the
 module built from it may name the same parameter differently (a GPT-2 checkpoint saved
 without the `transformer.` prefix) or tie two stored names into one parameter (the embedding
-and the LM head). Masks, selections and written shards all use checkpoint names.
+and the LM head). Masks, selections, importance files and written shards all use checkpoint
+names.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from neuroloc_cli.errors import InputError
 from neuroloc_cli.io.checkpoint import Checkpoint
 
 
-def load_model(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_model(path: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """The checkpoint folder's causal LM with its weights, in `dtype` on `device`.
+
+    Args:
+        dtype: a torch dtype, or "auto" for the one the checkpoint's config names.
 
     Raises:
         InputError: transformers cannot build or load it (an unknown architecture, a bad config).

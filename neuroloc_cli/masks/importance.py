@@ -1,0 +1,141 @@
+"""The importance artifact: a score per element of each scored tensor, before anything is selected.
+
+Locating is two steps: a scorer (weight changes, gradients on data, activations) writes an
+importance file; the one selector (`locate.select`) turns importance into a mask. Keeping the
+scores lets a user re-select at another share, granularity or scope without running the
+model again, and lets later commands (data-aware merges) read the scores themselves.
+
+File format (version 1) — a safetensors file:
+
+- one float32 tensor per scored model tensor, under the model tensor's own name and shape;
+  values are non-negative (a larger value matters more);
+- `__metadata__` (strings): `neuroloc.kind` = `importance`, `neuroloc.importance_version` =
+  `1`, `score` (what a value is, e.g. `taylor`, `fisher`, `delta`), `aggregate` (how element
+  scores make the score of a row or FFN neuron: `sum`, or `l2` for the root of the sum of
+  squares), `source` (the data that was scored, e.g. a language; empty for weight changes),
+  `provenance` (JSON: the model, its fingerprint and layout, the data, the settings).
+
+Files are written tensor by tensor (`ImportanceWriter`) and read lazily (`Importance.open`),
+so neither side holds more than one tensor of scores.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from neuroloc_cli.errors import InputError
+from neuroloc_cli.io.output import atomic_file
+from neuroloc_cli.io.writer import OutTensor, encode_header, write_tensor_bytes
+
+IMPORTANCE_VERSION = "1"
+AGGREGATES = ("sum", "l2")
+
+
+@dataclass(frozen=True)
+class ImportanceMeta:
+    """What an importance file scored.
+
+    Attributes:
+        score: what a value is (`taylor`, `taylor-abs`, `fisher`, `delta`, ...).
+        aggregate: how element scores combine into a unit's (one of AGGREGATES).
+        source: the data scored (a language, a pair), or "" for weight changes.
+        provenance: the model, its fingerprint, the data and the settings.
+    """
+
+    score: str
+    aggregate: str
+    source: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {self.aggregate!r} (use {', '.join(AGGREGATES)})")
+
+    def header(self) -> dict[str, str]:
+        return {
+            "neuroloc.kind": "importance",
+            "neuroloc.importance_version": IMPORTANCE_VERSION,
+            "score": self.score,
+            "aggregate": self.aggregate,
+            "source": self.source,
+            "provenance": json.dumps(self.provenance, separators=(",", ":"), default=str),
+        }
+
+
+def write_importance(path: Path, tensors: Mapping[str, torch.Tensor], meta: ImportanceMeta) -> None:
+    """Write an importance file atomically; the same scores always give the same bytes.
+
+    Args:
+        tensors: model tensor name -> scores of its shape (stored as float32).
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    layout = [OutTensor(n, tuple(t.shape), torch.float32) for n, t in tensors.items()]
+    with atomic_file(path, "importance file") as tmp, open(tmp, "wb") as f:
+        f.write(encode_header(layout, meta.header()))
+        for t in tensors.values():
+            write_tensor_bytes(f, t.detach().to("cpu", torch.float32).contiguous())
+
+
+@dataclass
+class Importance:
+    """An importance file opened lazily: names and shapes from its header, scores on `read`."""
+
+    path: Path
+    meta: ImportanceMeta
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def open(cls, path: Path | str) -> Importance:
+        """Read an importance file's header.
+
+        Raises:
+            InputError: the file is missing, not a neuroloc importance file, or damaged.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such importance file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("neuroloc.kind") != "importance":
+                    kind = meta.get("neuroloc.kind")
+                    raise InputError(
+                        f"{path}: not a neuroloc importance file (its kind is {kind!r})"
+                        if kind
+                        else f"{path}: not a neuroloc importance file",
+                        hint="importance files are written by `neuroloc locate ... -o DIR` under DIR/importance/",
+                    )
+                if meta.get("neuroloc.importance_version") != IMPORTANCE_VERSION:
+                    raise InputError(f"{path}: importance format version {meta.get('neuroloc.importance_version')!r} is not supported")
+                shapes = {}
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    if sl.get_dtype() != "F32":
+                        raise InputError(f"{path}: importance tensor {name} is {sl.get_dtype()}, expected F32")
+                    shapes[name] = tuple(sl.get_shape())
+                info = ImportanceMeta(meta["score"], meta["aggregate"], meta.get("source", ""), json.loads(meta.get("provenance", "{}")))
+        except InputError:
+            raise
+        except Exception as e:  # safetensors' and json's own errors, a bad aggregate: a damaged file
+            raise InputError(f"{path}: cannot read importance file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        return cls(path, info, shapes)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The scores of one tensor (float32, a fresh copy the caller may modify)."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor's scores in file order, one at a time."""
+        with safe_open(str(self.path), framework="pt") as f:
+            for name in self.shapes:
+                yield name, f.get_tensor(name)
