@@ -129,3 +129,25 @@ def test_cli_refuses_a_file_that_is_not_a_mask(tmp_path, cli):
     r = cli("mask", "stats", bad)
     assert r.exit_code == 3
     assert f"{bad}: cannot read mask" in r.stderr
+
+
+def test_element_masks_stay_packed_in_memory(tmp_path):
+    """An element entry holds one bit per element, loaded and combined without unpacking;
+    bits past a tensor's last element never count."""
+    a, b = _random_mask("element", 11), _random_mask("element", 12)
+    a.save(tmp_path / "a.mask")
+    loaded = Mask.load(tmp_path / "a.mask")
+    for name, e in loaded.entries.items():
+        n = torch.Size(SHAPES[name]).numel()
+        assert e.bits.dtype == torch.uint8 and e.bits.numel() == (n + 7) // 8
+        assert torch.equal(e.selected, a.entries[name].selected)
+    for op, fn in (("union", set.union), ("intersect", set.intersection), ("diff", set.difference)):
+        result = combine(op, loaded, b)
+        assert all(e.bits.numel() == (e.units + 7) // 8 for e in result.entries.values())
+        assert _elements(result) == fn(_elements(a), _elements(b))
+    # 5×5 = 25 elements: the last byte has 7 unused bits; set them and they must be cleared
+    bits = torch.full((4,), 0xFF, dtype=torch.uint8)
+    entry = MaskEntry.from_bits((5, 5), bits)
+    assert entry.selected_units == 25 and bool(entry.selected.all())
+    with pytest.raises(ValueError):
+        MaskEntry.from_bits((5, 5), torch.zeros(3, dtype=torch.uint8))

@@ -1,7 +1,8 @@
 """Set operations on masks: union, intersection, difference, and Jaccard overlap.
 
 Two row/FFN entries selected along the same axis combine as unit vectors (cheap, and the
-result keeps its granularity); any other pair is combined element-wise, and the result
+result keeps its granularity); two element entries combine as their packed bits, 8 elements
+per byte operation, never unpacked; any other pair is combined element-wise, and the result
 becomes an `element` mask. A tensor listed in only one mask counts as entirely unselected
 in the other. Tensors both masks list must have the same shape, or the operation is refused
 naming the tensor.
@@ -15,13 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from neuroloc_cli.errors import InputError
-from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry
+from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry, count_bits
 
 _BoolOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Written with the bitwise operators, so that each works on BOOL selections and on packed
+# U8 bits alike (padding bits are 0 in both operands and stay 0).
 SET_OPS: dict[str, _BoolOp] = {
-    "union": torch.logical_or,
-    "intersect": torch.logical_and,
+    "union": lambda a, b: a | b,
+    "intersect": lambda a, b: a & b,
     "diff": lambda a, b: a & ~b,
 }
 
@@ -78,9 +81,15 @@ def _combine_entry(fn: _BoolOp, ea: MaskEntry | None, eb: MaskEntry | None) -> M
     if ea is None or eb is None:
         present = ea or eb
         assert present is not None
+        if present.axis is None:
+            empty = torch.zeros_like(present.bits)
+            sa, sb = (present.bits, empty) if ea is not None else (empty, present.bits)
+            return MaskEntry.from_bits(present.shape, fn(sa, sb))
         empty = torch.zeros_like(present.selected)
         sa, sb = (present.selected, empty) if ea is not None else (empty, present.selected)
         return MaskEntry(present.shape, present.axis, fn(sa, sb))
+    if ea.axis is None and eb.axis is None:
+        return MaskEntry.from_bits(ea.shape, fn(ea.bits, eb.bits))
     if ea.axis == eb.axis:
         return MaskEntry(ea.shape, ea.axis, fn(ea.selected, eb.selected))
     return MaskEntry(ea.shape, None, fn(ea.dense(), eb.dense()).contiguous())
@@ -132,6 +141,9 @@ def _overlap_entry(name: str, ea: MaskEntry | None, eb: MaskEntry | None) -> Ove
         assert present is not None
         n = selected_elements(present)
         return Overlap(name, n if ea is not None else 0, n if eb is not None else 0, 0, n)
+    if ea.axis is None and eb.axis is None:
+        inter, union = count_bits(ea.bits & eb.bits), count_bits(ea.bits | eb.bits)
+        return Overlap(name, ea.selected_units, eb.selected_units, inter, union)
     if ea.axis == eb.axis and ea.axis is not None:
         # Same unit axis: count units, then scale by the elements each unit spans.
         span = ea.span
@@ -148,7 +160,5 @@ def to_element(entry: MaskEntry) -> MaskEntry:
 
 
 def selected_elements(entry: MaskEntry) -> int:
-    """Selected elements of one entry, without expanding row/FFN entries."""
-    if entry.axis is None:
-        return int(entry.selected.sum())
+    """Selected elements of one entry, without expanding row/FFN entries or unpacking bits."""
     return entry.selected_units * entry.span

@@ -40,26 +40,67 @@ MASK_VERSION = "1"
 LAYOUT_KEY = "model_layout"  # provenance key: `layout_digest` of the model a mask was made for
 
 
-@dataclass
 class MaskEntry:
     """The selection of one tensor.
+
+    Element selections are held packed, 8 per byte, as they are stored (a dense boolean
+    element mask of a 7B model is 7 GB, packed 0.9 GB): `bits` is what set algebra, counts and
+    saving use, and `selected` / `dense()` unpack one tensor when a caller needs booleans.
 
     Attributes:
         shape: the model tensor's shape.
         axis: the axis whose units are selected (row/ffn), or None for element masks.
-        selected: BOOL; 1-D of length `shape[axis]` (row/ffn), or of `shape` (element).
     """
 
-    shape: tuple[int, ...]
-    axis: int | None
-    selected: torch.Tensor
+    __slots__ = ("shape", "axis", "_units", "_bits")
 
-    def __post_init__(self) -> None:
-        expected = self.shape if self.axis is None else (self.shape[self.axis],)
-        if tuple(self.selected.shape) != tuple(expected) or self.selected.dtype != torch.bool:
-            raise ValueError(
-                f"mask entry of shape {tuple(self.selected.shape)} {self.selected.dtype} does not fit {self.shape} along axis {self.axis}"
-            )
+    def __init__(self, shape: Sequence[int], axis: int | None, selected: torch.Tensor):
+        """Args:
+        selected: BOOL; 1-D of length `shape[axis]` (row/ffn), or of `shape` (element).
+        """
+        self.shape = tuple(shape)
+        self.axis = axis
+        expected = self.shape if axis is None else (self.shape[axis],)
+        if tuple(selected.shape) != tuple(expected) or selected.dtype != torch.bool:
+            raise ValueError(f"mask entry of shape {tuple(selected.shape)} {selected.dtype} does not fit {self.shape} along axis {axis}")
+        if axis is None:
+            self._units, self._bits = None, pack_bits(selected)
+        else:
+            self._units, self._bits = selected, None
+
+    @classmethod
+    def from_bits(cls, shape: Sequence[int], bits: torch.Tensor) -> MaskEntry:
+        """An element entry from its packed bits (U8, `ceil(n / 8)` bytes, little bit order);
+        bits past the tensor's last element are cleared.
+
+        Raises:
+            ValueError: the byte count does not fit the shape.
+        """
+        n = math.prod(shape)
+        if bits.dtype != torch.uint8 or tuple(bits.shape) != ((n + 7) // 8,):
+            raise ValueError(f"{bits.numel()} packed bytes ({bits.dtype}) do not fit {n} elements of shape {tuple(shape)}")
+        entry = cls.__new__(cls)
+        entry.shape, entry.axis, entry._units = tuple(shape), None, None
+        bits = bits.contiguous()
+        if n % 8:
+            bits = bits.clone()
+            bits[-1] &= (1 << (n % 8)) - 1
+        entry._bits = bits
+        return entry
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """The packed selection of an element entry (U8)."""
+        if self._bits is None:
+            raise ValueError("a row/ffn entry has unit selections, not packed element bits")
+        return self._bits
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """BOOL: one per unit along `axis`, or (element entries, unpacked) of `shape`."""
+        if self._units is not None:
+            return self._units
+        return unpack_bits(self._bits, self.shape)
 
     def dense(self) -> torch.Tensor:
         """A BOOL tensor of the model tensor's shape (a view where possible)."""
@@ -67,11 +108,11 @@ class MaskEntry:
             return self.selected
         view = [1] * len(self.shape)
         view[self.axis] = self.shape[self.axis]
-        return self.selected.view(view).expand(self.shape)
+        return self._units.view(view).expand(self.shape)
 
     @property
     def units(self) -> int:
-        return self.selected.numel()
+        return math.prod(self.shape) if self.axis is None else self.shape[self.axis]
 
     @property
     def span(self) -> int:
@@ -81,7 +122,32 @@ class MaskEntry:
 
     @property
     def selected_units(self) -> int:
-        return int(self.selected.sum())
+        return count_bits(self._bits) if self._bits is not None else int(self._units.sum())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MaskEntry):
+            return NotImplemented
+        mine, theirs = (self._bits, other._bits) if self.axis is None else (self._units, other._units)
+        return self.shape == other.shape and self.axis == other.axis and torch.equal(mine, theirs)
+
+    def __repr__(self) -> str:
+        return f"MaskEntry(shape={list(self.shape)}, axis={self.axis}, selected={self.selected_units} of {self.units})"
+
+
+def pack_bits(selected: torch.Tensor) -> torch.Tensor:
+    """BOOL of any shape -> its flattened bits, 8 per byte, little bit order (U8)."""
+    return torch.from_numpy(np.packbits(selected.reshape(-1).numpy(), bitorder="little"))
+
+
+def count_bits(bits: torch.Tensor) -> int:
+    """Set bits of packed U8 bits (a population count, without unpacking)."""
+    return int(np.bitwise_count(bits.numpy()).sum(dtype=np.int64))
+
+
+def unpack_bits(bits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`pack_bits`'s inverse: a BOOL tensor of `shape`."""
+    n = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_)).reshape(tuple(shape))
 
 
 @dataclass
@@ -111,11 +177,7 @@ class Mask:
         tensors, layout = {}, {}
         for name, e in self.entries.items():
             layout[name] = {"shape": list(e.shape), "axis": e.axis}
-            if e.axis is None:
-                bits = np.packbits(e.selected.reshape(-1).numpy(), bitorder="little")
-                tensors[name] = torch.from_numpy(bits)
-            else:
-                tensors[name] = e.selected.contiguous()
+            tensors[name] = e.bits if e.axis is None else e.selected.contiguous()
         metadata = {
             "neuroloc.kind": "mask",
             "neuroloc.mask_version": MASK_VERSION,
@@ -177,7 +239,7 @@ class Mask:
     @property
     def selected(self) -> int:
         """Number of selected elements of the model (a selected row counts all its elements)."""
-        return sum(int(e.dense().sum()) for e in self.entries.values())
+        return sum(e.selected_units * e.span for e in self.entries.values())
 
 
 def layout_digest(shapes: Mapping[str, Sequence[int]]) -> str:
@@ -191,13 +253,9 @@ def layout_digest(shapes: Mapping[str, Sequence[int]]) -> str:
 def _read_entry(f: Any, name: str, spec: dict[str, Any], path: Path) -> MaskEntry:
     shape, axis = tuple(spec["shape"]), spec["axis"]
     stored = f.get_tensor(name)
-    if axis is None:
-        n = int(np.prod(shape))
-        bits = np.unpackbits(stored.numpy(), count=n, bitorder="little").astype(bool)
-        selected = torch.from_numpy(bits).reshape(shape)
-    else:
-        selected = stored.to(torch.bool)
     try:
-        return MaskEntry(shape, axis, selected)
+        if axis is None:
+            return MaskEntry.from_bits(shape, stored)  # kept packed: never expanded on load
+        return MaskEntry(shape, axis, stored.to(torch.bool))
     except ValueError as e:
         raise InputError(f"{path}: mask tensor {name}: {e}") from None
