@@ -1,5 +1,5 @@
-"""`neuroloc locate delta` (MAET Eq. 1), `neuroloc locate gradient` (linguistic regions) and
-`neuroloc locate list`."""
+"""`neuroloc locate delta` (MAET Eq. 1), `gradient` (linguistic regions), `select` (a mask from
+importance files) and `list`."""
 
 from __future__ import annotations
 
@@ -40,17 +40,30 @@ def delta(
             show_default=False,
         ),
     ] = None,
+    importance: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--importance",
+            help="Also write |delta| of every ranked tensor to this importance file (re-select it with `locate select`).",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Select the units whose weights changed most (importance = norm of the change)."""
+    from neuroloc_cli.errors import UsageError
     from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.locate import LOCATORS
     from neuroloc_cli.masks.stats import mask_stats
 
     check_output_file(output, [base, tuned], overwrite)
+    if importance is not None:
+        check_output_file(importance, [base, tuned], overwrite)
+        if importance.resolve() == output.resolve():
+            raise UsageError(f"--importance {importance} is the mask file -o as well", hint="give them different names")
     mask = LOCATORS.get("delta").fn(
-        base, tuned, top=top, granularity=granularity, scope=scope, include=include or (), exclude=exclude or ()
+        base, tuned, top=top, granularity=granularity, scope=scope, include=include or (), exclude=exclude or (), importance=importance
     )
     stats = mask_stats(mask)
     mask.save(output)
@@ -190,6 +203,63 @@ def _render_regions(path: Path, summary: dict, as_json: bool) -> None:
     render.out().print(table)
     for pair, j in summary["jaccard"].items():
         render.out().print(f"Jaccard of the top sets {pair}: {j:.3f}")
+
+
+@locate_app.command("select")
+def select(
+    importance: Annotated[
+        list[Path],
+        typer.Argument(help="Importance files (written by `locate ...`); several are summed element-wise.", show_default=False),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Mask file to write (.safetensors).")],
+    top: Annotated[float, typer.Option("--top", help="Share of units to select, e.g. 0.01 for 1 %.")] = 0.01,
+    granularity: Annotated[str, typer.Option("--granularity", help="element, row (output neurons) or ffn (MLP neurons).")] = "element",
+    scope: Annotated[
+        str, typer.Option("--scope", help="tensor: each tensor (or MLP block) keeps its share; global: rank all together.")
+    ] = "tensor",
+    bottom: Annotated[bool, typer.Option("--bottom", help="Select the lowest-scored units instead (a control).")] = False,
+    random: Annotated[
+        bool, typer.Option("--random", help="Select as many units per tensor as the top selection, drawn at random (a control).")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --random.")] = 0,
+    minus: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--minus", help="Take this mask's units out of the selection (repeatable), e.g. other languages' top sets.", show_default=False
+        ),
+    ] = None,
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--include",
+            help="Select only among tensors matching this glob or substring (repeatable). Default: every scored tensor for row; the transformer blocks for element and ffn.",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", help="Leave out tensors matching this glob or substring (repeatable).", show_default=False),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn importance files into a mask: top, bottom or random share, per tensor or global."""
+    from neuroloc_cli.arch import NameFilter, in_blocks
+    from neuroloc_cli.errors import UsageError
+    from neuroloc_cli.io.output import check_output_file
+    from neuroloc_cli.locate.select import select_importance
+    from neuroloc_cli.locate.units import every_tensor
+    from neuroloc_cli.masks.stats import mask_stats
+
+    if bottom and random:
+        raise UsageError("--bottom and --random both given", hint="choose one control")
+    check_output_file(output, [*importance, *(minus or [])], overwrite)
+    keep = NameFilter.of(include, exclude, every_tensor if granularity == "row" else in_blocks)
+    pick = "bottom" if bottom else "random" if random else "top"
+    mask = select_importance(importance, top=top, granularity=granularity, scope=scope, pick=pick, keep=keep, seed=seed, minus=minus or ())
+    stats = mask_stats(mask)
+    mask.save(output)
+    _render_saved(output, stats, mask.provenance, as_json)
 
 
 @locate_app.command("list")

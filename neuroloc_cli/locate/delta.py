@@ -2,12 +2,15 @@
 
 `I_j = ‖Θ~_j − Θo_j‖₂` over every slice that makes up unit `j` (see `units`); the top share of
 units is kept, over the whole model (`global`, the paper) or within each tensor / MLP block
-(`tensor`). Streams: one tensor of each checkpoint is in memory at a time.
+(`tensor`). Score, then select: `DeltaScores` gives `|Δ|` per element with an L2 aggregate,
+and `locate.select` picks the units (optionally writing the scores as an importance file).
+Streams: one tensor of each checkpoint is in memory at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,27 +20,48 @@ from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
 from neuroloc_cli.locate.base import locator
-from neuroloc_cli.locate.select import DEFAULT_CAP, global_threshold, threshold_select, top_units
-from neuroloc_cli.locate.units import UnitGroup, element_tensors, every_tensor, ffn_groups, row_groups
-from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry, layout_digest
-from neuroloc_cli.ops.sparsify import share_count
+from neuroloc_cli.locate.select import DEFAULT_CAP, check_selection, select_units
+from neuroloc_cli.locate.units import element_tensors, every_tensor, ffn_groups, floating, row_groups
+from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, layout_digest
+from neuroloc_cli.masks.importance import ImportanceMeta, stream_importance
 
-SCOPES = ("global", "tensor")
 PAPER = "Chen et al. 2024, MAET, Eq. 1"
 
 
-class _Deltas:
-    """The base (whose tensors are ranked) and the deltas of the tuned model against it."""
+class DeltaScores:
+    """The scorer of `locate delta`: `|Θ~ − Θo|` per element, read from the two checkpoints
+    one tensor at a time; units aggregate it as an L2 norm (MAET Eq. 1)."""
 
-    def __init__(self, base: Path, tuned: Path):
+    aggregate = "l2"
+
+    def __init__(self, base: Path, tuned: Path, names: Sequence[str] | None = None):
         self.base = Checkpoint.open(base, spec=str(base))
         self.tuned = DeltaReader(tuned, self.base, "TUNED")
+        self.label = str(base)
+        floats = floating(self.base.tensors)
+        self.shapes = {n: floats[n] for n in names} if names is not None else floats
 
-    def check(self, names: list[str]) -> None:
-        check_same_tensors(names, self.base, [self.tuned.ckpt])
+    def restrict(self, names: Sequence[str]) -> DeltaScores:
+        """The same scorer over `names` only, after checking that TUNED has them all."""
+        check_same_tensors(list(names), self.base, [self.tuned.ckpt])
+        out = DeltaScores.__new__(DeltaScores)
+        out.base, out.tuned, out.label = self.base, self.tuned, self.label
+        out.shapes = {n: self.shapes[n] for n in names}
+        return out
 
     def read(self, name: str) -> torch.Tensor:
-        return self.tuned.read(name)
+        return self.tuned.read(name).abs_()
+
+    def meta(self) -> ImportanceMeta:
+        provenance = {
+            "scorer": "delta",
+            "base": str(self.base.path.resolve()),
+            "tuned": str(Path(self.tuned.ckpt.path).resolve()),
+            "base_fingerprint": self.base.fingerprint,
+            "tuned_fingerprint": self.tuned.ckpt.fingerprint,
+            LAYOUT_KEY: layout_digest({n: t.shape for n, t in self.base.tensors.items()}),
+        }
+        return ImportanceMeta("delta", "l2", "", provenance)
 
 
 @locator("delta", paper=PAPER)
@@ -51,6 +75,7 @@ def locate_delta(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     cap: int = DEFAULT_CAP,
+    importance: Path | None = None,
 ) -> Mask:
     """Units whose weights changed most from BASE to TUNED (MAET Eq. 1).
 
@@ -66,6 +91,8 @@ def locate_delta(
             included, and FFN neurons and elements from the transformer blocks
             (`locate.units`).
         cap: values held at once when settling a global element threshold.
+        importance: also write the element scores `|Δ|` of every tensor that took part to
+            this importance file (for `neuroloc locate select` and `neuroloc importance`).
 
     Returns:
         The mask, listing every tensor that was ranked (selected or not).
@@ -74,87 +101,32 @@ def locate_delta(
         UsageError: a bad share, granularity or scope, or filters that leave no tensor.
         InputError: unreadable checkpoints, missing or mismatched tensors, no MLP for ffn.
     """
-    if not 0 < top <= 1:
-        raise UsageError(f"--top must be a share in (0, 1], got {top}", hint="e.g. --top 0.05 for 5 %")
-    if granularity not in GRANULARITIES:
-        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if scope not in SCOPES:
-        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    check_selection(top, granularity, scope)
     keep = NameFilter.of(include, exclude, every_tensor if granularity == "row" else in_blocks)
-    deltas = _Deltas(base, tuned)
+    scores = DeltaScores(base, tuned)
+    if granularity == "element":
+        names = element_tensors(scores.shapes, keep)
+    else:
+        groups = row_groups(scores.shapes, keep) if granularity == "row" else ffn_groups(scores.shapes, str(scores.base.path), keep)
+        names = [p.name for g in groups for p in g.parts]
+    if not names:
+        raise UsageError(f"--include/--exclude leave no tensor to rank at {granularity} granularity", hint=f"patterns: {keep.describe()}")
+    scores = scores.restrict(names)
+    selection = select_units(scores, top=top, granularity=granularity, scope=scope, keep=keep, cap=cap)
+    meta = scores.meta()
     provenance = {
         "locator": "delta",
         "importance": "L2 norm of each unit's weight change (MAET Eq. 1)",
-        "base": str(Path(base).resolve()),
-        "tuned": str(Path(tuned).resolve()),
-        "base_fingerprint": deltas.base.fingerprint,
-        LAYOUT_KEY: layout_digest({n: t.shape for n, t in deltas.base.tensors.items()}),
-        "tuned_fingerprint": deltas.tuned.ckpt.fingerprint,
+        **{k: v for k, v in meta.provenance.items() if k != "scorer"},
         "top": top,
         "granularity": granularity,
         "scope": scope,
         "tensors": keep.describe(),
+        "units": selection.units,
+        "selected_units": selection.selected_units,
+        **selection.extra,
     }
-    tensors = deltas.base.tensors
-    if granularity == "element":
-        units: list = element_tensors(tensors, keep)
-    else:
-        units = row_groups(tensors, keep) if granularity == "row" else ffn_groups(tensors, str(deltas.base.path), keep)
-    if not units:
-        raise UsageError(f"--include/--exclude leave no tensor to rank at {granularity} granularity", hint=f"patterns: {keep.describe()}")
-    entries, extra = _element_mask(deltas, units, top, scope, cap) if granularity == "element" else _unit_mask(deltas, units, top, scope)
-    return Mask(granularity, entries, {**provenance, **extra})
-
-
-def group_importance(deltas: _Deltas, group: UnitGroup) -> torch.Tensor:
-    """`‖Δ_j‖₂` of each unit of a group, summing squares over all its parts' slices."""
-    sq = torch.zeros(group.size, dtype=torch.float64)
-    for part in group.parts:
-        d = deltas.read(part.name)
-        dims = [i for i in range(d.dim()) if i != part.axis]
-        # squares in float32 are exact enough; the float64 sum keeps millions of them apart
-        sq += d.square_().sum(dim=dims, dtype=torch.float64) if dims else d.square_().double()
-    return sq.sqrt()
-
-
-def _unit_mask(deltas: _Deltas, groups: list[UnitGroup], top: float, scope: str) -> tuple[dict[str, MaskEntry], dict]:
-    deltas.check([p.name for g in groups for p in g.parts])
-    importance = [group_importance(deltas, g) for g in groups]
-    chosen = top_units(importance, top, scope)
-    entries = {}
-    for g, sel in zip(groups, chosen):
-        for p in g.parts:
-            entries[p.name] = MaskEntry(deltas.base.tensors[p.name].shape, p.axis, sel.clone())
-    units = sum(g.size for g in groups)
-    return entries, {"units": units, "selected_units": int(sum(int(s.sum()) for s in chosen))}
-
-
-def _element_mask(deltas: _Deltas, names: list[str], top: float, scope: str, cap: int) -> tuple[dict[str, MaskEntry], dict]:
-    deltas.check(names)
-    shapes = {n: deltas.base.tensors[n].shape for n in names}
-    if scope == "tensor":
-        entries = {}
-        for n in names:
-            a = deltas.read(n).abs_()
-            entries[n] = MaskEntry(shapes[n], None, top_units([a], top, "tensor")[0])
-        return entries, {"units": sum(e.units for e in entries.values()), "selected_units": sum(e.selected_units for e in entries.values())}
-
-    def stream() -> Iterator[torch.Tensor]:
-        for n in names:
-            yield deltas.read(n).abs_()
-
-    total = sum(deltas.base.tensors[n].numel for n in names)
-    k = share_count(top, total)
-    entries = {}
-    if k == 0:
-        return {n: MaskEntry(shapes[n], None, torch.zeros(shapes[n], dtype=torch.bool)) for n in names}, {
-            "units": total,
-            "selected_units": 0,
-            "k": 0,
-        }
-    t = global_threshold(stream, k, cap)
-    ties = k - t.greater
-    for n, a in zip(names, stream()):
-        sel, ties = threshold_select(a, t, ties)
-        entries[n] = MaskEntry(shapes[n], None, sel)
-    return entries, {"units": total, "selected_units": k, "k": k, "threshold": t.value, "passes": t.passes + 1}
+    if importance is not None:
+        meta = replace(meta, provenance={**meta.provenance, "tensors": keep.describe()})
+        stream_importance(importance, scores.shapes, ((n, scores.read(n)) for n in scores.shapes), meta)
+    return Mask(granularity, selection.entries, provenance)

@@ -10,7 +10,9 @@ tensor of `n` elements keeps `share_count(top, n)` of them.
 - `top-LANG`: the top of one language's importance;
 - `mono-LANG`: LANG's top minus every other language's top, the region only LANG uses.
 
-Each selection is exact; ties are broken by `torch.topk`, which the counts do not depend on.
+Every selection is the shared selector's (`locate.select`, element granularity, per tensor)
+and every difference the mask algebra's; each is exact, with ties broken by `torch.topk`,
+which the counts do not depend on.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from typing import Any
 
 import torch
 
-from neuroloc_cli.arch import tensor_kind
+from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.output import atomic_output_dir
 from neuroloc_cli.locate.base import locator
-from neuroloc_cli.locate.select import top_units
-from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry, layout_digest
+from neuroloc_cli.locate.select import ScoreSource, Selection, SummedScores, TensorScores, select_units
+from neuroloc_cli.masks.algebra import combine, overlap
+from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, layout_digest
 from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
-from neuroloc_cli.ops.sparsify import share_count
+from neuroloc_cli.masks.stats import mask_stats
 
 PAPER = "Zhang et al. 2024, linguistic regions"
 # the scorer's orders as importance files name them
@@ -103,36 +106,35 @@ def locate_gradient(
         "languages": langs,
     }
 
-    def mask(role: str, sel: Mapping[str, torch.Tensor], **extra: Any) -> Mask:
-        entries = {n: MaskEntry(shape_of[n], None, sel[n]) for n in names}
-        return Mask("element", entries, {**base, "region": role, **extra})
+    def mask(role: str, sel: Selection, **extra: Any) -> Mask:
+        return Mask("element", sel.entries, {**base, "region": role, **extra})
 
-    def per_tensor_top(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: top_units([values[n]], top, "tensor")[0] for n in names}
+    sources = {lang: TensorScores(importance[lang], "sum", lang) for lang in langs}
+    total = SummedScores(list(sources.values()), "the sum over languages")
+    every = NameFilter(default=lambda name: True)  # the scorer chose the tensors already
 
-    total = {n: sum(importance[lang][n].float() for lang in langs) for n in names}
-    core = per_tensor_top(total)
-    bottom = {n: top_units([-total[n]], top, "tensor")[0] for n in names}
-    gen = torch.Generator().manual_seed(seed)
-    random = {}
-    for n in names:
-        flat = torch.zeros(total[n].numel(), dtype=torch.bool)
-        flat[torch.randperm(flat.numel(), generator=gen)[: share_count(top, flat.numel())]] = True
-        random[n] = flat.reshape(shape_of[n])
-    tops = {lang: per_tensor_top(importance[lang]) for lang in langs}
+    def pick(src: ScoreSource, how: str) -> Selection:
+        return select_units(src, top=top, granularity="element", scope="tensor", pick=how, keep=every, seed=seed)
+
+    core, bottom, random = (pick(total, how) for how in ("top", "bottom", "random"))
+    tops = {lang: pick(sources[lang], "top") for lang in langs}
+    top_masks = {lang: mask(f"top-{lang}", tops[lang], language=lang) for lang in langs}
     monos = {}
     for lang in langs:
-        others = [tops[o] for o in langs if o != lang]
-        monos[lang] = {n: tops[lang][n] & ~torch.stack([o[n] for o in others]).any(0) for n in names}
+        others = [top_masks[o] for o in langs if o != lang]
+        union = others[0]
+        for other in others[1:]:
+            union = combine("union", union, other)
+        monos[lang] = combine("diff", top_masks[lang], union).entries
 
     masks = {
         "core": mask("core", core, importance="top of the sum over languages"),
         "bottom": mask("bottom", bottom, importance="bottom of the sum over languages"),
         "random": mask("random", random, seed=seed),
     }
-    masks.update({f"top-{lang}": mask(f"top-{lang}", tops[lang], language=lang) for lang in langs})
-    masks.update({f"mono-{lang}": mask(f"mono-{lang}", monos[lang], language=lang) for lang in langs})
-    summary = _summary(masks, tops, core, names, shape_of, base, languages or {})
+    masks.update({f"top-{lang}": top_masks[lang] for lang in langs})
+    masks.update({f"mono-{lang}": Mask("element", monos[lang], {**base, "region": f"mono-{lang}", "language": lang}) for lang in langs})
+    summary = _summary(masks, top_masks, base, languages or {})
     score = str(base.get("score", "signed"))
     meta = {
         lang: ImportanceMeta(_SCORE_NAMES.get(score, score), "sum", lang, {**base, **dict((languages or {}).get(lang, {}))})
@@ -143,36 +145,30 @@ def locate_gradient(
 
 def _summary(
     masks: dict[str, Mask],
-    tops: dict[str, dict[str, torch.Tensor]],
-    core: dict[str, torch.Tensor],
-    names: list[str],
-    shape_of: dict[str, tuple[int, ...]],
+    tops: dict[str, Mask],
     base: dict[str, Any],
     languages: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     """Selected counts and shares per mask, pairwise Jaccard of the languages' top sets, and
     where the core region lies: each tensor kind's share of its elements."""
-    elements = sum(int(torch.Size(shape_of[n]).numel()) for n in names)
-    counts = {stem: m.selected for stem, m in masks.items()}
+    core = mask_stats(masks["core"])
+    elements = core["total"]
     langs = list(tops)
     jaccard = {}
     for i, a in enumerate(langs):
         for b in langs[i + 1 :]:
-            inter = sum(int((tops[a][n] & tops[b][n]).sum()) for n in names)
-            union = sum(int((tops[a][n] | tops[b][n]).sum()) for n in names)
-            jaccard[f"{a}/{b}"] = inter / union if union else 0.0
-    kinds: dict[str, int] = {}
-    for n in names:
-        kinds[tensor_kind(n)] = kinds.get(tensor_kind(n), 0) + int(core[n].sum())
-    core_total = counts["core"]
+            jaccard[f"{a}/{b}"] = overlap(tops[a], tops[b])[1].jaccard
     return {
         "top": base["top"],
         "scope": "tensor",
-        "tensors": len(names),
+        "tensors": len(masks["core"].entries),
         "elements": elements,
         "languages": {lang: dict(languages.get(lang, {})) for lang in langs},
-        "masks": {stem: {"selected": c, "share": c / elements if elements else 0.0} for stem, c in counts.items()},
+        "masks": {stem: {"selected": m.selected, "share": m.selected / elements if elements else 0.0} for stem, m in masks.items()},
         "jaccard": jaccard,
-        "core_by_kind": {k: (v / core_total if core_total else 0.0) for k, v in sorted(kinds.items())},
+        "core_by_kind": {
+            k["kind"]: (k["selected"] / core["selected"] if core["selected"] else 0.0)
+            for k in sorted(core["kinds"], key=lambda k: k["kind"])
+        },
         "provenance": base,
     }

@@ -1,4 +1,11 @@
-"""Choosing the top share of units: exactly `k`, globally or within each tensor, streaming.
+"""The one selector: importance in, a mask's entries out — exactly `k` units, globally or
+within each tensor, streaming.
+
+Every locator scores first and selects here (`select_units`): the scores come from any
+`ScoreSource` (an importance file, the weight changes of `locate delta`, a sum of several
+files), the units from `locate.units` (element, row, FFN neuron), and the pick is the top
+share, the bottom share (the complement of the top `n − k`, so that the count is exact too),
+or a seeded random draw with the top selection's count in every tensor (or MLP block).
 
 Row and FFN importances are small (one float per unit), so a global top-k concatenates them.
 Element importances are as large as the model, so the global threshold is found without
@@ -11,17 +18,305 @@ counts, which gives the k-th largest value exactly. Memory: the bins, one tensor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from neuroloc_cli.arch import NameFilter
+from neuroloc_cli.errors import UsageError
+from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
+from neuroloc_cli.masks.algebra import combine
+from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry
+from neuroloc_cli.masks.importance import Importance
 from neuroloc_cli.ops.sparsify import share_count
 
 DEFAULT_CAP = 8_000_000  # values collected at once to settle the threshold (32 MB)
 _OCTAVE_BINS = 16
 _LOG2_LOW, _LOG2_HIGH = -150, 129  # every positive float32 lies in [2^-150, 2^129)
 _LINEAR_BINS = 4096
+SCOPES = ("global", "tensor")
+PICKS = ("top", "bottom", "random")
+
+
+class ScoreSource(Protocol):
+    """Non-negative float32 scores per element of each scored tensor, read one tensor at a time.
+
+    Attributes:
+        shapes: scored tensor name -> shape.
+        aggregate: how element scores make a unit's: "sum", or "l2" (root of the sum of squares).
+        label: what the scores are, for messages (a file name).
+    """
+
+    shapes: Mapping[str, tuple[int, ...]]
+    aggregate: str
+    label: str
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class TensorScores:
+    """Scores held in memory (a scorer's result before it is written)."""
+
+    tensors: Mapping[str, torch.Tensor]
+    aggregate: str = "sum"
+    label: str = "the scores"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in self.tensors.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name].float().clone()
+
+
+@dataclass
+class SummedScores:
+    """The element-wise sum of several sources over the same tensors (e.g. every language's
+    importance, for the region all of them use).
+
+    Raises:
+        UsageError: the sources disagree on their tensors, shapes or aggregate.
+    """
+
+    sources: Sequence[ScoreSource]
+    label: str = "the summed scores"
+
+    def __post_init__(self) -> None:
+        first = self.sources[0]
+        for other in self.sources[1:]:
+            if other.aggregate != first.aggregate:
+                raise UsageError(
+                    f"{other.label} aggregates units by {other.aggregate}, {first.label} by {first.aggregate}: cannot sum them"
+                )
+            if dict(other.shapes) != dict(first.shapes):
+                diff = sorted(set(other.shapes) ^ set(first.shapes)) or [n for n in first.shapes if first.shapes[n] != other.shapes[n]]
+                raise UsageError(f"{other.label} and {first.label} score different tensors (first difference: {diff[0]})")
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]:
+        return self.sources[0].shapes
+
+    @property
+    def aggregate(self) -> str:
+        return self.sources[0].aggregate
+
+    def read(self, name: str) -> torch.Tensor:
+        total = self.sources[0].read(name)
+        for src in self.sources[1:]:
+            total += src.read(name)
+        return total
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A selection's entries (every tensor that took part, selected or not) and its counts."""
+
+    entries: dict[str, MaskEntry]
+    units: int
+    selected_units: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_selection(top: float, granularity: str, scope: str, pick: str = "top") -> None:
+    """Refuse a share, granularity, scope or pick the selector does not know.
+
+    Raises:
+        UsageError: naming the flag.
+    """
+    if not 0 < top <= 1:
+        raise UsageError(f"--top must be a share in (0, 1], got {top}", hint="e.g. --top 0.05 for 5 %")
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if scope not in SCOPES:
+        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if pick not in PICKS:
+        raise UsageError(f"unknown pick {pick!r} (use {', '.join(PICKS)})")
+
+
+def select_units(
+    scores: ScoreSource,
+    *,
+    top: float,
+    granularity: str = "element",
+    scope: str = "tensor",
+    pick: str = "top",
+    keep: NameFilter | None = None,
+    seed: int = 0,
+    cap: int = DEFAULT_CAP,
+) -> Selection:
+    """Select units of the scored tensors.
+
+    Args:
+        scores: where the scores come from.
+        top: the share of units selected, in (0, 1].
+        granularity: "element", "row" or "ffn" (see `locate.units`).
+        scope: "global" (all units ranked together) or "tensor" (each tensor, or each MLP
+            block for ffn, keeps its own share).
+        pick: "top", "bottom", or "random" (the top's count per tensor or block, drawn with
+            `seed`).
+        keep: which scored tensors take part (default: every tensor for rows, the blocks
+            for ffn and elements).
+        cap: values held at once while settling a global element threshold.
+
+    Raises:
+        UsageError: a bad share, granularity, scope or pick, or no tensor to select from.
+        InputError: no MLP of a known layout (ffn).
+    """
+    check_selection(top, granularity, scope, pick)
+    keep = keep or (ROW_DEFAULT if granularity == "row" else BLOCKS)
+    if granularity == "element":
+        names = element_tensors(scores.shapes, keep)
+        if not names:
+            raise UsageError(f"no tensor of {scores.label} to select from", hint=f"patterns: {keep.describe()}")
+        return _select_elements(scores, names, top, scope, pick, seed, cap)
+    groups = row_groups(scores.shapes, keep) if granularity == "row" else ffn_groups(scores.shapes, scores.label, keep)
+    if not groups:
+        raise UsageError(f"no tensor of {scores.label} to select from at {granularity} granularity", hint=f"patterns: {keep.describe()}")
+    return _select_groups(scores, groups, top, scope, pick, seed)
+
+
+def select_importance(
+    files: Sequence[Path],
+    *,
+    top: float,
+    granularity: str = "element",
+    scope: str = "tensor",
+    pick: str = "top",
+    keep: NameFilter | None = None,
+    seed: int = 0,
+    minus: Sequence[Path] = (),
+    cap: int = DEFAULT_CAP,
+) -> Mask:
+    """A mask from importance files: their sum, selected, minus the union of other masks.
+
+    Args:
+        files: importance files over the same tensors (summed element-wise when several).
+        minus: masks whose selected units are taken out of the result (a set difference, as
+            `mask diff`), e.g. the other languages' top sets.
+        Others: as `select_units`.
+
+    Raises:
+        InputError: an unreadable importance or mask file, or masks of another model.
+        UsageError: files that score different tensors, or bad selection settings.
+    """
+    check_selection(top, granularity, scope, pick)
+    sources = [Importance.open(f) for f in files]
+    scores: ScoreSource = sources[0] if len(sources) == 1 else SummedScores(sources, " + ".join(map(str, files)))
+    selection = select_units(scores, top=top, granularity=granularity, scope=scope, pick=pick, keep=keep, seed=seed, cap=cap)
+    first = sources[0].meta
+    provenance: dict[str, Any] = {
+        "locator": "select",
+        "importance": [{"path": str(Path(f).resolve()), "score": s.meta.score, "source": s.meta.source} for f, s in zip(files, sources)],
+        "top": top,
+        "granularity": granularity,
+        "scope": scope,
+        "pick": pick,
+        "units": selection.units,
+        "selected_units": selection.selected_units,
+        **selection.extra,
+    }
+    if pick == "random":
+        provenance["seed"] = seed
+    if keep is not None:
+        provenance["tensors"] = keep.describe()
+    if LAYOUT_KEY in first.provenance:
+        provenance[LAYOUT_KEY] = first.provenance[LAYOUT_KEY]
+    mask = Mask(granularity, selection.entries, provenance)
+    for path in minus:
+        diff = combine("diff", mask, Mask.load(path), "the selection", str(path))
+        mask = Mask(diff.granularity, diff.entries, provenance)
+    if minus:
+        # units are no longer the selector's count: say what is left, in elements
+        del provenance["selected_units"]
+        provenance.update(minus=[str(Path(p).resolve()) for p in minus], selected_elements=mask.selected)
+    return mask
+
+
+def unit_scores(scores: ScoreSource, group: UnitGroup) -> torch.Tensor:
+    """Each unit's score (float64): its parts' element scores aggregated over every slice."""
+    acc = torch.zeros(group.size, dtype=torch.float64)
+    for part in group.parts:
+        a = scores.read(part.name)
+        if scores.aggregate == "l2":
+            a = a.square_()  # squares in float32 are exact enough; the float64 sum keeps millions apart
+        dims = [i for i in range(a.dim()) if i != part.axis]
+        acc += a.sum(dim=dims, dtype=torch.float64) if dims else a.double()
+    return acc.sqrt_() if scores.aggregate == "l2" else acc
+
+
+def _select_groups(scores: ScoreSource, groups: list[UnitGroup], top: float, scope: str, pick: str, seed: int) -> Selection:
+    importance = [unit_scores(scores, g) for g in groups]
+    if pick == "bottom":
+        chosen = _bottom(importance, top, scope)
+    else:
+        chosen = top_units(importance, top, scope)
+        if pick == "random":
+            gen = torch.Generator().manual_seed(seed)
+            chosen = [_random_like(c, gen) for c in chosen]
+    entries = {}
+    for g, sel in zip(groups, chosen):
+        for p in g.parts:
+            entries[p.name] = MaskEntry(scores.shapes[p.name], p.axis, sel.clone())
+    return Selection(entries, sum(g.size for g in groups), sum(int(c.sum()) for c in chosen))
+
+
+def _bottom(importance: Sequence[torch.Tensor], share: float, scope: str) -> list[torch.Tensor]:
+    """The lowest `share_count(share, n)` units: the complement of the top `n − k`."""
+    if scope == "tensor":
+        return [~_top_mask(v, v.numel() - share_count(share, v.numel())) for v in importance]
+    flat = torch.cat([v.reshape(-1).float() for v in importance])
+    chosen = ~_top_mask(flat, flat.numel() - share_count(share, flat.numel()))
+    return list(chosen.split([v.numel() for v in importance]))
+
+
+def _random_like(selected: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """As many units as `selected` holds, drawn uniformly from its tensor."""
+    out = torch.zeros(selected.numel(), dtype=torch.bool)
+    out[torch.randperm(out.numel(), generator=gen)[: int(selected.sum())]] = True
+    return out.reshape(selected.shape)
+
+
+def _select_elements(scores: ScoreSource, names: list[str], top: float, scope: str, pick: str, seed: int, cap: int) -> Selection:
+    shapes = {n: tuple(scores.shapes[n]) for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    if scope == "tensor":
+        entries = {}
+        for n in names:
+            a = scores.read(n)
+            sel = _bottom([a], top, "tensor")[0] if pick == "bottom" else top_units([a], top, "tensor")[0]
+            entries[n] = MaskEntry(shapes[n], None, _random_like(sel, gen) if pick == "random" else sel)
+        units = sum(e.units for e in entries.values())
+        return Selection(entries, units, sum(e.selected_units for e in entries.values()))
+
+    def stream() -> Iterator[torch.Tensor]:
+        for n in names:
+            yield scores.read(n)
+
+    total = sum(math.prod(s) for s in shapes.values())
+    k = share_count(top, total)
+    taken = total - k if pick == "bottom" else k  # the bottom k is the complement of the top n − k
+    extra: dict[str, Any] = {"k": k}
+    if taken == 0:
+        chosen = {n: torch.zeros(shapes[n], dtype=torch.bool) for n in names}
+    elif taken == total:
+        chosen = {n: torch.ones(shapes[n], dtype=torch.bool) for n in names}
+    else:
+        t = global_threshold(stream, taken, cap)
+        ties = taken - t.greater
+        chosen = {}
+        for n, a in zip(names, stream()):
+            chosen[n], ties = threshold_select(a, t, ties)
+        extra.update(threshold=t.value, passes=t.passes + 1)
+    entries = {}
+    for n in names:
+        sel = ~chosen[n] if pick == "bottom" else chosen[n]
+        entries[n] = MaskEntry(shapes[n], None, _random_like(sel, gen) if pick == "random" else sel)
+    return Selection(entries, total, k, extra)
 
 
 def top_units(importance: Sequence[torch.Tensor], share: float, scope: str) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ there, and linguistic regions scores the blocks alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from neuroloc_cli.arch import NameFilter, in_blocks, layer_index, tensor_kind
@@ -80,39 +81,47 @@ ROW_DEFAULT = NameFilter(default=every_tensor)
 BLOCKS = NameFilter(default=in_blocks)
 
 
-def row_groups(tensors: dict[str, TensorInfo], keep: NameFilter = ROW_DEFAULT) -> list[UnitGroup]:
-    """One group per floating weight of ≥ 2 dimensions that `keep` accepts, with its bias."""
+def row_groups(shapes: Mapping[str, Sequence[int]], keep: NameFilter = ROW_DEFAULT) -> list[UnitGroup]:
+    """One group per weight of ≥ 2 dimensions that `keep` accepts, with its bias.
+
+    Args:
+        shapes: the floating tensors that can take part (name -> shape), e.g. `floating(ckpt.tensors)`.
+    """
     groups = []
-    for name, info in tensors.items():
-        if not keep(name) or len(info.shape) < 2 or not info.torch_dtype.is_floating_point:
+    for name, shape in shapes.items():
+        if not keep(name) or len(shape) < 2:
             continue
         axis = output_axis(name)
-        size = info.shape[axis]
+        size = shape[axis]
         parts = [Part(name, axis)]
         bias = name.removesuffix(".weight") + ".bias" if name.endswith(".weight") else None
-        if bias in tensors and tensors[bias].shape == (size,):
+        if bias in shapes and tuple(shapes[bias]) == (size,):
             parts.append(Part(bias, 0))
         groups.append(UnitGroup(name, size, tuple(parts)))
     return groups
 
 
-def ffn_groups(tensors: dict[str, TensorInfo], source: str, keep: NameFilter = BLOCKS) -> list[UnitGroup]:
+def ffn_groups(shapes: Mapping[str, Sequence[int]], source: str, keep: NameFilter = BLOCKS) -> list[UnitGroup]:
     """One group per MLP block whose tensors `keep` accepts: its intermediate units.
+
+    Args:
+        shapes: the floating tensors that can take part (name -> shape).
+        source: the checkpoint or file they come from, for messages.
 
     Raises:
         InputError: no MLP of a known layout, or its tensors disagree on the unit count.
     """
     groups = []
-    for prefix in sorted({n[: -len(tensor_kind(n))] for n in tensors if layer_index(n) is not None}, key=layer_index):
+    for prefix in sorted({n[: -len(tensor_kind(n))] for n in shapes if layer_index(n) is not None}, key=layer_index):
         for ups, down in MLP_LAYOUTS:
             names = [f"{prefix}{m}.weight" for m in ups]
-            if not all(n in tensors and keep(n) for n in [*names, f"{prefix}{down}.weight"]):
+            if not all(n in shapes and keep(n) for n in [*names, f"{prefix}{down}.weight"]):
                 continue
             parts = [Part(n, output_axis(n)) for n in names]
-            parts += [Part(f"{prefix}{m}.bias", 0) for m in ups if f"{prefix}{m}.bias" in tensors]
+            parts += [Part(f"{prefix}{m}.bias", 0) for m in ups if f"{prefix}{m}.bias" in shapes]
             down_w = f"{prefix}{down}.weight"
             parts.append(Part(down_w, 1 - output_axis(down_w)))
-            sizes = {tensors[p.name].shape[p.axis] for p in parts}
+            sizes = {shapes[p.name][p.axis] for p in parts}
             if len(sizes) != 1:
                 raise InputError(f"{source}: MLP tensors of {prefix.rstrip('.')} disagree on the intermediate size ({sorted(sizes)})")
             groups.append(UnitGroup(f"{prefix}mlp", sizes.pop(), tuple(parts)))
@@ -123,7 +132,12 @@ def ffn_groups(tensors: dict[str, TensorInfo], source: str, keep: NameFilter = B
     return groups
 
 
-def element_tensors(tensors: dict[str, TensorInfo], keep: NameFilter = BLOCKS) -> list[str]:
-    """Every floating tensor `keep` accepts (by default the blocks, norms included, as
+def element_tensors(shapes: Mapping[str, Sequence[int]], keep: NameFilter = BLOCKS) -> list[str]:
+    """Every tensor of `shapes` that `keep` accepts (by default the blocks, norms included, as
     linguistic regions does)."""
-    return [n for n, i in tensors.items() if keep(n) and i.torch_dtype.is_floating_point]
+    return [n for n in shapes if keep(n)]
+
+
+def floating(tensors: Mapping[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a checkpoint's floating tensors: the ones that can be units."""
+    return {n: i.shape for n, i in tensors.items() if i.torch_dtype.is_floating_point}

@@ -22,7 +22,7 @@ so neither side holds more than one tensor of scores.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from neuroloc_cli.errors import InputError
+from neuroloc_cli.io.format import read_header
 from neuroloc_cli.io.output import atomic_file
 from neuroloc_cli.io.writer import OutTensor, encode_header, write_tensor_bytes
 
@@ -78,11 +79,29 @@ def write_importance(path: Path, tensors: Mapping[str, torch.Tensor], meta: Impo
     Raises:
         OutputError: the file cannot be written.
     """
-    layout = [OutTensor(n, tuple(t.shape), torch.float32) for n, t in tensors.items()]
+    stream_importance(path, {n: tuple(t.shape) for n, t in tensors.items()}, tensors.items(), meta)
+
+
+def stream_importance(
+    path: Path, shapes: Mapping[str, Sequence[int]], items: Iterable[tuple[str, torch.Tensor]], meta: ImportanceMeta
+) -> None:
+    """Write an importance file from scores produced one tensor at a time, in `shapes`' order.
+
+    Raises:
+        OutputError: the file cannot be written.
+        ValueError: `items` does not follow `shapes` (a programming error).
+    """
+    layout = [OutTensor(n, tuple(s), torch.float32) for n, s in shapes.items()]
     with atomic_file(path, "importance file") as tmp, open(tmp, "wb") as f:
         f.write(encode_header(layout, meta.header()))
-        for t in tensors.values():
+        expected = iter(layout)
+        for name, t in items:
+            spec = next(expected, None)
+            if spec is None or spec.name != name or tuple(t.shape) != spec.shape:
+                raise ValueError(f"importance tensor {name} {tuple(t.shape)} out of the header's order")
             write_tensor_bytes(f, t.detach().to("cpu", torch.float32).contiguous())
+        if next(expected, None) is not None:
+            raise ValueError("fewer importance tensors than the header lists")
 
 
 @dataclass
@@ -103,31 +122,35 @@ class Importance:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such importance file")
+        header = read_header(path)  # strict: a damaged file is refused here, naming it
+        meta = header.metadata
+        if meta.get("neuroloc.kind") != "importance":
+            kind = meta.get("neuroloc.kind")
+            raise InputError(
+                f"{path}: not a neuroloc importance file (its kind is {kind!r})" if kind else f"{path}: not a neuroloc importance file",
+                hint="importance files are written by `neuroloc locate ...` (under DIR/importance/, or with --importance FILE)",
+            )
+        if meta.get("neuroloc.importance_version") != IMPORTANCE_VERSION:
+            raise InputError(f"{path}: importance format version {meta.get('neuroloc.importance_version')!r} is not supported")
+        shapes = {}
+        # in the order the scores were written (data offsets), which ties at a threshold follow
+        for info in sorted(header.tensors.values(), key=lambda i: i.offsets):
+            if info.dtype != "F32":
+                raise InputError(f"{path}: importance tensor {info.name} is {info.dtype}, expected F32")
+            shapes[info.name] = info.shape
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("neuroloc.kind") != "importance":
-                    kind = meta.get("neuroloc.kind")
-                    raise InputError(
-                        f"{path}: not a neuroloc importance file (its kind is {kind!r})"
-                        if kind
-                        else f"{path}: not a neuroloc importance file",
-                        hint="importance files are written by `neuroloc locate ... -o DIR` under DIR/importance/",
-                    )
-                if meta.get("neuroloc.importance_version") != IMPORTANCE_VERSION:
-                    raise InputError(f"{path}: importance format version {meta.get('neuroloc.importance_version')!r} is not supported")
-                shapes = {}
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    if sl.get_dtype() != "F32":
-                        raise InputError(f"{path}: importance tensor {name} is {sl.get_dtype()}, expected F32")
-                    shapes[name] = tuple(sl.get_shape())
-                info = ImportanceMeta(meta["score"], meta["aggregate"], meta.get("source", ""), json.loads(meta.get("provenance", "{}")))
-        except InputError:
-            raise
-        except Exception as e:  # safetensors' and json's own errors, a bad aggregate: a damaged file
-            raise InputError(f"{path}: cannot read importance file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+            info = ImportanceMeta(meta["score"], meta["aggregate"], meta.get("source", ""), json.loads(meta.get("provenance", "{}")))
+        except (KeyError, ValueError) as e:  # a missing key, bad JSON, an unknown aggregate
+            raise InputError(f"{path}: damaged importance metadata ({type(e).__name__}: {e})") from None
         return cls(path, info, shapes)
+
+    @property
+    def aggregate(self) -> str:
+        return self.meta.aggregate
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
 
     def read(self, name: str) -> torch.Tensor:
         """The scores of one tensor (float32, a fresh copy the caller may modify)."""
