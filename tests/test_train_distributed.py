@@ -1,4 +1,5 @@
-"""`accelerate launch` with 2 CPU processes (gloo): data-parallel training keeps frozen bits."""
+"""`accelerate launch` with 2 CPU processes (gloo): data-parallel training keeps frozen bits, and
+data-parallel gradient scoring equals one process."""
 
 from __future__ import annotations
 
@@ -72,3 +73,34 @@ def test_two_process_run_keeps_frozen_bits(zoo, tmp_path):
         frozen = e.dense()
         assert torch.equal(outputs[name].view(torch.int16)[frozen], inputs[name].view(torch.int16)[frozen]), name
         assert (outputs[name][~frozen] != inputs[name][~frozen]).any(), name
+
+
+def _launch(*args: str, processes: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1"]
+    cmd += ["--multi_gpu"] if processes > 1 else []
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "neuroloc_cli", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_two_process_gradient_scores_equal_one_process(zoo, tmp_path):
+    """Each process scores every second batch; the sums, added once at the end, equal one
+    process's up to float summation order (5 batches: 3 on one process, 2 on the other)."""
+    from safetensors.torch import load_file
+
+    base = zoo.get("llama").base
+    data = []
+    for i, lang in enumerate(("en", "es")):
+        (tmp_path / f"{lang}.txt").write_text("\n\n".join([SENTENCES[i], SENTENCES[i + 2]] * 30))
+        data += ["--data", f"{lang}={tmp_path / f'{lang}.txt'}"]
+    common = ["locate", "gradient", str(base), *data, "--samples", "9", "--seq-len", "16", "--batch-size", "2", "--top", "0.05", "--json"]
+    for name, processes in (("one", 1), ("two", 2)):
+        r = _launch(*common, "-o", str(tmp_path / name), processes=processes)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout)["provenance"]["processes"] == processes  # one document: only the main process reports
+    for lang in ("en", "es"):
+        one = load_file(str(tmp_path / "one" / "importance" / f"{lang}.safetensors"))
+        two = load_file(str(tmp_path / "two" / "importance" / f"{lang}.safetensors"))
+        assert one.keys() == two.keys()
+        for n in one:
+            torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7 * float(one[n].abs().max()) + 1e-12, msg=n)
