@@ -54,17 +54,26 @@ class EvalRequest:
 
 def load_lm(path: Path, device: str, dtype: str, batch_size: int):
     """Load a checkpoint once as a `NeurolocLM`, lm-eval's `HFLM` with its corrections (tests
-    replace this with a fake LM).
+    replace this with a fake LM). The model is loaded the one way every command loads one
+    (`runtime.model.load_model`) and handed to lm-eval built.
 
     Raises:
-        InputError: transformers cannot load the folder as a causal language model.
+        InputError: transformers cannot load the folder as a causal language model, or its
+            tokenizer.
     """
-    from neuroloc_cli.eval.lm import NeurolocLM
+    import torch
 
+    from neuroloc_cli.eval.lm import NeurolocLM
+    from neuroloc_cli.runtime.data import load_tokenizer
+    from neuroloc_cli.runtime.model import load_model
+
+    model = load_model(path, device=device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model.eval()
+    tokenizer = load_tokenizer(path)
     try:
-        return NeurolocLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
+        return NeurolocLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path}: cannot be loaded as a causal language model ({' '.join(str(e).split())[:300]})") from None
+        raise InputError(f"{path}: cannot be evaluated as a causal language model ({' '.join(str(e).split())[:300]})") from None
 
 
 def evaluate(
