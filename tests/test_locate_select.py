@@ -157,3 +157,13 @@ def test_a_mask_is_not_an_importance_file(cli, tmp_path):
     r = cli("locate", "select", path, "--bottom", "--random", "-o", tmp_path / "x.mask")
     assert r.exit_code == 2 and "--bottom and --random" in r.stderr
     assert not (tmp_path / "x.mask").exists()
+
+
+def test_per_neuron_scores_are_refused(cli, tmp_path):
+    """LAPE's files hold one probability per FFN neuron under the block's key: not elements."""
+    path = tmp_path / "lape.safetensors"
+    write_importance(
+        path, {"model.layers.0.mlp": torch.rand(12)}, ImportanceMeta("activation-probability", "sum", "en", {"granularity": "ffn"})
+    )
+    r = cli("locate", "select", path, "-o", tmp_path / "x.mask")
+    assert r.exit_code == 3 and "one score per ffn unit" in r.stderr

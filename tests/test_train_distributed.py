@@ -104,3 +104,24 @@ def test_two_process_gradient_scores_equal_one_process(zoo, tmp_path):
         assert one.keys() == two.keys()
         for n in one:
             torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7 * float(one[n].abs().max()) + 1e-12, msg=n)
+
+
+def test_two_process_lape_counts_equal_one_process_exactly(zoo, tmp_path):
+    """Activation counts are integers: two processes give one process's probabilities bit for bit."""
+    from safetensors.torch import load_file
+
+    base = zoo.get("llama").base
+    data = []
+    for i, lang in enumerate(("en", "es")):
+        (tmp_path / f"{lang}.txt").write_text("\n\n".join([SENTENCES[i], SENTENCES[i + 2]] * 30))
+        data += ["--data", f"{lang}={tmp_path / f'{lang}.txt'}"]
+    common = ["locate", "lape", str(base), *data, "--samples", "9", "--seq-len", "16", "--batch-size", "2", "--top", "0.1", "--json"]
+    for name, processes in (("one", 1), ("two", 2)):
+        r = _launch(*common, "-o", str(tmp_path / name), processes=processes)
+        assert r.returncode == 0, r.stderr[-3000:]
+        json.loads(r.stdout)  # one document: only the main process reports
+    for lang in ("en", "es"):
+        one = load_file(str(tmp_path / "one" / "importance" / f"{lang}.safetensors"))
+        two = load_file(str(tmp_path / "two" / "importance" / f"{lang}.safetensors"))
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+        assert Mask.load(tmp_path / "one" / f"{lang}.safetensors").entries == Mask.load(tmp_path / "two" / f"{lang}.safetensors").entries

@@ -1,5 +1,5 @@
-"""`neuroloc locate delta` (MAET Eq. 1), `gradient` (linguistic regions), `select` (a mask from
-importance files) and `list`."""
+"""`neuroloc locate delta` (MAET Eq. 1), `gradient` (linguistic regions), `lape` (language-specific
+neurons), `select` (a mask from importance files) and `list`."""
 
 from __future__ import annotations
 
@@ -203,6 +203,75 @@ def _render_regions(path: Path, summary: dict, as_json: bool) -> None:
     render.out().print(table)
     for pair, j in summary["jaccard"].items():
         render.out().print(f"Jaccard of the top sets {pair}: {j:.3f}")
+
+
+@locate_app.command("lape")
+def lape(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder (with its tokenizer).", show_default=False)],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="LANG=PATH: one language's corpus (.txt, .jsonl or a folder); repeatable, at least 2.", show_default=False
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: a mask per language, importance, summary.json.")],
+    top: Annotated[float, typer.Option("--top", help="Share of all FFN neurons kept, lowest entropy first (the paper: 0.01).")] = 0.01,
+    filter_percentile: Annotated[
+        float,
+        typer.Option(
+            "--filter-percentile",
+            help="Quantile of all activation probabilities a neuron must exceed for a language to belong to it (the paper: 0.95).",
+        ),
+    ] = 0.95,
+    samples: Annotated[int, typer.Option("--samples", help="Packed rows read per language.")] = 64,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option("--seq-len", help="Tokens per row. Default: the smaller of 512 and the model's positions.", show_default=False),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find language-specific FFN neurons by activation-probability entropy (LAPE).
+
+    Runs data-parallel under `accelerate launch`: each process counts its share of the
+    batches, and the counts are added once at the end."""
+    from neuroloc_cli.io.output import check_output_path
+    from neuroloc_cli.locate import LOCATORS
+    from neuroloc_cli.locate.lape import activation_probabilities, check_shares
+    from neuroloc_cli.locate.scoring import parse_languages
+
+    check_shares(top, filter_percentile)
+    languages = parse_languages(data)
+    inputs = [model, *(lang.path for lang in languages)]
+    check_output_path(output, inputs, overwrite)
+    probs = activation_probabilities(model, languages, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    if not probs.is_main:
+        return  # under accelerate launch, the first process writes
+    provenance = {"model": str(model.resolve()), "model_fingerprint": probs.fingerprint, **probs.settings}
+    found = LOCATORS.get("lape").fn(
+        probs.probabilities,
+        probs.groups,
+        shapes=probs.shapes,
+        top=top,
+        filter_percentile=filter_percentile,
+        provenance=provenance,
+        languages=probs.describe(),
+    )
+    found.save(output, inputs, overwrite)
+    summary = found.summary
+    if as_json:
+        render.print_json({"output": str(output), **summary})
+        return
+    render.out().print(
+        f"wrote [bold]{output}[/bold]: {summary['selected']} of {summary['neurons']} FFN neurons "
+        f"({summary['above_threshold']} above the threshold {summary['threshold']:.4f})"
+    )
+    for lang, d in summary["languages"].items():
+        layers = ", ".join(f"{layer}: {n}" for layer, n in d["per_layer"].items())
+        render.out().print(f"  {lang}: {d['neurons']} neurons ({layers})")
+    for pair, o in summary["overlaps"].items():
+        render.out().print(f"  shared {pair}: {o['shared']} (Jaccard {o['jaccard']:.3f})")
 
 
 @locate_app.command("select")

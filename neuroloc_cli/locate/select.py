@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from neuroloc_cli.arch import NameFilter
-from neuroloc_cli.errors import UsageError
+from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
 from neuroloc_cli.masks.algebra import combine
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry
@@ -206,6 +206,12 @@ def select_importance(
     """
     check_selection(top, granularity, scope, pick)
     sources = [Importance.open(f) for f in files]
+    for f, src in zip(files, sources):
+        if src.meta.provenance.get("granularity", "element") != "element":
+            raise InputError(
+                f"{f}: holds one score per {src.meta.provenance['granularity']} unit, not per element of the model's tensors",
+                hint="its locator wrote the masks made from it next to it",
+            )
     scores: ScoreSource = sources[0] if len(sources) == 1 else SummedScores(sources, " + ".join(map(str, files)))
     selection = select_units(scores, top=top, granularity=granularity, scope=scope, pick=pick, keep=keep, seed=seed, cap=cap)
     first = sources[0].meta
