@@ -60,7 +60,7 @@ class Case:
         """A row mask made by `locate delta` of base → ft1, or of `model` against itself."""
         from neuroloc_cli.locate import LOCATORS
 
-        mask = LOCATORS.get("delta").fn(model or self.base, model or self.ft1, top=0.5)
+        mask = LOCATORS.get("delta").run(base=model or self.base, tuned=model or self.ft1, top=0.5)
         mask.save(self.root / name)
         return self.root / name
 

@@ -134,7 +134,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         paths[f"ft{i}"] = derive_finetune(base, root / f"ft{i}", seed=i, max_shard_bytes=shard)
     from neuroloc_cli.locate import LOCATORS
 
-    locate = LOCATORS.get("delta").fn
+    locate = LOCATORS.get("delta").run
     for name, tuned, granularity in (
         ("rows", "ft1", "row"),
         ("rows2", "ft2", "row"),
@@ -142,7 +142,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         ("ffn", "ft2", "ffn"),
     ):
         paths[name] = root / f"{name}.mask"
-        locate(base, paths[tuned], top=0.3, granularity=granularity).save(paths[name])
+        locate(base=base, tuned=paths[tuned], top=0.3, granularity=granularity).save(paths[name])
     rng = random.Random(0)
     paths["corpus"] = root / "corpus.jsonl"
     paths["corpus"].write_text("".join(json.dumps({"text": " ".join(rng.choice(SENTENCES) for _ in range(3))}) + "\n" for _ in range(60)))

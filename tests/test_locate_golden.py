@@ -56,7 +56,7 @@ def _digest(mask) -> str:
 def test_delta_masks_match_the_pinned_selection(zoo, case):
     arch, granularity, scope, share, extra = case
     fam = zoo.get(arch)
-    mask = LOCATORS.get("delta").fn(fam.base, fam.ft1, top=share, granularity=granularity, scope=scope, **extra)
+    mask = LOCATORS.get("delta").run(base=fam.base, tuned=fam.ft1, top=share, granularity=granularity, scope=scope, **extra)
     digest = _digest(mask)
     pinned = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     if os.environ.get("NEUROLOC_WRITE_GOLDEN"):

@@ -18,8 +18,8 @@ from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.locate import LOCATORS
 from neuroloc_cli.locate import lape as lape_module
+from neuroloc_cli.locate.base import parse_languages
 from neuroloc_cli.locate.lape import activation_module, activation_probabilities
-from neuroloc_cli.locate.scoring import parse_languages
 from neuroloc_cli.locate.units import Part, UnitGroup, ffn_groups, floating
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.masks.importance import Importance
@@ -28,7 +28,7 @@ from neuroloc_cli.synthetic import SENTENCES
 LANGS = ("en", "es", "fr")
 BLOCKS, SIZE, HIDDEN = 2, 50, 4
 SAMPLES, SEQ_LEN, BATCH = 3, 16, 2  # a last, partial batch
-locate_lape = LOCATORS.get("lape").fn  # the registered function
+locate_lape = lape_module.lape_neurons  # the pure selection
 
 
 def _groups(blocks: int = BLOCKS, size: int = SIZE) -> tuple[list[UnitGroup], dict[str, tuple[int, ...]]]:
@@ -162,6 +162,7 @@ def test_the_locator_is_registered_and_checks_its_input():
     groups, shapes = _groups()
     mapping = _as_mapping(_planted())
     assert LOCATORS.get("lape") is lape_module.locate_lape and LOCATORS.get("lape").paper == "Tang et al. 2024, LAPE"
+    assert LOCATORS.get("lape").options is lape_module.LapeOptions
     with pytest.raises(UsageError, match=r"--top must be a share in \(0, 1\], got 0"):
         locate_lape(mapping, groups, shapes=shapes, top=0)
     with pytest.raises(UsageError, match=r"--filter-percentile must be in \(0, 1\), got 1"):

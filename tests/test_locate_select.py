@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from neuroloc_cli.errors import UsageError
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.masks.importance import Importance, ImportanceMeta, write_importance
 from neuroloc_cli.synthetic import SENTENCES
@@ -167,3 +168,32 @@ def test_per_neuron_scores_are_refused(cli, tmp_path):
     )
     r = cli("locate", "select", path, "-o", tmp_path / "x.mask")
     assert r.exit_code == 3 and "one score per ffn unit" in r.stderr
+
+
+def test_every_locator_lists_its_options_and_validates_them(cli):
+    """`locate list` is built from the options models; each locator's command takes exactly
+    those flags (so a field without a flag, or a flag without a field, fails here)."""
+    from typer.main import get_command
+
+    from neuroloc_cli.cli.locate_cmds import locate_app
+    from neuroloc_cli.locate import LOCATORS
+
+    r = cli("locate", "list", "--json")
+    assert r.exit_code == 0, r.stderr
+    docs = {d["name"]: d for d in r.json()}
+    assert set(docs) == {"delta", "gradient", "lape", "select"}
+    group = get_command(locate_app)
+    internal = {"cap", "pick"}  # settings for library callers, or spelt as --bottom / --random
+    for name, doc in docs.items():
+        assert doc["reads"] and doc["summary"]
+        fields = {o["flag"] for o in doc["options"]} - {f"--{f}" for f in internal}
+        params = group.commands[name].params
+        flags = {opt for p in params for opt in p.opts if opt.startswith("--")}
+        positional = {p.name.upper() for p in params if not p.opts[0].startswith("-")}
+        assert fields <= flags | positional, (name, fields - flags - positional)
+    with pytest.raises(UsageError, match="--top must be a share"):
+        LOCATORS.get("gradient").parse(model="m", data=("en=a", "es=b"), top=2)
+    with pytest.raises(UsageError, match="--batch-size: Input should be greater than or equal to 1"):
+        LOCATORS.get("lape").parse(model="m", data=("en=a", "es=b"), batch_size=0)
+    with pytest.raises(UsageError, match="--data: 1 language given"):
+        LOCATORS.get("lape").parse(model="m", data=("en=a",))

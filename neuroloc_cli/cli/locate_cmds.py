@@ -57,14 +57,15 @@ def delta(
     from neuroloc_cli.locate import LOCATORS
     from neuroloc_cli.masks.stats import mask_stats
 
+    loc = LOCATORS.get("delta")
+    settings = dict(top=top, granularity=granularity, scope=scope, include=include or (), exclude=exclude or (), importance=importance)
+    opts = loc.parse(base=base, tuned=tuned, **settings)
     check_output_file(output, [base, tuned], overwrite)
     if importance is not None:
         check_output_file(importance, [base, tuned], overwrite)
         if importance.resolve() == output.resolve():
             raise UsageError(f"--importance {importance} is the mask file -o as well", hint="give them different names")
-    mask = LOCATORS.get("delta").fn(
-        base, tuned, top=top, granularity=granularity, scope=scope, include=include or (), exclude=exclude or (), importance=importance
-    )
+    mask = loc.fn(opts)
     stats = mask_stats(mask)
     mask.save(output)
     _render_saved(output, stats, mask.provenance, as_json)
@@ -133,41 +134,33 @@ def gradient(
 
     Runs data-parallel under `accelerate launch`: each process scores its share of the
     batches, and the sums are added once at the end."""
-    from neuroloc_cli.arch import NameFilter
-    from neuroloc_cli.errors import UsageError
     from neuroloc_cli.io.output import check_output_path
     from neuroloc_cli.locate import LOCATORS
-    from neuroloc_cli.locate.scoring import parse_languages, plan_scoring, score_languages
+    from neuroloc_cli.locate.gradient import plan_gradient
 
-    if score not in ("taylor", "fisher"):
-        raise UsageError(f"--score must be taylor or fisher, got {score!r}")
-    if score == "fisher" and abs_per_batch:
-        raise UsageError("--abs-per-batch applies to --score taylor only (a Fisher score is a sum of squares already)")
-    if not 0 < top <= 1:
-        raise UsageError(f"--top must be a share in (0, 1], got {top}", hint="e.g. --top 0.01 for 1 %")
-    languages = parse_languages(data)
-    inputs = [model, *(lang.path for lang in languages)]
-    check_output_path(output, inputs, overwrite)
-    order = "fisher" if score == "fisher" else ("abs" if abs_per_batch else "signed")
-    keep = NameFilter.of(include, exclude)
-    settings = dict(keep=keep, samples=samples, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, score=order)
-    if dry_run:
-        _, plan = plan_scoring(model, languages, **settings)
-        _render_scoring_plan(output, plan.describe(), as_json)
-        return
-    scores = score_languages(model, languages, **settings)
-    if not scores.is_main:
-        return  # under accelerate launch, the first process writes
-    provenance = {"model": str(model.resolve()), "model_fingerprint": scores.fingerprint, **scores.settings}
-    provenance["tensors"] = keep.describe()
-    regions = LOCATORS.get("gradient").fn(
-        {s.language: s.tensors for s in scores.languages},
+    loc = LOCATORS.get("gradient")
+    opts = loc.parse(
+        model=model,
+        data=data,
         top=top,
+        samples=samples,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        score=score,
+        abs_per_batch=abs_per_batch,
+        include=include or (),
+        exclude=exclude or (),
         seed=seed,
-        provenance=provenance,
-        shapes=scores.shapes,
-        languages={s.language: s.describe() for s in scores.languages},
     )
+    inputs = [model, *(lang.path for lang in opts.languages)]
+    check_output_path(output, inputs, overwrite)
+    if dry_run:
+        _render_scoring_plan(output, plan_gradient(opts).describe(), as_json)
+        return
+    regions = loc.fn(opts)
+    if not regions.is_main:
+        return  # under accelerate launch, the first process writes
     regions.save(output, inputs, overwrite)
     _render_regions(output, regions.summary, as_json)
 
@@ -223,7 +216,13 @@ def lape(
             help="Quantile of all activation probabilities a neuron must exceed for a language to belong to it (the paper: 0.95).",
         ),
     ] = 0.95,
-    samples: Annotated[int, typer.Option("--samples", help="Packed rows read per language.")] = 64,
+    samples: Annotated[
+        Optional[int], typer.Option("--samples", help="Packed rows read per language. Default: 64.", show_default=False)
+    ] = None,
+    max_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max-tokens", help="Tokens read per language instead of --samples (whole rows).", show_default=False),
+    ] = None,
     seq_len: Annotated[
         Optional[int],
         typer.Option("--seq-len", help="Tokens per row. Default: the smaller of 512 and the model's positions.", show_default=False),
@@ -238,26 +237,23 @@ def lape(
     batches, and the counts are added once at the end."""
     from neuroloc_cli.io.output import check_output_path
     from neuroloc_cli.locate import LOCATORS
-    from neuroloc_cli.locate.lape import activation_probabilities, check_shares
-    from neuroloc_cli.locate.scoring import parse_languages
 
-    check_shares(top, filter_percentile)
-    languages = parse_languages(data)
-    inputs = [model, *(lang.path for lang in languages)]
-    check_output_path(output, inputs, overwrite)
-    probs = activation_probabilities(model, languages, samples=samples, seq_len=seq_len, batch_size=batch_size)
-    if not probs.is_main:
-        return  # under accelerate launch, the first process writes
-    provenance = {"model": str(model.resolve()), "model_fingerprint": probs.fingerprint, **probs.settings}
-    found = LOCATORS.get("lape").fn(
-        probs.probabilities,
-        probs.groups,
-        shapes=probs.shapes,
+    loc = LOCATORS.get("lape")
+    opts = loc.parse(
+        model=model,
+        data=data,
         top=top,
         filter_percentile=filter_percentile,
-        provenance=provenance,
-        languages=probs.describe(),
+        samples=samples,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
     )
+    inputs = [model, *(lang.path for lang in opts.languages)]
+    check_output_path(output, inputs, overwrite)
+    found = loc.fn(opts)
+    if not found.is_main:
+        return  # under accelerate launch, the first process writes
     found.save(output, inputs, overwrite)
     summary = found.summary
     if as_json:
@@ -313,19 +309,28 @@ def select(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn importance files into a mask: top, bottom or random share, per tensor or global."""
-    from neuroloc_cli.arch import NameFilter, in_blocks
     from neuroloc_cli.errors import UsageError
     from neuroloc_cli.io.output import check_output_file
-    from neuroloc_cli.locate.select import select_importance
-    from neuroloc_cli.locate.units import every_tensor
+    from neuroloc_cli.locate import LOCATORS
     from neuroloc_cli.masks.stats import mask_stats
 
     if bottom and random:
         raise UsageError("--bottom and --random both given", hint="choose one control")
-    check_output_file(output, [*importance, *(minus or [])], overwrite)
-    keep = NameFilter.of(include, exclude, every_tensor if granularity == "row" else in_blocks)
+    loc = LOCATORS.get("select")
     pick = "bottom" if bottom else "random" if random else "top"
-    mask = select_importance(importance, top=top, granularity=granularity, scope=scope, pick=pick, keep=keep, seed=seed, minus=minus or ())
+    opts = loc.parse(
+        importance=importance,
+        top=top,
+        granularity=granularity,
+        scope=scope,
+        pick=pick,
+        seed=seed,
+        minus=minus or (),
+        include=include or (),
+        exclude=exclude or (),
+    )
+    check_output_file(output, [*importance, *(minus or [])], overwrite)
+    mask = loc.fn(opts)
     stats = mask_stats(mask)
     mask.save(output)
     _render_saved(output, stats, mask.provenance, as_json)
@@ -333,12 +338,21 @@ def select(
 
 @locate_app.command("list")
 def list_locators(as_json: JsonOpt = False) -> None:
-    """List the locators with their papers."""
+    """List the locators: what each reads, its paper and its options."""
+    from rich.table import Table
+
     from neuroloc_cli.locate import LOCATORS
 
-    docs = [{"name": name, "summary": loc.summary, "paper": loc.paper} for name, loc in LOCATORS.items()]
+    docs = [loc.describe() for _, loc in LOCATORS.items()]
     if as_json:
         render.print_json(docs)
         return
     for d in docs:
-        render.out().print(f"[bold]{d['name']}[/bold]: {d['summary']} ({d['paper']})")
+        paper = f" ({d['paper']})" if d["paper"] else ""
+        table = Table(title=f"[bold]locate {d['name']}[/bold]: {d['summary']}{paper}", caption=f"reads {d['reads']}", title_justify="left")
+        for col in ("option", "default", "meaning"):
+            table.add_column(col)
+        for o in d["options"]:
+            default = "(required)" if o["required"] else "" if o["default"] in (None, [], ()) else str(o["default"])
+            table.add_row(o["flag"], default, o["description"])
+        render.out().print(table)

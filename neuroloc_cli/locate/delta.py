@@ -14,12 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from pydantic import Field, model_validator
 
 from neuroloc_cli.arch import NameFilter, in_blocks
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
-from neuroloc_cli.locate.base import locator
+from neuroloc_cli.locate.base import ARGUMENT, FilterOptions, locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, check_selection, select_units
 from neuroloc_cli.locate.units import element_tensors, every_tensor, ffn_groups, floating, row_groups
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, layout_digest
@@ -64,46 +65,40 @@ class DeltaScores:
         return ImportanceMeta("delta", "l2", "", provenance)
 
 
-@locator("delta", paper=PAPER)
-def locate_delta(
-    base: Path,
-    tuned: Path,
-    *,
-    top: float = 0.05,
-    granularity: str = "row",
-    scope: str = "global",
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    cap: int = DEFAULT_CAP,
-    importance: Path | None = None,
-) -> Mask:
+class DeltaOptions(FilterOptions):
+    """Settings of `locate delta`."""
+
+    base: Path = Field(description="base checkpoint folder", json_schema_extra=ARGUMENT)
+    tuned: Path = Field(description="trained checkpoint folder (or a delta checkpoint of it)", json_schema_extra=ARGUMENT)
+    top: float = Field(default=0.05, description="share of units kept")
+    granularity: str = Field(default="row", description="row (output neurons), ffn (MLP neurons) or element")
+    scope: str = Field(default="global", description="global: all units ranked together (the paper); tensor: per tensor or MLP block")
+    cap: int = Field(default=DEFAULT_CAP, ge=1, description="values held at once while settling a global element threshold")
+    importance: Path | None = Field(default=None, description="also write |delta| of every ranked tensor to this importance file")
+
+    @model_validator(mode="after")
+    def _selection(self) -> DeltaOptions:
+        check_selection(self.top, self.granularity, self.scope)  # raises the selector's own usage errors
+        return self
+
+
+@locator("delta", options=DeltaOptions, reads="two checkpoints: how much each weight changed", paper=PAPER)
+def locate_delta(opts: DeltaOptions) -> Mask:
     """Units whose weights changed most from BASE to TUNED (MAET Eq. 1).
 
-    Args:
-        base: the base checkpoint folder.
-        tuned: the trained checkpoint folder (or a delta checkpoint of it).
-        top: the share of units to keep, in (0, 1].
-        granularity: "row", "ffn" or "element".
-        scope: "global" (rank all units of the model together) or "tensor" (each tensor, or
-            each MLP block for ffn, keeps its own top share).
-        include, exclude: name patterns of the tensors that take part (see
-            `arch.NameFilter`); without `include`, rows come from every 2-D weight, token rows
-            included, and FFN neurons and elements from the transformer blocks
-            (`locate.units`).
-        cap: values held at once when settling a global element threshold.
-        importance: also write the element scores `|Δ|` of every tensor that took part to
-            this importance file (for `neuroloc locate select` and `neuroloc importance`).
+    Without `include`, rows come from every 2-D weight, token rows included, and FFN neurons
+    and elements from the transformer blocks (`locate.units`).
 
     Returns:
         The mask, listing every tensor that was ranked (selected or not).
 
     Raises:
-        UsageError: a bad share, granularity or scope, or filters that leave no tensor.
+        UsageError: filters that leave no tensor.
         InputError: unreadable checkpoints, missing or mismatched tensors, no MLP for ffn.
     """
-    check_selection(top, granularity, scope)
-    keep = NameFilter.of(include, exclude, every_tensor if granularity == "row" else in_blocks)
-    scores = DeltaScores(base, tuned)
+    top, granularity, scope, importance = opts.top, opts.granularity, opts.scope, opts.importance
+    keep = NameFilter.of(opts.include, opts.exclude, every_tensor if granularity == "row" else in_blocks)
+    scores = DeltaScores(opts.base, opts.tuned)
     if granularity == "element":
         names = element_tensors(scores.shapes, keep)
     else:
@@ -112,7 +107,7 @@ def locate_delta(
     if not names:
         raise UsageError(f"--include/--exclude leave no tensor to rank at {granularity} granularity", hint=f"patterns: {keep.describe()}")
     scores = scores.restrict(names)
-    selection = select_units(scores, top=top, granularity=granularity, scope=scope, keep=keep, cap=cap)
+    selection = select_units(scores, top=top, granularity=granularity, scope=scope, keep=keep, cap=opts.cap)
     meta = scores.meta()
     provenance = {
         "locator": "delta",

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
 from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.output import atomic_output_dir
-from neuroloc_cli.locate.base import locator
+from neuroloc_cli.locate.base import DataOptions, FilterOptions, locator
+from neuroloc_cli.locate.scoring import ScoringPlan, plan_scoring, score_languages
 from neuroloc_cli.locate.select import ScoreSource, Selection, SummedScores, TensorScores, select_units
 from neuroloc_cli.masks.algebra import combine, overlap
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, layout_digest
@@ -48,6 +50,7 @@ class Regions:
     summary: dict[str, Any]
     importance: dict[str, dict[str, torch.Tensor]]  # language -> tensor name -> fp32
     importance_meta: dict[str, ImportanceMeta]  # language -> what its file records
+    is_main: bool = True  # under accelerate launch, whether this process writes
 
     def save(self, output: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
         """Write the folder atomically: `importance/LANG.safetensors`, one file per mask, and
@@ -66,8 +69,67 @@ class Regions:
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
 
 
-@locator("gradient", paper=PAPER)
-def locate_gradient(
+class GradientOptions(DataOptions, FilterOptions):
+    """Settings of `locate gradient`."""
+
+    top: float = Field(default=0.01, description="share of each tensor's elements a region keeps (the paper: 0.01)")
+    score: str = Field(default="taylor", description="taylor: gradient times weight; fisher: sum of squared gradients")
+    abs_per_batch: bool = Field(default=False, description="sum_b |g_b * theta| instead of |sum_b g_b * theta| (the paper's code)")
+    seed: int = Field(default=0, description="seed of the random control")
+
+    @model_validator(mode="after")
+    def _settings(self) -> GradientOptions:
+        if not 0 < self.top <= 1:
+            raise UsageError(f"--top must be a share in (0, 1], got {self.top}", hint="e.g. --top 0.01 for 1 %")
+        if self.score not in ("taylor", "fisher"):
+            raise UsageError(f"--score must be taylor or fisher, got {self.score!r}")
+        if self.score == "fisher" and self.abs_per_batch:
+            raise UsageError("--abs-per-batch applies to --score taylor only (a Fisher score is a sum of squares already)")
+        return self
+
+    @property
+    def order(self) -> str:
+        """The scorer's name for the score (see `locate.scoring`)."""
+        return "fisher" if self.score == "fisher" else ("abs" if self.abs_per_batch else "signed")
+
+    def scoring(self) -> dict[str, Any]:
+        """The keywords of `score_languages` and `plan_scoring`."""
+        keep = NameFilter.of(self.include, self.exclude)
+        return dict(
+            keep=keep, samples=self.samples, max_tokens=self.max_tokens, seq_len=self.seq_len, batch_size=self.batch_size, score=self.order
+        )
+
+
+def plan_gradient(opts: GradientOptions) -> ScoringPlan:
+    """What `locate gradient` would score and hold, from headers only (`--dry-run`)."""
+    return plan_scoring(opts.model, opts.languages, **opts.scoring())[1]
+
+
+@locator("gradient", options=GradientOptions, reads="a model on one corpus per language: gradients", paper=PAPER)
+def locate_gradient(opts: GradientOptions) -> Regions:
+    """Core, monolingual and control regions from per-language gradients (linguistic regions).
+
+    Raises:
+        UsageError: bad settings, or filters that leave no tensor.
+        InputError: an unreadable model, tokenizer or corpus, or a corpus too short.
+    """
+    scoring = opts.scoring()
+    scores = score_languages(opts.model, opts.languages, **scoring)
+    provenance = {"model": str(Path(opts.model).resolve()), "model_fingerprint": scores.fingerprint, **scores.settings}
+    provenance["tensors"] = scoring["keep"].describe()
+    regions = regions_from_importance(
+        {s.language: s.tensors for s in scores.languages},
+        top=opts.top,
+        seed=opts.seed,
+        provenance=provenance,
+        shapes=scores.shapes,
+        languages={s.language: s.describe() for s in scores.languages},
+    )
+    regions.is_main = scores.is_main
+    return regions
+
+
+def regions_from_importance(
     importance: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     top: float = 0.01,

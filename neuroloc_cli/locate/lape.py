@@ -7,7 +7,7 @@ A neuron here is an FFN intermediate unit: one output of an MLP's activation mod
 language's packed rows and counts, per neuron, the token positions where that output is
 positive; a neuron's probability for a language is its count over the language's tokens.
 
-Selection (`locate_lape`, pure: it takes the probabilities and the MLP unit groups):
+Selection (`lape_neurons`, pure: it takes the probabilities and the MLP unit groups):
 
 1. the threshold is the `filter_percentile` quantile of every probability of the model, all
    blocks, neurons and languages together: the k-th smallest of the n values with
@@ -41,13 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from neuroloc_cli.arch import layer_index
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io.output import atomic_output_dir
-from neuroloc_cli.locate.base import locator
-from neuroloc_cli.locate.scoring import DEFAULT_SAMPLES, Language, plan_scoring
+from neuroloc_cli.locate.base import DataOptions, Language, locator
+from neuroloc_cli.locate.scoring import DEFAULT_SAMPLES, plan_scoring
 from neuroloc_cli.locate.units import BLOCKS, UnitGroup, ffn_groups, floating
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry, layout_digest
 from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
@@ -104,6 +105,7 @@ class LanguageNeurons:
     summary: dict[str, Any]
     importance: dict[str, dict[str, torch.Tensor]]  # language -> block key -> fp32 probabilities
     importance_meta: dict[str, ImportanceMeta]
+    is_main: bool = True  # under accelerate launch, whether this process writes
 
     def save(self, output: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
         """Write the folder atomically: `LANG.safetensors` masks, `importance/LANG.safetensors`
@@ -138,7 +140,8 @@ def activation_probabilities(
     model_path: Path,
     languages: Sequence[Language],
     *,
-    samples: int = DEFAULT_SAMPLES,
+    samples: int | None = DEFAULT_SAMPLES,
+    max_tokens: int | None = None,
     seq_len: int | None = None,
     batch_size: int = 8,
     text_field: str = "text",
@@ -147,8 +150,8 @@ def activation_probabilities(
 
     Args:
         model_path: the checkpoint folder (with its tokenizer).
-        languages: from `locate.scoring.parse_languages`.
-        samples: packed rows per language.
+        languages: from `locate.base.parse_languages`.
+        samples, max_tokens: rows, or tokens, per language (see `locate.scoring.plan_scoring`).
         seq_len: tokens per row; None: the smaller of 512 and the model's positions.
         batch_size: rows per forward pass.
         text_field: the JSONL field holding the text.
@@ -159,7 +162,9 @@ def activation_probabilities(
             rows, no MLP of a known layout, or an MLP block without an activation module to
             hook.
     """
-    ckpt, plan = plan_scoring(model_path, languages, keep=BLOCKS, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    ckpt, plan = plan_scoring(
+        model_path, languages, keep=BLOCKS, samples=samples, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size
+    )
     groups = ffn_groups(floating(ckpt.tensors), str(model_path))
     tokenizer = load_tokenizer(model_path)
     framing = framing_of(tokenizer, "packed", "paragraph")
@@ -292,8 +297,47 @@ def positive_counts(
     return out, {lang: int(tokens[i]) for lang, i in index.items()}
 
 
-@locator("lape", paper=PAPER)
-def locate_lape(
+class LapeOptions(DataOptions):
+    """Settings of `locate lape`."""
+
+    top: float = Field(default=DEFAULT_TOP, description="share of all FFN neurons kept, lowest entropy first (the paper: 0.01)")
+    filter_percentile: float = Field(
+        default=DEFAULT_FILTER_PERCENTILE, description="quantile of all probabilities a neuron must exceed for a language (the paper: 0.95)"
+    )
+
+    @model_validator(mode="after")
+    def _shares(self) -> LapeOptions:
+        check_shares(self.top, self.filter_percentile)
+        return self
+
+
+@locator("lape", options=LapeOptions, reads="a model on one corpus per language: activations", paper=PAPER)
+def locate_lape(opts: LapeOptions) -> LanguageNeurons:
+    """Language-specific FFN neurons by activation-probability entropy (LAPE).
+
+    Raises:
+        UsageError: bad settings.
+        InputError: an unreadable model, tokenizer or corpus, a corpus too short, or an MLP
+            whose activation cannot be hooked.
+    """
+    probs = activation_probabilities(
+        opts.model, opts.languages, samples=opts.samples, max_tokens=opts.max_tokens, seq_len=opts.seq_len, batch_size=opts.batch_size
+    )
+    provenance = {"model": str(Path(opts.model).resolve()), "model_fingerprint": probs.fingerprint, **probs.settings}
+    found = lape_neurons(
+        probs.probabilities,
+        probs.groups,
+        shapes=probs.shapes,
+        top=opts.top,
+        filter_percentile=opts.filter_percentile,
+        provenance=provenance,
+        languages=probs.describe(),
+    )
+    found.is_main = probs.is_main
+    return found
+
+
+def lape_neurons(
     probabilities: Mapping[str, Mapping[str, torch.Tensor]],
     groups: Sequence[UnitGroup],
     *,

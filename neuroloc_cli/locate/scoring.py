@@ -24,7 +24,6 @@ end, so that two processes give one process's scores up to float summation order
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,21 +35,13 @@ import torch.nn.functional as F
 from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
+from neuroloc_cli.locate.base import Language
 from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, TaggedRows, framing_of, load_tokenizer, source_rows, tagged_batches
 from neuroloc_cli.runtime.distributed import start_accelerator, sum_over_processes
 from neuroloc_cli.runtime.model import load_model, parameter_names
 
 SCORES = ("signed", "abs", "fisher")
 DEFAULT_SAMPLES = 64
-_LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a language name is also a file name
-
-
-@dataclass(frozen=True)
-class Language:
-    """One language's corpus, as `--data LANG=PATH` gave it."""
-
-    name: str
-    path: Path
 
 
 @dataclass
@@ -121,31 +112,6 @@ class ScoringPlan:
             "scored_elements": self.scored_elements,
             "memory_bytes": self.memory_bytes(),
         }
-
-
-def parse_languages(specs: Sequence[str]) -> list[Language]:
-    """The `--data LANG=PATH` values, checked: at least two languages, each named once.
-
-    Raises:
-        UsageError: a value without `=`, an empty or odd language name, a repeated
-            language, or fewer than two languages.
-    """
-    out: list[Language] = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        name = name.strip()
-        if not sep or not path:
-            raise UsageError(f"--data {spec!r}: expected LANG=PATH", hint="e.g. --data en=en.txt --data es=es.jsonl")
-        if not _LANG.match(name):
-            raise UsageError(
-                f"--data {spec!r}: language name {name!r} must be letters, digits, '_', '-' or '.'", hint="e.g. en, es, zh-Hans"
-            )
-        if any(lang.name == name for lang in out):
-            raise UsageError(f"--data: language {name!r} given twice")
-        out.append(Language(name, Path(path)))
-    if len(out) < 2:
-        raise UsageError(f"--data: {len(out)} language given, need at least 2", hint="core and monolingual regions compare languages")
-    return out
 
 
 def plan_scoring(
@@ -222,7 +188,7 @@ def score_languages(
 
     Args:
         model_path: the checkpoint folder (with its tokenizer).
-        languages: from `parse_languages`.
+        languages: from `locate.base.parse_languages`.
         keep: which checkpoint tensors are scored (by default the transformer blocks).
         samples, max_tokens: rows, or tokens, per language (see `plan_scoring`).
         seq_len: tokens per row; None: the smaller of 512 and the model's positions.

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from pydantic import Field, model_validator
 
-from neuroloc_cli.arch import NameFilter
+from neuroloc_cli.arch import NameFilter, in_blocks
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, ffn_groups, row_groups
+from neuroloc_cli.locate.base import ARGUMENT, FilterOptions, locator
+from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, every_tensor, ffn_groups, row_groups
 from neuroloc_cli.masks.algebra import combine
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry
 from neuroloc_cli.masks.importance import Importance
@@ -180,31 +182,49 @@ def select_units(
     return _select_groups(scores, groups, top, scope, pick, seed)
 
 
-def select_importance(
-    files: Sequence[Path],
-    *,
-    top: float,
-    granularity: str = "element",
-    scope: str = "tensor",
-    pick: str = "top",
-    keep: NameFilter | None = None,
-    seed: int = 0,
-    minus: Sequence[Path] = (),
-    cap: int = DEFAULT_CAP,
-) -> Mask:
+class SelectOptions(FilterOptions):
+    """Settings of `locate select`."""
+
+    importance: tuple[Path, ...] = Field(
+        min_length=1, description="importance files, summed element-wise when several", json_schema_extra=ARGUMENT
+    )
+    top: float = Field(default=0.01, description="share of units selected")
+    granularity: str = Field(default="element", description="element, row (output neurons) or ffn (MLP neurons)")
+    scope: str = Field(default="tensor", description="tensor: each tensor (or MLP block) keeps its share; global: all ranked together")
+    pick: str = Field(default="top", description="top, bottom (a control) or random (the top's count per tensor, a control)")
+    seed: int = Field(default=0, description="seed of the random pick")
+    minus: tuple[Path, ...] = Field(default=(), description="masks whose units are taken out of the selection")
+    cap: int = Field(default=DEFAULT_CAP, ge=1, description="values held at once while settling a global element threshold")
+
+    @model_validator(mode="after")
+    def _selection(self) -> SelectOptions:
+        check_selection(self.top, self.granularity, self.scope, self.pick)
+        return self
+
+
+@locator("select", options=SelectOptions, reads="importance files written by the other locators", paper="")
+def select_importance(opts: SelectOptions) -> Mask:
     """A mask from importance files: their sum, selected, minus the union of other masks.
 
-    Args:
-        files: importance files over the same tensors (summed element-wise when several).
-        minus: masks whose selected units are taken out of the result (a set difference, as
-            `mask diff`), e.g. the other languages' top sets.
-        Others: as `select_units`.
+    Without `include`, rows come from every scored tensor and FFN neurons and elements from
+    the transformer blocks.
 
     Raises:
-        InputError: an unreadable importance or mask file, or masks of another model.
-        UsageError: files that score different tensors, or bad selection settings.
+        InputError: an unreadable importance or mask file, a per-neuron importance file, or
+            masks of another model.
+        UsageError: files that score different tensors, or no tensor to select from.
     """
-    check_selection(top, granularity, scope, pick)
+    files, top, granularity, scope, pick, seed, minus = (
+        opts.importance,
+        opts.top,
+        opts.granularity,
+        opts.scope,
+        opts.pick,
+        opts.seed,
+        opts.minus,
+    )
+    keep = NameFilter.of(opts.include, opts.exclude, every_tensor if granularity == "row" else in_blocks)
+    cap = opts.cap
     sources = [Importance.open(f) for f in files]
     for f, src in zip(files, sources):
         if src.meta.provenance.get("granularity", "element") != "element":
@@ -228,8 +248,7 @@ def select_importance(
     }
     if pick == "random":
         provenance["seed"] = seed
-    if keep is not None:
-        provenance["tensors"] = keep.describe()
+    provenance["tensors"] = keep.describe()
     if LAYOUT_KEY in first.provenance:
         provenance[LAYOUT_KEY] = first.provenance[LAYOUT_KEY]
     mask = Mask(granularity, selection.entries, provenance)
