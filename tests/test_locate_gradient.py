@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.synthetic import SENTENCES
+from tests.helpers import load_all
 
 SAMPLES, SEQ_LEN, BATCH = 7, 16, 3  # a last, partial batch: the orders differ on it
 TOP = 0.05
@@ -183,3 +184,22 @@ def test_too_short_corpus_names_the_file(zoo, cli, corpora, tmp_path):
 def test_listed_among_the_locators(cli):
     r = cli("locate", "list", "--json")
     assert "gradient" in {d["name"] for d in r.json()}
+
+
+def test_dry_run_states_the_memory_and_writes_nothing(zoo, cli, corpora, tmp_path):
+    """model + one float32 accumulator per scored element + one gradient, from the headers."""
+    base = zoo.get("llama").base
+    out = tmp_path / "regions"
+    r = _run(cli, base, corpora, out, "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert not out.exists()
+    tensors = load_all(base)
+    scored = {n: t for n, t in tensors.items() if ".layers." in n}
+    mem = r.json()["memory_bytes"]
+    assert mem["model"] == 4 * sum(t.numel() for t in tensors.values())
+    assert mem["accumulators"] == 4 * sum(t.numel() for t in scored.values())
+    assert mem["gradient"] == 4 * max(t.numel() for t in scored.values())
+    assert mem["total"] == mem["model"] + mem["accumulators"] + mem["gradient"]
+    assert r.json()["rows_per_language"] == SAMPLES and r.json()["tensors"] == len(scored)
+    r = _run(cli, base, corpora, out, "--dry-run", "--max-tokens", 5 * SEQ_LEN + 3, "--samples", 2)
+    assert r.exit_code == 2 and "--samples and --max-tokens both given" in r.stderr
