@@ -1,6 +1,6 @@
 """The `neuroloc` command: its Typer app, and the one place errors become exit codes.
 
-Command modules define plain functions (and the sub-apps `recipe`, `locate`, `mask`); this
+Command modules define plain functions (and the sub-apps `recipe`, `locate`, `mask`, `importance`); this
 module registers them. They never import this module, so each can be imported on its own.
 """
 
@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from neuroloc_cli import __version__
-from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, eval_cmd, locate_cmds, mask_cmds, merge_cmds, rank_cmd, train_cmd
+from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, eval_cmd, importance_cmds, locate_cmds, mask_cmds, merge_cmds, rank_cmd, train_cmd
 from neuroloc_cli.errors import WRITE_ERRNOS, NeurolocError, RecipeError
 
 # Exceptions through which the command-line layer itself reports: `--help` and `--version`
@@ -121,6 +121,7 @@ app.add_typer(merge_cmds.recipe_app, name="recipe")
 app.command()(rank_cmd.rank)
 app.add_typer(locate_cmds.locate_app, name="locate")
 app.add_typer(mask_cmds.mask_app, name="mask")
+app.add_typer(importance_cmds.importance_app, name="importance")
 app.command()(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command()(demo_cmd.demo)

@@ -108,19 +108,36 @@ def show(
     mask: MaskArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")],
     tensor: Annotated[
-        Optional[str], typer.Option("--tensor", help="Also draw this tensor's density by row and column (name, glob or unique substring).")
+        Optional[str],
+        typer.Option(
+            "--tensor",
+            help="Also draw this tensor's density by row and column, and report its concentration (name, glob or unique substring).",
+        ),
     ] = None,
+    dimensions: Annotated[
+        bool,
+        typer.Option(
+            "--dimensions",
+            help="Report, for every o_proj / down_proj (GPT-2: attn.c_proj / mlp.c_proj), the share of its selected elements "
+            "in its top 1 % of rows and of columns.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Draw a heat map of the selected share per layer × tensor kind (and one tensor's rows/columns)."""
+    """Draw a heat map of the selected share per layer × tensor kind (and one tensor's rows/columns).
+
+    Concentration: the share of a tensor's selected elements in its top 1 % of rows (ranked by
+    their own count) and of columns. Linear weights are [out, in] (rows: output dimensions);
+    GPT-2's Conv1D weights are [in, out] (rows: input dimensions).
+    """
     from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.masks import Mask
     from neuroloc_cli.masks.show import render_png
 
     check_output_file(output, [mask], overwrite)
-    doc = render_png(Mask.load(mask), output, tensor)
+    doc = render_png(Mask.load(mask), output, tensor, dimensions)
     if as_json:
         render.print_json(doc)
-    else:
-        render.out().print(f"wrote [bold]{doc['output']}[/bold] ({doc['width']}×{doc['height']} px)")
+        return
+    render.picture(doc, "selected elements")

@@ -110,3 +110,23 @@ def merge_plan(plan: Any, as_json: bool, what: str = "recipe") -> None:
     for note in doc["notes"]:
         err().print(f"note: {note}")
     err().print(f"[green]{what} is valid[/green]: no tensor data was read, nothing was written")
+
+
+def picture(doc: dict, mass: str) -> None:
+    """What `mask show` / `importance show` wrote, and the concentration of the tensors they
+    report (`mass`: what is counted, "selected elements" or "importance")."""
+    from rich.table import Table
+
+    from neuroloc_cli.masks.dimensions import NO_PROJECTIONS, TABLE_COLUMNS, describe, table_row, table_title
+
+    console = out()
+    console.print(f"wrote [bold]{doc['output']}[/bold] ({doc['width']}×{doc['height']} px)")
+    if doc["concentration"] is not None:
+        console.print(describe(doc["concentration"], mass), markup=False, highlight=False)
+    if doc["dimensions"] is not None:
+        table = Table(title=table_title(mass))
+        for col, justify in TABLE_COLUMNS:
+            table.add_column(col, justify=justify)
+        for c in doc["dimensions"]:
+            table.add_row(*table_row(c))
+        console.print(table if doc["dimensions"] else NO_PROJECTIONS)
