@@ -2,7 +2,9 @@
 sacreBLEU's Python API (BLEU and chrF, each with its signature).
 
 LANDeRMT (seed 002, §4) reports sacreBLEU with `case.mixed, numrefs.1, smooth.none,
-tok.13a`, and finetunes with FLAN v2 translation templates; the defaults follow it. lm-eval's
+tok.13a`, and finetunes with FLAN v2 translation templates (`runtime.prompts`, shared with
+LANDeRMT's training so that a model is evaluated on the prompt it learnt); the defaults
+follow it. lm-eval's
 built-in `bleu` metric smooths with `exp`, so it is not used.
 """
 
@@ -14,43 +16,9 @@ from typing import Any
 
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.eval.specs import TRANSLATION_KEYS, read_jsonl
+from neuroloc_cli.runtime.prompts import DEFAULT_TEMPLATE, TEMPLATES, fill, resolve_template
 
-# FLAN v2 translation templates (the WMT ones LANDeRMT samples from), each ending with a cue
-# after which the translation starts, so that generation can stop at the end of the line.
-TEMPLATES = {
-    "flan-following": "Translate the following.\n\n{src_lang}: {source}\n\n{tgt_lang}:",
-    "flan-sentence": "Translate the following sentence to {tgt_lang}:\n{source}\n{tgt_lang}:",
-    "flan-translate-to": "{source}\n\nTranslate to {tgt_lang}.\n{tgt_lang}:",
-    "flan-how-is": 'How is "{source}" said in {tgt_lang}?\n{tgt_lang}:',
-}
-DEFAULT_TEMPLATE = "flan-following"
-
-LANGUAGES = {
-    "ar": "Arabic",
-    "bn": "Bengali",
-    "cs": "Czech",
-    "de": "German",
-    "en": "English",
-    "es": "Spanish",
-    "fi": "Finnish",
-    "fr": "French",
-    "hi": "Hindi",
-    "it": "Italian",
-    "ja": "Japanese",
-    "ko": "Korean",
-    "nl": "Dutch",
-    "pl": "Polish",
-    "pt": "Portuguese",
-    "ro": "Romanian",
-    "ru": "Russian",
-    "sw": "Swahili",
-    "te": "Telugu",
-    "th": "Thai",
-    "tr": "Turkish",
-    "uk": "Ukrainian",
-    "vi": "Vietnamese",
-    "zh": "Chinese",
-}
+__all__ = ["DEFAULT_TEMPLATE", "TEMPLATES", "TranslationSettings", "build_prompts", "check_settings", "resolve_template", "translate"]
 
 
 @dataclass(frozen=True)
@@ -103,34 +71,16 @@ def check_settings(s: TranslationSettings) -> list[dict[str, Any]]:
         UsageError: unknown template name, a template without {source}, an unknown sacrebleu option.
         InputError: the data file (see `read_jsonl`).
     """
-    template = resolve_template(s.template)
-    try:
-        template.format(source="", src="", tgt="", src_lang="", tgt_lang="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(
-            f"--template: cannot fill {s.template!r} ({e!r})", hint="use {source}, {src}, {tgt}, {src_lang}, {tgt_lang}"
-        ) from None
+    resolve_template(s.template)
     _scorers(s)
     records = read_jsonl(s.data, TRANSLATION_KEYS)
     return records[: s.limit] if s.limit else records
 
 
-def resolve_template(template: str) -> str:
-    """A template name of TEMPLATES, or the literal template itself (must contain {source})."""
-    if template in TEMPLATES:
-        return TEMPLATES[template]
-    if "{source}" not in template:
-        raise UsageError(
-            f"--template: {template!r} is neither a template name nor contains {{source}}", hint=f"names: {', '.join(TEMPLATES)}"
-        )
-    return template.replace("\\n", "\n")
-
-
 def build_prompts(records: list[dict[str, Any]], s: TranslationSettings) -> list[str]:
     """Fill the template for every record."""
     template = resolve_template(s.template)
-    names = {"src": s.src, "tgt": s.tgt, "src_lang": LANGUAGES.get(s.src, s.src), "tgt_lang": LANGUAGES.get(s.tgt, s.tgt)}
-    return [template.format(source=str(r["source"]), **names) for r in records]
+    return [fill(template, str(r["source"]), s.src, s.tgt) for r in records]
 
 
 def generate(lm, prompts: list[str], max_gen_toks: int, docs: list[dict[str, Any]] | None = None) -> list[str]:
