@@ -115,6 +115,7 @@ def _root(
 app.command()(checkpoint_cmds.inspect)
 app.command()(checkpoint_cmds.delta)
 app.command()(checkpoint_cmds.ablate)
+app.command("export-pair")(checkpoint_cmds.export_pair)
 app.command()(merge_cmds.merge)
 app.command()(merge_cmds.methods)
 app.add_typer(merge_cmds.recipe_app, name="recipe")

@@ -1,4 +1,4 @@
-"""`neuroloc inspect`, `neuroloc delta` and `neuroloc ablate`: commands on single checkpoints."""
+"""`neuroloc inspect`, `neuroloc delta`, `neuroloc ablate` and `neuroloc export-pair`: commands on single checkpoints."""
 
 from __future__ import annotations
 
@@ -96,4 +96,26 @@ def ablate(
         result = run_merge(
             plan, output, max_shard_bytes=shard_bytes, overwrite=overwrite, seed=seed, on_tensor=lambda _: advance(), command="ablate"
         )
+    render.merge_result(result, as_json)
+
+
+def export_pair(
+    model: Annotated[
+        Path, typer.Argument(help="A LANDeRMT-finetuned checkpoint folder, with its routing.json.", show_default=False, metavar="FT")
+    ],
+    pair: Annotated[str, typer.Option("--pair", help="The translation direction to export, SOURCE-TARGET (e.g. de-en).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one translation direction of a LANDeRMT model as an ordinary checkpoint: the
+    routing folded into the kept MLP blocks' up-side rows, other languages' neurons removed,
+    everything else bit for bit."""
+    from neuroloc_cli.train.export_pair import plan_export_pair, run_export_pair
+
+    shard_bytes = shard_size_option(max_shard_size)
+    export = plan_export_pair(model, pair)
+    with render.progress(f"export-pair ({pair})", len(export.checkpoint.tensors)) as advance:
+        result = run_export_pair(export, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance())
     render.merge_result(result, as_json)
