@@ -125,3 +125,25 @@ def test_two_process_lape_counts_equal_one_process_exactly(zoo, tmp_path):
         two = load_file(str(tmp_path / "two" / "importance" / f"{lang}.safetensors"))
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
         assert Mask.load(tmp_path / "one" / f"{lang}.safetensors").entries == Mask.load(tmp_path / "two" / f"{lang}.safetensors").entries
+
+
+def test_two_process_landermt_run_equals_one_process(zoo, tmp_path):
+    """The same global batches (one process × 2 rows, or two × 1 row): the same trained neurons,
+    up to float summation order; the never-active language's neurons bit for bit."""
+    from tests.test_train_landermt import _pairs, _routing
+
+    base = zoo.get("llama", dtype=torch.float32).base
+    masks, sets = _routing(base, tmp_path)
+    pairs = [a for d, p in _pairs(tmp_path).items() for a in ("--pair", f"{d}={p}")]
+    common = ["train", str(base), "--method", "landermt", *pairs, "--masks", str(masks), "--max-steps", "3", "--grad-accum", "2"]
+    common += ["--seq-len", "112", "--lr", "1e-2", "--json"]
+    for name, processes, batch in (("one", 1, "2"), ("two", 2, "1")):
+        r = _launch(*common, "--batch-size", batch, "-o", str(tmp_path / name), processes=processes)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two, before = load_all(tmp_path / "one"), load_all(tmp_path / "two"), load_all(base)
+    for n in before:
+        torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
+    for key, (_, specific) in sets.items():
+        for part, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            name = f"{key}.{part}.weight"
+            assert torch.equal(two[name].movedim(axis, 0)[specific["fr"]], before[name].movedim(axis, 0)[specific["fr"]])

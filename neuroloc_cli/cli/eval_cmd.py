@@ -66,7 +66,7 @@ def eval_(
         str,
         typer.Option(
             "--template",
-            help="flan-following, flan-sentence, flan-translate-to, flan-how-is, or a template with {source}, {src_lang}, {tgt_lang}.",
+            help="flan-following, flan-sentence, flan-translate-to, flan-to, flan-how-is (FLAN v2), or a template with {source}, {src_lang}, {tgt_lang}.",
             rich_help_panel=_MT,
         ),
     ] = "flan-following",

@@ -1,4 +1,4 @@
-"""`neuroloc train`: masked continual pretraining."""
+"""`neuroloc train`: masked continual pretraining, and LANDeRMT's selective finetuning."""
 
 from __future__ import annotations
 
@@ -28,6 +28,41 @@ def train(
         ),
     ] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output checkpoint folder (appears atomically).")] = None,
+    method: Annotated[
+        Optional[str],
+        typer.Option(
+            "--method",
+            help=r"cpt (continual pretraining on --data) or landermt (LANDeRMT: selective finetuning with routing on --pair) \[cpt].",
+            rich_help_panel=_SEL,
+        ),
+    ] = None,
+    pair: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--pair",
+            help="landermt: SRC-TGT=PATH, a jsonl of {source, target} for one direction. Repeatable.",
+            show_default=False,
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    masks: Annotated[
+        Optional[Path],
+        typer.Option("--masks", help="landermt: the folder `neuroloc locate awareness` wrote (routing.json).", rich_help_panel=_SEL),
+    ] = None,
+    template: Annotated[
+        Optional[str],
+        typer.Option(
+            "--template",
+            help=r"landermt: instruction template (a name, or a string with {source}) \[flan-following].",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    full_finetune: Annotated[
+        bool,
+        typer.Option(
+            "--full-finetune", help="landermt: the baseline: train every parameter on the same data, no routing.", rich_help_panel=_SEL
+        ),
+    ] = False,
     config: Annotated[
         Optional[Path], typer.Option("--config", help="YAML training recipe; its keys are these flags' names, flags override it.")
     ] = None,
@@ -60,7 +95,7 @@ def train(
         Optional[float], typer.Option("--grad-clip", help="Gradient norm clip, 0 = off [1.0].", rich_help_panel=_OPT)
     ] = None,
     grad_accum: Annotated[
-        Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1].", rich_help_panel=_OPT)
+        Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step [1; landermt: 10].", rich_help_panel=_OPT)
     ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch per process [8].", rich_help_panel=_OPT)
@@ -126,7 +161,8 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs and print the plan; load no weights, write nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Continual pretraining that updates only what a mask allows, or all but a frozen region."""
+    """Continual pretraining that updates only what a mask allows, or all but a frozen region;
+    or LANDeRMT's selective finetuning on translation pairs (--method landermt)."""
     from neuroloc_cli.train.config import build_config
     from neuroloc_cli.train.run import plan_training, run_training
 
@@ -135,6 +171,11 @@ def train(
     flags = {
         "model": _text(model),
         "data": data,
+        "method": method,
+        "pair": pair,
+        "masks": _text(masks),
+        "template": template,
+        "full_finetune": full_finetune or None,
         "output": _text(output),
         "train_mask": _text(train_mask),
         "freeze_mask": _text(freeze_mask),

@@ -161,12 +161,14 @@ class PairRows:
         input_ids: [n, seq_len] int64 (padding: the tokenizer's pad or EOS id).
         labels: [n, seq_len] int64, IGNORE on the prompt and the padding.
         truncated: examples cut at `seq_len`.
+        attention_mask: [n, seq_len] int64, 1 on the example's tokens, 0 on the padding.
     """
 
     pair: Pair
     input_ids: torch.Tensor
     labels: torch.Tensor
     truncated: int
+    attention_mask: torch.Tensor | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -189,7 +191,7 @@ def pair_rows(pair: Pair, sentences: Sequence[tuple[str, str]], tokenizer: Any, 
     template = resolve_template(template)
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids, labels, truncated = [], [], 0
+    ids, labels, attention, truncated = [], [], [], 0
     for source, target in sentences:
         prompt = tokenizer(fill(template, source, pair.src, pair.tgt), add_special_tokens=True)["input_ids"]
         answer = tokenizer(SEPARATOR + target, add_special_tokens=False)["input_ids"] + eos
@@ -199,4 +201,6 @@ def pair_rows(pair: Pair, sentences: Sequence[tuple[str, str]], tokenizer: Any, 
             row, lab = row[:seq_len], lab[:seq_len]
         ids.append(row + [pad] * (seq_len - len(row)))
         labels.append(lab + [IGNORE] * (seq_len - len(lab)))
-    return PairRows(pair, torch.tensor(ids, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64), truncated)
+        attention.append([1] * len(row) + [0] * (seq_len - len(row)))
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int64).view(-1, seq_len)
+    return PairRows(pair, as_tensor(ids), as_tensor(labels), truncated, as_tensor(attention))

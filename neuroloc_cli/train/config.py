@@ -23,7 +23,7 @@ from neuroloc_cli.config_models import Frozen, describe_error, load_yaml
 from neuroloc_cli.errors import RecipeError, UsageError
 from neuroloc_cli.io.format import DtypeName
 
-_PATH_KEYS = ("model", "output", "train_mask", "freeze_mask", "run_dir", "log")
+_PATH_KEYS = ("model", "output", "train_mask", "freeze_mask", "run_dir", "log", "masks")
 _ARGUMENTS = ("model",)  # command-line arguments, not flags
 
 
@@ -41,7 +41,18 @@ class TrainConfig(Frozen):
     """A validated training run: every key is also a flag of `neuroloc train`."""
 
     model: str
-    data: list[DataSource] = Field(min_length=1)
+    method: Literal["cpt", "landermt"] = "cpt"
+    """cpt: continual pretraining on corpora (`data`); landermt: selective finetuning of
+    LANDeRMT's neurons with routing on translation pairs (`pairs`, `masks`)."""
+    data: list[DataSource] = Field(default_factory=list)
+    pair: list[str] = Field(default_factory=list)
+    """landermt: `SRC-TGT=PATH`, one jsonl of {"source", "target"} per direction."""
+    masks: str | None = None
+    """landermt: the folder `neuroloc locate awareness` wrote (its routing.json)."""
+    template: str = "flan-following"
+    """landermt: the instruction template around each source sentence (see runtime.prompts)."""
+    full_finetune: bool = False
+    """landermt: the baseline, on the same data and templates: every parameter trains, no routing."""
     output: str | None = None
     train_mask: str | None = None
     freeze_mask: str | None = None
@@ -97,6 +108,35 @@ class TrainConfig(Frozen):
             raise ValueError("each beta must be in [0, 1)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, v: Any) -> Any:
+        # LANDeRMT's defaults (the paper: batch 8, gradient accumulation 10), unless given
+        if isinstance(v, dict) and v.get("method") == "landermt" and v.get("grad_accum") is None:
+            v = {**v, "grad_accum": 10}
+        return v
+
+    @model_validator(mode="after")
+    def _method(self) -> TrainConfig:
+        if self.method == "cpt":
+            if not self.data:
+                raise ValueError("no training data: give --data (a corpus), or --method landermt with --pair")
+            for key in ("pair", "masks"):
+                if getattr(self, key):
+                    raise ValueError(f"--{key} applies to --method landermt only")
+            return self
+        if self.data:
+            raise ValueError("--method landermt trains on --pair SRC-TGT=PATH translation data, not --data")
+        if not self.pair:
+            raise ValueError("--method landermt needs at least one --pair SRC-TGT=PATH")
+        if self.train_mask or self.freeze_mask or self.trainable:
+            raise ValueError(
+                "--method landermt trains the neurons of --masks (or everything with --full-finetune), not --train-mask/--freeze-mask/--trainable"
+            )
+        if not self.full_finetune and not self.masks:
+            raise ValueError("--method landermt needs --masks DIR (from `neuroloc locate awareness`), or --full-finetune for the baseline")
+        return self
+
     @model_validator(mode="after")
     def _masks(self) -> TrainConfig:
         if self.train_mask and self.freeze_mask:
@@ -126,6 +166,9 @@ class TrainConfig(Frozen):
     def hyper_parameters(self) -> dict[str, Any]:
         """The settings that define the optimisation; a resumed run must match them exactly."""
         keys = (
+            "method",
+            "full_finetune",
+            "template",
             "trainable",
             "max_steps",
             "max_tokens",
@@ -214,6 +257,16 @@ def _rebase_paths(doc: dict[str, Any], root: Path) -> None:
         rebased.append(item)
     if data is not None:
         doc["data"] = rebased
+    pairs = doc.get("pair")
+    if isinstance(pairs, list):  # SRC-TGT=PATH: the path is relative to the recipe too
+        doc["pair"] = [_rebase_pair(p, root) for p in pairs]
+
+
+def _rebase_pair(spec: Any, root: Path) -> Any:
+    if not isinstance(spec, str) or "=" not in spec:
+        return spec
+    direction, _, path = spec.partition("=")
+    return f"{direction}={root / Path(path).expanduser()}"
 
 
 def _describe_flag(err: Any, value: Any) -> str:

@@ -1,5 +1,6 @@
 """The training mixture: every configured corpus cut into rows (with a held-out share), and
-the sampler that mixes them.
+the sampler that mixes them; for LANDeRMT, translation directions and a sampler that gives
+every step one direction.
 
 Reading, tokenizing, framing and packing are `runtime.data`'s (the one way text becomes rows);
 here the last `eval_share` of each corpus's rows is held out for perplexity, and batches are
@@ -11,6 +12,7 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.runtime.data import Framing, pack, pad_rows, read_documents, tokenize
+from neuroloc_cli.runtime.prompts import IGNORE, Pair, PairRows, pair_rows, read_pairs
 from neuroloc_cli.train.config import DataSource
 from neuroloc_cli.train.rng import derive_seed
 
@@ -116,3 +119,83 @@ class MixtureSampler:
                 len(train), generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch))
             )
         return train[self._perms[key][pos]]
+
+
+@dataclass
+class PairCorpus:
+    """One translation direction's examples (LANDeRMT): rows with labels on the target only,
+    the last `eval_share` held out."""
+
+    rows: PairRows
+    train: slice
+    held_out: slice
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.rows.pair.name
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.rows.describe(),
+            "sha256": self.sha256,
+            "train_examples": self.train.stop - self.train.start,
+            "held_out_examples": self.held_out.stop - self.held_out.start,
+        }
+
+
+def load_pair_corpora(pairs: list[Pair], tokenizer: Any, template: str, seq_len: int, eval_share: float) -> list[PairCorpus]:
+    """Read and tokenize every direction (see `runtime.prompts.pair_rows`).
+
+    Raises:
+        InputError: a missing or malformed file, or one whose every example is truncated
+            before its target.
+    """
+    out = []
+    for pair in pairs:
+        sentences = read_pairs(pair.path)
+        rows = pair_rows(pair, sentences, tokenizer, template, seq_len)
+        if not bool((rows.labels != IGNORE).any()):
+            raise InputError(f"{pair.path}: no target token fits in --seq-len {seq_len}", hint="raise --seq-len")
+        n = len(rows.input_ids)
+        held = int(n * eval_share) if n > 1 else 0
+        if eval_share > 0 and held == 0 and n > 1:
+            held = 1
+        out.append(PairCorpus(rows, slice(0, n - held), slice(n - held, n), hashlib.sha256(pair.path.read_bytes()).hexdigest()))
+    return out
+
+
+@dataclass
+class PairSampler:
+    """LANDeRMT's batches: every optimizer step draws ONE direction (in proportion to its
+    training examples) and all its examples from that direction, in a fresh seeded
+    permutation per pass. The state is `counters` (examples drawn per direction)."""
+
+    corpora: list[PairCorpus]
+    seed: int
+    counters: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.counters:
+            self.counters = [0] * len(self.corpora)
+        sizes = torch.tensor([c.train.stop - c.train.start for c in self.corpora], dtype=torch.float64)
+        self._probs = sizes / sizes.sum()
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+
+    def next_batch(self, step: int, size: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(direction index, input ids, labels, attention mask — each [size, seq_len]) of step `step`."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step))
+        c = int(torch.multinomial(self._probs, 1, generator=gen))
+        corpus = self.corpora[c]
+        n = corpus.train.stop - corpus.train.start
+        picks = []
+        for _ in range(size):
+            epoch, pos = divmod(self.counters[c], n)
+            self.counters[c] += 1
+            if (c, epoch) not in self._perms:
+                self._perms = {k: v for k, v in self._perms.items() if k[0] != c}  # one pass per direction
+                gen_c = torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch))
+                self._perms[(c, epoch)] = torch.randperm(n, generator=gen_c)
+            picks.append(corpus.train.start + int(self._perms[(c, epoch)][pos]))
+        index = torch.tensor(picks)
+        return c, corpus.rows.input_ids[index], corpus.rows.labels[index], corpus.rows.attention_mask[index]

@@ -9,6 +9,7 @@ back, cast to the input tensor's dtype (or `--out-dtype`).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def write_model(
     overwrite: bool,
     provenance: dict[str, Any],
     log_file: Path | None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> list[str]:
     """Stream the trained checkpoint into `out_dir`, which appears only when complete.
 
@@ -50,6 +52,7 @@ def write_model(
         inputs: paths the output must not overlap.
         out_dtype: dtype of floating tensors, or None to keep each input tensor's.
         log_file: the JSONL training log, copied in as `train_log.jsonl`.
+        extra_files: name in the output -> file copied there (LANDeRMT's routing.json).
 
     Returns:
         The shard file names written.
@@ -79,6 +82,8 @@ def write_model(
             writer.write(info.name, t.to("cpu").to(dtype_of(info)))
         if log_file is not None and log_file.is_file():
             shutil.copyfile(log_file, tmp / LOG_FILE)
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, tmp / name)
     return writer.files
 
 

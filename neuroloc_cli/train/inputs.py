@@ -7,7 +7,7 @@ Only the checkpoint's headers are read here; its tensors are read by the model a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,12 @@ from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
 from neuroloc_cli.io.output import check_output_path
 from neuroloc_cli.io.writer import parse_size
 from neuroloc_cli.masks import Mask
+from neuroloc_cli.masks.format import layout_digest
 from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, Framing, framing_of, load_tokenizer
+from neuroloc_cli.runtime.prompts import Pair, parse_pairs
+from neuroloc_cli.runtime.routing import ROUTING_FILE, Routing
 from neuroloc_cli.train.config import TrainConfig
-from neuroloc_cli.train.data import Corpus, load_corpora
+from neuroloc_cli.train.data import Corpus, PairCorpus, load_corpora, load_pair_corpora
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class RunInputs:
     seq_len_default: bool
     max_shard_bytes: int
     paths: list[Path]
+    pairs: list[PairCorpus] = field(default_factory=list)  # landermt: the translation directions
+    routing: Routing | None = None  # landermt: the neuron sets and coefficients of --masks
 
     @property
     def warnings(self) -> list[str]:
@@ -70,13 +75,41 @@ def check_inputs(config: TrainConfig) -> RunInputs:
     positions = model_positions(source.config)
     cfg = config.model_copy(update={"seq_len": _seq_len(config.seq_len, positions)})
     mask = _load_mask(Path(cfg.mask_path), source) if cfg.mask_path else None
+    pairs = parse_pairs(cfg.pair)
+    routing = _load_routing(Path(cfg.masks), source, pairs) if cfg.method == "landermt" and not cfg.full_finetune else None
     paths = [model_path, *(Path(d.path) for d in cfg.data), *([Path(cfg.mask_path)] if cfg.mask_path else [])]
+    paths += [p.path for p in pairs] + ([Path(cfg.masks)] if cfg.masks else [])
     if cfg.output is not None:
         check_output_path(Path(cfg.output), paths, cfg.overwrite)
     tokenizer = load_tokenizer(model_path)
+    if cfg.method == "landermt":
+        framing = framing_of(tokenizer, "padded", cfg.txt_docs)
+        corpora = load_pair_corpora(pairs, tokenizer, cfg.template, cfg.seq_len, cfg.eval_share)
+        args = (cfg, source, mask, tokenizer, framing, [], positions, config.seq_len is None, max_shard_bytes, paths)
+        return RunInputs(*args, pairs=corpora, routing=routing)
     framing = framing_of(tokenizer, cfg.packing, cfg.txt_docs)
     corpora = load_corpora(cfg.data, tokenizer, framing, cfg.seq_len, cfg.eval_share)
     return RunInputs(cfg, source, mask, tokenizer, framing, corpora, positions, config.seq_len is None, max_shard_bytes, paths)
+
+
+def _load_routing(folder: Path, source: Checkpoint, pairs: list[Pair]) -> Routing:
+    """`--masks DIR`'s routing.json, checked against the model and the directions trained.
+
+    Raises:
+        InputError: no routing file, one made for another model layout, or a direction the
+            locator did not score.
+    """
+    path = folder / ROUTING_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: no {ROUTING_FILE}", hint="make the folder with `neuroloc locate awareness`")
+    routing = Routing.load(path)
+    layout = layout_digest({n: i.shape for n, i in source.tensors.items()})
+    if routing.model_layout and routing.model_layout != layout:
+        raise InputError(f"{path}: made for a model of another layout ({routing.model_layout}, this one is {layout})")
+    for pair in pairs:
+        if pair.name not in routing.directions:
+            raise InputError(f"{path}: has no routing for direction {pair.name}", hint=f"its directions: {', '.join(routing.directions)}")
+    return routing
 
 
 def _seq_len(seq_len: int | None, positions: int | None) -> int:

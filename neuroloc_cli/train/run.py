@@ -116,13 +116,32 @@ class MaskedCPTRecipe:
         names = parameter_names(self.model, self.inputs.source)
         plan = self._plan_selection(names)
         self.trainable = apply_selection(self.model, plan, names)
+        self._prepare(names)
         self.counts = plan.counts()
         self.params = list(self.trainable.params.values())
         self.optimizer = adamw(self.params, self.cfg)
         self.total_steps = self._total_steps()
-        self.sampler = MixtureSampler(self.inputs.corpora, self.cfg.seed)
+        self.sampler = self._make_sampler()
         self.identity = run_identity(self.inputs, self.world)
         self._resume_or_start()
+
+    # -- what a method changes (LANDeRMT overrides these; see train/landermt.py) -------------
+
+    def _prepare(self, names: dict[str, str]) -> None:
+        """After the selection is applied: anything the method adds to the model (hooks)."""
+
+    def _make_sampler(self) -> Any:
+        return MixtureSampler(self.inputs.corpora, self.cfg.seed)
+
+    def _training_rows(self) -> int:
+        return sum(len(c.train) for c in self.inputs.corpora)
+
+    def _describe_data(self) -> list[dict[str, Any]]:
+        return [c.describe() for c in self.inputs.corpora]
+
+    def _extra_files(self) -> dict[str, Path]:
+        """Files copied into the output beside the weights (name in the output -> source)."""
+        return {}
 
     def plan(self) -> dict[str, Any]:
         """Check every input and describe the run without loading weights or writing anything
@@ -142,7 +161,7 @@ class MaskedCPTRecipe:
             **counts,
             # two fp32 moments per element and a step counter per parameter, as AdamW allocates
             "optimizer_state_bytes": 8 * counts["optimizer_elements"] + 4 * len(plan.trained),
-            "data": [c.describe() for c in inputs.corpora],
+            "data": self._describe_data(),
             "framing": inputs.framing.describe(),
             "warnings": inputs.warnings,
             "hyper_parameters": cfg.hyper_parameters(),
@@ -172,7 +191,7 @@ class MaskedCPTRecipe:
         if candidates:
             return min(candidates)
         # Neither limit given: one pass over the training sequences.
-        return max(1, math.ceil(sum(len(c.train) for c in self.inputs.corpora) / self.global_batch))
+        return max(1, math.ceil(self._training_rows() / self.global_batch))
 
     @property
     def global_batch(self) -> int:
@@ -260,15 +279,27 @@ class MaskedCPTRecipe:
                 loss = summed_nll(self.model, micro.to(self.accelerator.device), self.inputs.framing.pad_token_id) * scale
             loss.backward()
             total += loss.detach()
+        return float(total), self._apply_gradients(total)
+
+    def _apply_gradients(self, total: torch.Tensor) -> float | None:
+        """After the micro-batches' backward passes: collect, sync, clip, step, restore.
+
+        Args:
+            total: the step's loss (summed over micro-batches), averaged over processes in place.
+
+        Returns:
+            The gradient norm before clipping, or None without clipping.
+        """
         self.trainable.collect_gradients()  # slices take their rows' gradients; frozen ones zeroed
-        average_gradients(self.params, total, self.world)  # only the trainable ones travel
+        moving = self.trainable.active_params()
+        average_gradients(moving, total, self.world)  # only the trainable ones travel
         grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(moving, self.cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.trainable.after_step()  # slices copied into their rows; frozen values written back
-        return float(total), grad_norm
+        return grad_norm
 
     def evaluate(self) -> dict[str, float]:
         """Held-out perplexity of each corpus (see `loss.held_out_perplexity`)."""
@@ -341,6 +372,7 @@ class MaskedCPTRecipe:
                 overwrite=self.cfg.overwrite,
                 provenance=record,
                 log_file=self.log.path,
+                extra_files=self._extra_files(),
             )
             if self.remove_run_dir:  # the output holds the log now; the checkpoints served their purpose
                 shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -366,9 +398,18 @@ class MaskedCPTRecipe:
             self.inputs.source.close()
 
 
+def recipe_for(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> MaskedCPTRecipe:
+    """The recipe of the run's `method`."""
+    if config.method == "landermt":
+        from neuroloc_cli.train.landermt import LanderMTRecipe
+
+        return LanderMTRecipe(config, on_event)
+    return MaskedCPTRecipe(config, on_event)
+
+
 def plan_training(config: TrainConfig) -> dict[str, Any]:
     """Check a run's inputs and describe it; load no weights, write nothing (`--dry-run`)."""
-    recipe = MaskedCPTRecipe(config)
+    recipe = recipe_for(config)
     try:
         return recipe.plan()
     finally:
@@ -377,7 +418,7 @@ def plan_training(config: TrainConfig) -> dict[str, Any]:
 
 def run_training(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
     """Set up, train and save; the one core call of `neuroloc train`."""
-    recipe = MaskedCPTRecipe(config, on_event)
+    recipe = recipe_for(config, on_event)
     try:
         recipe.setup()
         recipe.train()
