@@ -237,9 +237,11 @@ class RoutingHooks:
 
     def __init__(self, model: nn.Module, routing: Routing, direction: str, names: Mapping[str, str]):
         self.routing = routing
+        routing.pair(direction)  # raises for a direction the routing does not have
         self.direction = direction
-        self._scales = routing.scales(direction)
-        self._cache: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (direction, block, device) -> the block's float32 scale and nonzero mask: a training
+        # loop switches direction every step, and the scales never change
+        self._cache: dict[tuple[str, str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         params = dict(model.named_parameters(remove_duplicate=False))
         shapes = {n: tuple(params[p].shape) for n, p in names.items() if p in params}
         self._handles = []
@@ -255,8 +257,7 @@ class RoutingHooks:
         Raises:
             UsageError: the routing has no such direction.
         """
-        self._scales = self.routing.scales(direction)
-        self._cache.clear()
+        self.routing.pair(direction)  # raises for a direction the routing does not have
         self.direction = direction
 
     def remove(self) -> None:
@@ -273,9 +274,9 @@ class RoutingHooks:
 
     def _scale(self, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's float32 scale and its nonzero mask on `device` (cached)."""
-        k = (key, device)
+        k = (self.direction, key, device)
         if k not in self._cache:
-            s = self._scales[key].to(device)
+            s = self.routing.scales(self.direction)[key].to(device)
             self._cache[k] = (s, s != 0)
         return self._cache[k]
 
