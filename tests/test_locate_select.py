@@ -181,7 +181,7 @@ def test_every_locator_lists_its_options_and_validates_them(cli):
     r = cli("locate", "list", "--json")
     assert r.exit_code == 0, r.stderr
     docs = {d["name"]: d for d in r.json()}
-    assert set(docs) == {"delta", "gradient", "lape", "select"}
+    assert set(docs) == {"awareness", "delta", "gradient", "lape", "select"}
     group = get_command(locate_app)
     internal = {"cap", "pick"}  # settings for library callers, or spelt as --bottom / --random
     for name, doc in docs.items():

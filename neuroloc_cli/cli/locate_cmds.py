@@ -1,5 +1,5 @@
 """`neuroloc locate delta` (MAET Eq. 1), `gradient` (linguistic regions), `lape` (language-specific
-neurons), `select` (a mask from importance files) and `list`."""
+neurons), `awareness` (LANDeRMT), `select` (a mask from importance files) and `list`."""
 
 from __future__ import annotations
 
@@ -268,6 +268,94 @@ def lape(
         render.out().print(f"  {lang}: {d['neurons']} neurons ({layers})")
     for pair, o in summary["overlaps"].items():
         render.out().print(f"  shared {pair}: {o['shared']} (Jaccard {o['jaccard']:.3f})")
+
+
+@locate_app.command("awareness")
+def awareness(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder (with its tokenizer).", show_default=False)],
+    pair: Annotated[
+        list[str],
+        typer.Option(
+            "--pair", help='SRC-TGT=PATH: one direction\'s jsonl of {"source", "target"} sentence pairs; repeatable.', show_default=False
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: masks, importance, routing.json, summary.json.")],
+    layers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--layers", help="Keep the k layers whose mean FFN activation changes most to the next layer. Default: 4.", show_default=False
+        ),
+    ] = None,
+    layer_ids: Annotated[
+        Optional[str], typer.Option("--layer-ids", help="Keep these layers instead of --layers, e.g. 3,4,21,22.", show_default=False)
+    ] = None,
+    general: Annotated[
+        float, typer.Option("--general", help="Share of each kept layer's neurons that are language-general (the paper: 0.9).")
+    ] = 0.9,
+    samples: Annotated[
+        Optional[int], typer.Option("--samples", help="Examples read per direction, from the top. Default: all.", show_default=False)
+    ] = None,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option("--seq-len", help="Tokens per example. Default: the smaller of 512 and the model's positions.", show_default=False),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per pass (one direction per batch).")] = 8,
+    template: Annotated[
+        str, typer.Option("--template", help="Instruction template: flan-following, flan-sentence, ... or a literal.")
+    ] = "flan-following",
+    order: Annotated[
+        str, typer.Option("--order", help="abs-mean: mean over tokens of |h·dL/dh|; mean-abs: |mean of h·dL/dh|.")
+    ] = "abs-mean",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the layers and FFN neurons that matter for translation: language-general and language-specific ones (LANDeRMT).
+
+    Runs data-parallel under `accelerate launch`: each process takes its share of the
+    batches, and the sums are added once at the end."""
+    from neuroloc_cli.io.output import check_output_path
+    from neuroloc_cli.locate import LOCATORS
+
+    loc = LOCATORS.get("awareness")
+    opts = loc.parse(
+        model=model,
+        pair=pair,
+        layers=layers,
+        layer_ids=layer_ids or (),
+        general=general,
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        template=template,
+        order=order,
+    )
+    inputs = [model, *(p.path for p in opts.pairs)]
+    check_output_path(output, inputs, overwrite)
+    found = loc.fn(opts)
+    if not found.is_main:
+        return  # under accelerate launch, the first process writes
+    found.save(output, inputs, overwrite)
+    _render_awareness(output, found.summary, as_json)
+
+
+def _render_awareness(path: Path, summary: dict, as_json: bool) -> None:
+    if as_json:
+        render.print_json({"output": str(path), **summary})
+        return
+    from rich.table import Table
+
+    langs = summary["provenance"]["languages"]
+    table = Table(title=f"{path}: layers {summary['layers']}, {100 * summary['general']:g} % general")
+    for col in ("layer", "D (to next)", "kept", "general", *(f"specific {lang}" for lang in langs)):
+        table.add_column(col)
+    for layer in summary["mean_activation"]:
+        d = summary["layer_scores"].get(layer)
+        c = summary["counts"].get(layer)
+        cells = [str(c["general"]), *(str(c["specific"][lang]) for lang in langs)] if c else [""] * (1 + len(langs))
+        table.add_row(layer, "-" if d is None else f"{d:.4g}", "yes" if c else "", *cells)
+    render.out().print(table)
+    for direction, per_layer in summary["coefficient"].items():
+        render.out().print(f"  routing c {direction}: " + ", ".join(f"layer {layer} {c:.3f}" for layer, c in per_layer.items()))
 
 
 @locate_app.command("select")

@@ -309,3 +309,22 @@ def _tensor_panel(title: str, p: Profile, legend_label: str):
         draw.rectangle([j * scale, top + gh + 4, (j + 1) * scale - 1, top + gh + 4 + strip], fill=_color(v, vmax))
     _legend(draw, 0, top + gh + strip + 14, legend_label, vmax)
     return img
+
+
+def grid_png(grid: Grid, out: Path, title: str, legend_label: str) -> dict:
+    """Write one heat map of `grid` (NaN cells grey) to the PNG `out`, atomically.
+
+    Returns:
+        The output path, width and height.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    from PIL import Image
+
+    panel = _grid_panel(grid, title, legend_label)
+    image = Image.new("RGB", (panel.width + 2 * _PAD, panel.height + 2 * _PAD), _BG)
+    image.paste(panel, (_PAD, _PAD))
+    with atomic_file(out, "image") as tmp:
+        image.save(tmp, format="PNG")
+    return {"output": str(out), "width": image.width, "height": image.height}
