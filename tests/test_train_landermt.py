@@ -165,3 +165,37 @@ def test_a_direction_the_routing_lacks_is_refused(zoo, cli, tmp_path):
     r = _train(cli, base, tmp_path, "--masks", masks)
     assert r.exit_code == 3 and "no routing for direction de-en" in r.stderr
     shutil.rmtree(masks)
+
+
+def test_landermt_end_to_end(zoo, cli, tmp_path):
+    """locate awareness -> train --method landermt -> export-pair -> eval, through the CLI: the
+    export loads without neuroloc and its logits equal the routed trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    from neuroloc_cli.io.checkpoint import Checkpoint
+    from neuroloc_cli.runtime.model import load_model, parameter_names
+    from neuroloc_cli.runtime.routing import Routing, attach
+
+    base = zoo.get("llama", dtype=torch.float32).base
+    pairs = _pairs(tmp_path)
+    pair_args = [a for d, p in pairs.items() for a in ("--pair", f"{d}={p}")]
+    r = cli("locate", "awareness", base, *pair_args, "--layers", 1, "--general", 0.75, "--seq-len", 112, "-o", tmp_path / "lm", "--json")
+    assert r.exit_code == 0, r.stderr
+    r = _train(cli, base, tmp_path, "--masks", tmp_path / "lm")
+    assert r.exit_code == 0, r.stderr
+    r = cli("export-pair", tmp_path / "ft", "--pair", "de-en", "-o", tmp_path / "de-en")
+    assert r.exit_code == 0, r.stderr
+    ids = torch.tensor([[0, 5, 9, 17, 33, 2, 8]])
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "de-en")).eval()
+    routed = load_model(tmp_path / "ft").eval()
+    names = parameter_names(routed, Checkpoint.open(tmp_path / "ft"))
+    with torch.no_grad(), attach(routed, Routing.load(tmp_path / "ft" / "routing.json"), "de-en", names):
+        want = routed(input_ids=ids).logits
+    torch.testing.assert_close(exported(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[:3]))
+    args = ["--translate", pairs["de-en"], "--src", "de", "--tgt", "en", "--limit", 2, "--max-gen-toks", 8, "--ppl", f"{held}:fr"]
+    r = cli("eval", tmp_path / "de-en", base, *args, "--json")
+    assert r.exit_code == 0, r.stderr
+    tasks = json.dumps(r.json())
+    assert "translate_de-en" in tasks and "ppl_fr" in tasks  # gain and forgetting in one table
