@@ -199,3 +199,19 @@ def test_landermt_end_to_end(zoo, cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     tasks = json.dumps(r.json())
     assert "translate_de-en" in tasks and "ppl_fr" in tasks  # gain and forgetting in one table
+    # the raw training output is right only behind its routing: refused as a plain model
+    for argv in (["eval", tmp_path / "ft", "--ppl", f"{held}:fr"], ["train", tmp_path / "ft", "--data", held, "-o", tmp_path / "x"]):
+        r = cli(*argv)
+        assert r.exit_code == 3 and "is a LANDeRMT training output" in r.stderr and "export-pair" in r.stderr, r.stderr
+
+
+def test_resume_refuses_a_changed_routing(zoo, cli, tmp_path):
+    base = zoo.get("llama", dtype=torch.float32).base
+    masks, _ = _routing(base, tmp_path)
+    r = _train(cli, base, tmp_path, "--masks", masks, "--save-every", 1, "--max-steps", 3, "--keep-state", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((masks / "routing.json").read_text())
+    doc["coefficient"]["de-en"] = {k: 0.95 for k in doc["coefficient"]["de-en"]}
+    (masks / "routing.json").write_text(json.dumps(doc))
+    r = _train(cli, base, tmp_path, "--masks", masks, "--max-steps", 3, "--resume", "--run-dir", tmp_path / "run", "--overwrite")
+    assert r.exit_code != 0 and "routing" in r.stderr, r.stderr

@@ -66,7 +66,9 @@ def load_lm(path: Path, device: str, dtype: str, batch_size: int):
     from neuroloc_cli.eval.lm import NeurolocLM
     from neuroloc_cli.runtime.data import load_tokenizer
     from neuroloc_cli.runtime.model import load_model
+    from neuroloc_cli.runtime.routing import refuse_routed
 
+    refuse_routed(path)
     model = load_model(path, device=device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     model.eval()
     tokenizer = load_tokenizer(path)

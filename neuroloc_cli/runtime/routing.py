@@ -142,6 +142,18 @@ class Routing:
         assert pair is not None  # every direction was checked at load
         return pair
 
+    def check_model(self, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+        """Refuse a model whose tensors do not fit the routing: every part of every kept block
+        must exist with the block's neuron count along its axis (checked before any weight
+        is loaded).
+
+        Raises:
+            InputError: naming the routing file, the block and the tensor.
+        """
+        for block in self.blocks.values():
+            for name, axis in block.parts:
+                _check_part(self, block, name, axis, shapes.get(name), source)
+
     def scales(self, direction: str) -> dict[str, torch.Tensor]:
         """Block key -> float32 vector of `size`: `c` for general neurons, `1 − c` for the
         neurons specific to the direction's source or target, 0 for those of other languages.
@@ -310,6 +322,20 @@ def attach(model: nn.Module, routing: Routing, direction: str, names: Mapping[st
         InputError: a routed tensor is not a parameter of the model, or has another neuron count.
     """
     return RoutingHooks(model, routing, direction, names)
+
+
+def refuse_routed(model: Path) -> None:
+    """Refuse to read a `train --method landermt` output as a plain model: its weights were
+    trained behind the routing, which only `export-pair` puts into them.
+
+    Raises:
+        InputError: the folder holds a routing.json.
+    """
+    if (Path(model) / ROUTING_FILE).is_file():
+        raise InputError(
+            f"{model}: is a LANDeRMT training output; its weights are only right with the routing of one direction",
+            hint=f"make a model per direction with `neuroloc export-pair {model} --pair SRC-TGT -o OUT`",
+        )
 
 
 # -- reading routing.json -------------------------------------------------------------------

@@ -118,6 +118,7 @@ def provenance(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": {"path": str(Path(cfg.model).resolve()), "fingerprint": inputs.source.fingerprint},
         "mask": mask,
+        "routing": {"path": str(inputs.routing.path.resolve()), "sha256": inputs.routing.sha256} if inputs.routing is not None else None,
         "data": identity["data"],
         "framing": identity["framing"],
         "hyper_parameters": cfg.hyper_parameters(),

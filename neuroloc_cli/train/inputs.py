@@ -19,7 +19,7 @@ from neuroloc_cli.masks import Mask
 from neuroloc_cli.masks.format import layout_digest
 from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, Framing, framing_of, load_tokenizer
 from neuroloc_cli.runtime.prompts import Pair, parse_pairs
-from neuroloc_cli.runtime.routing import ROUTING_FILE, Routing
+from neuroloc_cli.runtime.routing import ROUTING_FILE, Routing, refuse_routed
 from neuroloc_cli.train.config import TrainConfig
 from neuroloc_cli.train.data import Corpus, PairCorpus, load_corpora, load_pair_corpora
 
@@ -68,6 +68,7 @@ def check_inputs(config: TrainConfig) -> RunInputs:
     """
     model_path = Path(config.model)
     source = Checkpoint.open(model_path, spec=config.model)
+    refuse_routed(model_path)
     try:
         max_shard_bytes = parse_size(config.max_shard_size)
     except ValueError as e:
@@ -104,8 +105,9 @@ def _load_routing(folder: Path, source: Checkpoint, pairs: list[Pair]) -> Routin
         raise InputError(f"{folder}: no {ROUTING_FILE}", hint="make the folder with `neuroloc locate awareness`")
     routing = Routing.load(path)
     layout = layout_digest({n: i.shape for n, i in source.tensors.items()})
-    if routing.model_layout and routing.model_layout != layout:
+    if routing.model_layout != layout:
         raise InputError(f"{path}: made for a model of another layout ({routing.model_layout}, this one is {layout})")
+    routing.check_model({n: i.shape for n, i in source.tensors.items()}, str(source.path))
     for pair in pairs:
         if pair.name not in routing.directions:
             raise InputError(f"{path}: has no routing for direction {pair.name}", hint=f"its directions: {', '.join(routing.directions)}")

@@ -26,6 +26,7 @@ folds one direction's routing into an ordinary checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from neuroloc_cli.errors import UsageError
+from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.runtime.distributed import sum_over_processes
 from neuroloc_cli.runtime.prompts import IGNORE
 from neuroloc_cli.runtime.routing import ROUTING_FILE, attach
@@ -97,7 +98,8 @@ class LanderMTRecipe(MaskedCPTRecipe):
         if self.routes is None:
             return
         self.routes.set_direction(direction)
-        src, tgt = direction.split("-", 1)
+        src, tgt = self.inputs.routing.pair(direction)
+        # a group without a neuron in any kept block was never made: nothing of it to train
         self.trainable.set_active({g for g in (GENERAL, specific(src), specific(tgt)) if g in self.trainable.groups})
 
     # -- data -------------------------------------------------------------------------------
@@ -158,8 +160,18 @@ class LanderMTRecipe(MaskedCPTRecipe):
     # -- saving -----------------------------------------------------------------------------
 
     def _extra_files(self) -> dict[str, Path]:
-        """routing.json travels with the trained model: `export-pair` reads it there."""
-        return {} if self.cfg.full_finetune else {ROUTING_FILE: Path(self.cfg.masks) / ROUTING_FILE}
+        """routing.json travels with the trained model: `export-pair` reads it there. It must be
+        the file the run was trained with, not one written into --masks since.
+
+        Raises:
+            InputError: the file changed during the run.
+        """
+        if self.cfg.full_finetune:
+            return {}
+        routing = self.inputs.routing
+        if hashlib.sha256(routing.path.read_bytes()).hexdigest() != routing.sha256:
+            raise InputError(f"{routing.path}: changed while the model trained with it", hint="train again, or restore the file")
+        return {ROUTING_FILE: routing.path}
 
     def cleanup(self) -> None:
         if getattr(self, "routes", None) is not None:

@@ -71,6 +71,7 @@ def run_identity(inputs: RunInputs, world_size: int) -> dict[str, Any]:
         "model": inputs.source.fingerprint,
         "mask": _sha256(Path(cfg.mask_path)) if inputs.mask is not None else None,
         "mask_role": cfg.mask_role,
+        "routing": inputs.routing.sha256 if inputs.routing is not None else None,
         "data": [c.describe() for c in inputs.corpora] + [p.describe() for p in inputs.pairs],
     }
 
