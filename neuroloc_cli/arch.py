@@ -30,6 +30,21 @@ def rename_layer(name: str, new_index: int) -> str:
     return name if m is None else name[: m.start(1)] + str(new_index) + name[m.end(1) :]
 
 
+# Weights of GPT-2-style `Conv1D` modules, stored [in, out].
+CONV1D_KINDS = frozenset(
+    {
+        "attn.c_attn.weight",
+        "attn.c_proj.weight",
+        "attn.q_attn.weight",
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+        "crossattention.c_attn.weight",
+        "crossattention.c_proj.weight",
+        "crossattention.q_attn.weight",
+    }
+)
+
+
 def tensor_kind(name: str) -> str:
     """The name with the block prefix removed: `mlp.down_proj.weight` for every layer's
     down projection; the whole name for tensors outside the blocks."""

@@ -203,3 +203,21 @@ def test_dry_run_states_the_memory_and_writes_nothing(zoo, cli, corpora, tmp_pat
     assert r.json()["rows_per_language"] == SAMPLES and r.json()["tensors"] == len(scored)
     r = _run(cli, base, corpora, out, "--dry-run", "--max-tokens", 5 * SEQ_LEN + 3, "--samples", 2)
     assert r.exit_code == 2 and "--samples and --max-tokens both given" in r.stderr
+
+
+def test_stored_float_buffers_are_not_scored(zoo, cli, corpora, tmp_path):
+    """An older Llama checkpoint stores rotary `inv_freq` buffers in its blocks: they have no
+    gradient, so they are left out rather than refused."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = zoo.get("llama", sharded=False, dtype=torch.float32).base
+    old = tmp_path / "old"
+    shutil.copytree(base, old)
+    tensors = load_file(str(old / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(tensors, str(old / "model.safetensors"), metadata={"format": "pt"})
+    r = _run(cli, old, corpora, tmp_path / "regions", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in load_file(str(tmp_path / "regions" / "importance" / "en.safetensors"))

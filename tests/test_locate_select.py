@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroloc_cli.errors import UsageError
+from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.masks.importance import Importance, ImportanceMeta, write_importance
 from neuroloc_cli.synthetic import SENTENCES
@@ -183,10 +183,10 @@ def test_every_locator_lists_its_options_and_validates_them(cli):
     docs = {d["name"]: d for d in r.json()}
     assert set(docs) == {"awareness", "delta", "gradient", "lape", "select"}
     group = get_command(locate_app)
-    internal = {"cap", "pick"}  # settings for library callers, or spelt as --bottom / --random
     for name, doc in docs.items():
         assert doc["reads"] and doc["summary"]
-        fields = {o["flag"] for o in doc["options"]} - {f"--{f}" for f in internal}
+        fields = {o["flag"] for o in doc["options"]}
+        assert "--cap" not in fields and "--pick" not in fields  # internal settings are not advertised
         params = group.commands[name].params
         flags = {opt for p in params for opt in p.opts if opt.startswith("--")}
         positional = {p.name.upper() for p in params if not p.opts[0].startswith("-")}
@@ -197,3 +197,11 @@ def test_every_locator_lists_its_options_and_validates_them(cli):
         LOCATORS.get("lape").parse(model="m", data=("en=a", "es=b"), batch_size=0)
     with pytest.raises(UsageError, match="--data: 1 language given"):
         LOCATORS.get("lape").parse(model="m", data=("en=a",))
+
+
+def test_non_finite_scores_are_refused(cli, tmp_path):
+    scores = _scores(0)
+    scores["model.layers.0.mlp.up_proj.weight"][3, 2] = float("nan")
+    with pytest.raises(InputError, match=r"importance of model.layers.0.mlp.up_proj.weight has 1 non-finite"):
+        _file(tmp_path, "s", scores)
+    assert not (tmp_path / "s.safetensors").exists()  # atomic: nothing half-written

@@ -69,6 +69,7 @@ class LocatorOptions(Frozen):
 
 
 ARGUMENT: dict[str, Any] = {"argument": True}  # `json_schema_extra` of a field given positionally
+INTERNAL: dict[str, Any] = {"internal": True}  # a setting for library callers, with no flag
 
 
 class FilterOptions(LocatorOptions):
@@ -147,8 +148,11 @@ class Locator:
         """Name, summary, what it reads, paper and options (flag, default, description)."""
         options = []
         for name, field in self.options.model_fields.items():
+            extra = field.json_schema_extra or {}
+            if extra.get("internal"):
+                continue
             default = None if field.is_required() else field.get_default(call_default_factory=True)
-            argument = (field.json_schema_extra or {}).get("argument", False)
+            argument = extra.get("argument", False)
             options.append(
                 {
                     "flag": name.upper() if argument else "--" + name.replace("_", "-"),

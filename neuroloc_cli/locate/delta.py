@@ -20,7 +20,7 @@ from neuroloc_cli.arch import NameFilter, in_blocks
 from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint
 from neuroloc_cli.io.delta_reader import DeltaReader, check_same_tensors
-from neuroloc_cli.locate.base import ARGUMENT, FilterOptions, locator
+from neuroloc_cli.locate.base import ARGUMENT, INTERNAL, FilterOptions, locator
 from neuroloc_cli.locate.select import DEFAULT_CAP, check_selection, select_units
 from neuroloc_cli.locate.units import element_tensors, every_tensor, ffn_groups, floating, row_groups
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, layout_digest
@@ -73,7 +73,9 @@ class DeltaOptions(FilterOptions):
     top: float = Field(default=0.05, description="share of units kept")
     granularity: str = Field(default="row", description="row (output neurons), ffn (MLP neurons) or element")
     scope: str = Field(default="global", description="global: all units ranked together (the paper); tensor: per tensor or MLP block")
-    cap: int = Field(default=DEFAULT_CAP, ge=1, description="values held at once while settling a global element threshold")
+    cap: int = Field(
+        default=DEFAULT_CAP, ge=1, description="values held at once while settling a global element threshold", json_schema_extra=INTERNAL
+    )
     importance: Path | None = Field(default=None, description="also write |delta| of every ranked tensor to this importance file")
 
     @model_validator(mode="after")

@@ -8,7 +8,9 @@ parameters are accumulated in float32. The importance of an element is then
   of the loss change when the element is zeroed, over all rows together;
 - `abs` (`--abs-per-batch`): `Σ_b |g_b ⊙ θ|`, so that batches whose gradients disagree do not
   cancel;
-- `fisher` (`--score fisher`): `Σ_b g_b²`, the diagonal empirical Fisher.
+- `fisher` (`--score fisher`): `Σ_b g_b²`, the diagonal empirical Fisher of the batches'
+  mean gradients; it shrinks about as 1/batch size, and `--batch-size 1` makes it the
+  per-example diagonal empirical Fisher (the data-aware merges' weights).
 
 Each batch's loss is the mean next-token NLL over its targets (what a Hugging Face model
 returns for `labels=`), as in the public code; the model runs in evaluation mode, so that a
@@ -38,7 +40,7 @@ from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
 from neuroloc_cli.locate.base import Language
 from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, TaggedRows, framing_of, load_tokenizer, source_rows, tagged_batches
 from neuroloc_cli.runtime.distributed import start_accelerator, sum_over_processes
-from neuroloc_cli.runtime.model import load_model, parameter_names
+from neuroloc_cli.runtime.model import load_model, model_skeleton, parameter_names
 
 SCORES = ("signed", "abs", "fisher")
 DEFAULT_SAMPLES = 64
@@ -156,7 +158,10 @@ def plan_scoring(
             raise UsageError(f"--max-tokens {max_tokens} is less than one row of {seq_len} tokens", hint="raise it, or lower --seq-len")
     elif samples is None:
         samples = DEFAULT_SAMPLES
-    names = [n for n, info in ckpt.tensors.items() if keep(n) and info.torch_dtype.is_floating_point]
+    # only the model's parameters: a checkpoint may also store floating buffers in the blocks
+    # (an older Llama's rotary `inv_freq`, GPT-2's attention `bias`), which have no gradient
+    parameters = parameter_names(model_skeleton(model_path), ckpt)
+    names = [n for n, info in ckpt.tensors.items() if keep(n) and info.torch_dtype.is_floating_point and n in parameters]
     if not names:
         raise UsageError("--include/--exclude leave no tensor to score", hint=f"patterns: {keep.describe()}")
     floating = [i for i in ckpt.tensors.values() if i.torch_dtype.is_floating_point]

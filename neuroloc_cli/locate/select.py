@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from neuroloc_cli.arch import NameFilter, in_blocks
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.locate.base import ARGUMENT, FilterOptions, locator
+from neuroloc_cli.locate.base import ARGUMENT, INTERNAL, FilterOptions, locator
 from neuroloc_cli.locate.units import BLOCKS, ROW_DEFAULT, UnitGroup, element_tensors, every_tensor, ffn_groups, row_groups
 from neuroloc_cli.masks.algebra import combine
 from neuroloc_cli.masks.format import GRANULARITIES, LAYOUT_KEY, Mask, MaskEntry
@@ -191,10 +191,16 @@ class SelectOptions(FilterOptions):
     top: float = Field(default=0.01, description="share of units selected")
     granularity: str = Field(default="element", description="element, row (output neurons) or ffn (MLP neurons)")
     scope: str = Field(default="tensor", description="tensor: each tensor (or MLP block) keeps its share; global: all ranked together")
-    pick: str = Field(default="top", description="top, bottom (a control) or random (the top's count per tensor, a control)")
+    pick: str = Field(
+        default="top",
+        description="top, bottom (a control) or random (the top's count per tensor, a control); the command's --bottom / --random",
+        json_schema_extra=INTERNAL,
+    )
     seed: int = Field(default=0, description="seed of the random pick")
     minus: tuple[Path, ...] = Field(default=(), description="masks whose units are taken out of the selection")
-    cap: int = Field(default=DEFAULT_CAP, ge=1, description="values held at once while settling a global element threshold")
+    cap: int = Field(
+        default=DEFAULT_CAP, ge=1, description="values held at once while settling a global element threshold", json_schema_extra=INTERNAL
+    )
 
     @model_validator(mode="after")
     def _selection(self) -> SelectOptions:
@@ -294,7 +300,7 @@ def _bottom(importance: Sequence[torch.Tensor], share: float, scope: str) -> lis
     """The lowest `share_count(share, n)` units: the complement of the top `n − k`."""
     if scope == "tensor":
         return [~_top_mask(v, v.numel() - share_count(share, v.numel())) for v in importance]
-    flat = torch.cat([v.reshape(-1).float() for v in importance])
+    flat = torch.cat([_ranked(v) for v in importance])
     chosen = ~_top_mask(flat, flat.numel() - share_count(share, flat.numel()))
     return list(chosen.split([v.numel() for v in importance]))
 
@@ -358,15 +364,21 @@ def top_units(importance: Sequence[torch.Tensor], share: float, scope: str) -> l
     """
     if scope == "tensor":
         return [_top_mask(v, share_count(share, v.numel())) for v in importance]
-    flat = torch.cat([v.reshape(-1).float() for v in importance])
+    flat = torch.cat([_ranked(v) for v in importance])
     chosen = _top_mask(flat, share_count(share, flat.numel()))
     return list(chosen.split([v.numel() for v in importance]))
+
+
+def _ranked(v: torch.Tensor) -> torch.Tensor:
+    """Scores as ranked: float64 ones (unit sums) stay float64, so that rounding to float32
+    does not make ties of distinct units; others in float32."""
+    return v.reshape(-1) if v.dtype == torch.float64 else v.reshape(-1).float()
 
 
 def _top_mask(v: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.zeros(v.numel(), dtype=torch.bool)
     if k > 0:
-        out[torch.topk(v.reshape(-1).float(), k, sorted=False).indices] = True
+        out[torch.topk(_ranked(v), k, sorted=False).indices] = True
     return out.reshape(v.shape)
 
 

@@ -20,23 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from neuroloc_cli.arch import NameFilter, in_blocks, layer_index, tensor_kind
+from neuroloc_cli.arch import CONV1D_KINDS, NameFilter, in_blocks, layer_index, tensor_kind
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.io.format import TensorInfo
-
-# Weights of GPT-2-style `Conv1D` modules, stored [in, out].
-CONV1D_KINDS = frozenset(
-    {
-        "attn.c_attn.weight",
-        "attn.c_proj.weight",
-        "attn.q_attn.weight",
-        "mlp.c_fc.weight",
-        "mlp.c_proj.weight",
-        "crossattention.c_attn.weight",
-        "crossattention.c_proj.weight",
-        "crossattention.q_attn.weight",
-    }
-)
 
 # MLP module names per family: (up-side modules, down module). Up-side rows (Linear) or
 # columns (Conv1D) are the FFN neurons; the down module's columns (Linear) or rows (Conv1D).

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from neuroloc_cli.arch import tensor_kind
+from neuroloc_cli.arch import CONV1D_KINDS, tensor_kind
 
 MAX_SIDE = 256  # cells a side of a tensor's map
 TOP = 0.01  # the share of rows, columns or elements whose mass `concentration` and `importance_stats` report
@@ -37,8 +37,6 @@ OUTPUT_PROJECTIONS = {
     "attn.c_proj.weight": True,
     "mlp.c_proj.weight": True,
 }
-# Every GPT-2 Conv1D weight (stored [in, out]), for the axis names of `--tensor`.
-_CONV1D = ("attn.c_attn.weight", "attn.q_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def is_output_projection(name: str) -> bool:
@@ -61,7 +59,7 @@ def axis_names(name: str, shape: Sequence[int]) -> tuple[str | None, str | None]
     kind = tensor_kind(name)
     if len(shape) != 2 or not kind.endswith("weight") or any(w in name for w in ("embed", "wte", "wpe")):
         return None, None
-    return ("input", "output") if kind in _CONV1D else ("output", "input")
+    return ("input", "output") if kind in CONV1D_KINDS else ("output", "input")
 
 
 @dataclass(frozen=True)

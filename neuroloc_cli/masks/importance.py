@@ -99,7 +99,9 @@ def stream_importance(
             spec = next(expected, None)
             if spec is None or spec.name != name or tuple(t.shape) != spec.shape:
                 raise ValueError(f"importance tensor {name} {tuple(t.shape)} out of the header's order")
-            write_tensor_bytes(f, t.detach().to("cpu", torch.float32).contiguous())
+            scores = t.detach().to("cpu", torch.float32).contiguous()
+            _check_finite(scores, name, "the scores")
+            write_tensor_bytes(f, scores)
         if next(expected, None) is not None:
             raise ValueError("fewer importance tensors than the header lists")
 
@@ -153,12 +155,28 @@ class Importance:
         return str(self.path)
 
     def read(self, name: str) -> torch.Tensor:
-        """The scores of one tensor (float32, a fresh copy the caller may modify)."""
+        """The scores of one tensor (float32, a fresh copy the caller may modify).
+
+        Raises:
+            InputError: the file holds a NaN or an infinity for it.
+        """
         with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
+            return _check_finite(f.get_tensor(name), name, str(self.path))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor's scores in file order, one at a time."""
         with safe_open(str(self.path), framework="pt") as f:
             for name in self.shapes:
-                yield name, f.get_tensor(name)
+                yield name, _check_finite(f.get_tensor(name), name, str(self.path))
+
+
+def _check_finite(scores: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """Refuse NaN and infinite scores: a selection of them would be arbitrary (top-k ranks a
+    NaN first, a histogram drops it), so they are an error rather than a silent pick."""
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise InputError(
+            f"{where}: importance of {name} has {bad} non-finite values (NaN or inf)",
+            hint="the model gave non-finite gradients or activations on this data; check it in float32",
+        )
+    return scores

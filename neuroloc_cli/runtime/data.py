@@ -77,18 +77,21 @@ class Framing:
 def framing_of(tokenizer: Any, packing: str, txt_docs: str) -> Framing:
     """The framing `tokenizer` gives documents, learnt from what it adds around a probe text.
 
-    Padding gets the pad token, else EOS: its value is never attended to by a real token nor
-    scored, so any id would do, but these are the ones a reader expects to see.
+    Padded rows get `pad_id`'s id.
     """
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     framed = tokenizer("a", add_special_tokens=True)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     bos_added = bos is not None and framed[:1] == [bos] and plain[:1] != [bos]
     eos_added = eos is not None and framed[-1:] == [eos] and plain[-1:] != [eos]
-    pad = None
-    if packing == "padded":
-        pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
+    pad = pad_id(tokenizer) if packing == "padded" else None
     return Framing(packing, txt_docs, bos_added, eos_added, eos is not None and not eos_added, pad)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The input id of padding: the pad token, else EOS, else 0. Padding is never attended to
+    by a real token nor scored, so any id would do; these are the ones a reader expects."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
 def load_tokenizer(model: Path) -> Any:

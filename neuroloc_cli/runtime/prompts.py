@@ -24,6 +24,7 @@ import torch
 
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io import jsonl
+from neuroloc_cli.runtime.data import IGNORE, pad_id
 
 TEMPLATES = {
     "flan-following": "Translate the following.\n\n{src_lang}: {source}\n\n{tgt_lang}:",  # para_crawl
@@ -62,7 +63,6 @@ LANGUAGES = {
     "zh": "Chinese",
 }
 
-IGNORE = -100  # a label cross_entropy skips: prompt tokens and padding
 _CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # a language code: also a file name part
 
 
@@ -189,7 +189,7 @@ def pair_rows(pair: Pair, sentences: Sequence[tuple[str, str]], tokenizer: Any, 
     whatever the tokenizer merges across it.
     """
     template = resolve_template(template)
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_id(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids, labels, attention, truncated = [], [], [], 0
     for source, target in sentences:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from neuroloc_cli.errors import InputError
-from neuroloc_cli.runtime.data import Framing, pack, pad_rows, read_documents, tokenize
-from neuroloc_cli.runtime.prompts import IGNORE, Pair, PairRows, pair_rows, read_pairs
+from neuroloc_cli.runtime.data import IGNORE, Framing, pack, pad_rows, read_documents, tokenize
+from neuroloc_cli.runtime.prompts import Pair, PairRows, pair_rows, read_pairs
 from neuroloc_cli.train.config import DataSource
 from neuroloc_cli.train.rng import derive_seed
 

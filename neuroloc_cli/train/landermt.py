@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.runtime.data import IGNORE
 from neuroloc_cli.runtime.distributed import sum_over_processes
-from neuroloc_cli.runtime.prompts import IGNORE
 from neuroloc_cli.runtime.routing import ROUTING_FILE, attach
 from neuroloc_cli.train.data import PairSampler
 from neuroloc_cli.train.rng import derive_seed
