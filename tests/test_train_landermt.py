@@ -142,8 +142,9 @@ def test_loss_is_on_the_target_tokens_only(zoo, tmp_path):
         ([], 2, "needs --masks DIR"),
         (["--masks", "MISSING"], 3, "no routing.json"),
         (["--masks", "ROUTING", "--train-mask", "m.mask"], 2, "not --train-mask"),
+        (["--full-finetune", "--packing", "packed"], 2, "--packing applies to --method cpt only"),
     ],
-    ids=["data", "no-masks", "no-routing", "train-mask"],
+    ids=["data", "no-masks", "no-routing", "train-mask", "packing"],
 )
 def test_bad_landermt_runs_are_one_line(zoo, cli, tmp_path, extra, code, message):
     base = zoo.get("llama", dtype=torch.float32).base
@@ -215,3 +216,12 @@ def test_resume_refuses_a_changed_routing(zoo, cli, tmp_path):
     (masks / "routing.json").write_text(json.dumps(doc))
     r = _train(cli, base, tmp_path, "--masks", masks, "--max-steps", 3, "--resume", "--run-dir", tmp_path / "run", "--overwrite")
     assert r.exit_code != 0 and "routing" in r.stderr, r.stderr
+
+
+def test_landermt_flags_are_refused_for_cpt(zoo, cli, tmp_path):
+    base = zoo.get("llama", dtype=torch.float32).base
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(SENTENCES))
+    for flags, message in ((["--template", "flan-to"], "--template applies"), (["--full-finetune"], "--full-finetune applies")):
+        r = cli("train", base, "--data", corpus, *flags, "-o", tmp_path / "x", "--dry-run")
+        assert r.exit_code == 2 and message in r.stderr, r.stderr

@@ -91,6 +91,9 @@ class SummedScores:
     def __post_init__(self) -> None:
         first = self.sources[0]
         for other in self.sources[1:]:
+            kinds = [getattr(getattr(src, "meta", None), "score", None) for src in (first, other)]
+            if None not in kinds and kinds[0] != kinds[1]:
+                raise UsageError(f"{other.label} holds {kinds[1]} scores, {first.label} {kinds[0]}: cannot sum them")
             if other.aggregate != first.aggregate:
                 raise UsageError(
                     f"{other.label} aggregates units by {other.aggregate}, {first.label} by {first.aggregate}: cannot sum them"

@@ -121,10 +121,17 @@ class TrainConfig(Frozen):
         if self.method == "cpt":
             if not self.data:
                 raise ValueError("no training data: give --data (a corpus), or --method landermt with --pair")
-            for key in ("pair", "masks"):
+            for key in ("pair", "masks", "full_finetune"):
                 if getattr(self, key):
-                    raise ValueError(f"--{key} applies to --method landermt only")
+                    raise ValueError(f"--{key.replace('_', '-')} applies to --method landermt only")
+            if "template" in self.model_fields_set:
+                raise ValueError("--template applies to --method landermt only")
             return self
+        for key in ("packing", "txt_docs"):
+            if key in self.model_fields_set:
+                raise ValueError(
+                    f"--{key.replace('_', '-')} applies to --method cpt only (translation pairs are one padded example per row)"
+                )
         if self.data:
             raise ValueError("--method landermt trains on --pair SRC-TGT=PATH translation data, not --data")
         if not self.pair:

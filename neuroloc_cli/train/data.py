@@ -112,13 +112,7 @@ class MixtureSampler:
         train = self.corpora[c].train
         epoch, pos = divmod(self.counters[c], len(train))
         self.counters[c] += 1
-        key = (c, epoch)
-        if key not in self._perms:
-            self._perms = {k: v for k, v in self._perms.items() if k[0] != c}  # keep one pass per corpus
-            self._perms[key] = torch.randperm(
-                len(train), generator=torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch))
-            )
-        return train[self._perms[key][pos]]
+        return train[_pass_order(self._perms, self.seed, c, epoch, len(train))[pos]]
 
 
 @dataclass
@@ -192,10 +186,16 @@ class PairSampler:
         for _ in range(size):
             epoch, pos = divmod(self.counters[c], n)
             self.counters[c] += 1
-            if (c, epoch) not in self._perms:
-                self._perms = {k: v for k, v in self._perms.items() if k[0] != c}  # one pass per direction
-                gen_c = torch.Generator().manual_seed(derive_seed(self.seed, 1_000_003 * (c + 1) + epoch))
-                self._perms[(c, epoch)] = torch.randperm(n, generator=gen_c)
-            picks.append(corpus.train.start + int(self._perms[(c, epoch)][pos]))
+            picks.append(corpus.train.start + int(_pass_order(self._perms, self.seed, c, epoch, n)[pos]))
         index = torch.tensor(picks)
         return c, corpus.rows.input_ids[index], corpus.rows.labels[index], corpus.rows.attention_mask[index]
+
+
+def _pass_order(cache: dict[tuple[int, int], torch.Tensor], seed: int, c: int, epoch: int, n: int) -> torch.Tensor:
+    """The order of source `c`'s `n` rows in pass `epoch`: a permutation seeded by (seed, c,
+    epoch) alone, so a resumed run draws the same. `cache` keeps the current pass per source."""
+    if (c, epoch) not in cache:
+        for key in [k for k in cache if k[0] == c]:
+            del cache[key]  # one pass per source at a time
+        cache[(c, epoch)] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 1_000_003 * (c + 1) + epoch)))
+    return cache[(c, epoch)]
