@@ -84,6 +84,13 @@ METHOD_RECIPES = {
     "ablate_zero": "base_model: {base}\nmask: {elements}\n",
     "ablate_mean": "base_model: {base}\nmask: {elements}\n",
     "ablate_noise": "base_model: {base}\nmask: {elements}\nparameters: {{scale: 0.5}}\n",
+    "nuslerp": "base_model: {base}\n" + PLAIN,
+    "nearswap": "base_model: {base}\nmodels:\n  - model: {ft1}\nparameters: {{t: 0.01}}\n",
+    "multislerp": "base_model: {base}\n" + PLAIN,
+    "karcher": "models:\n  - model: {ft1}\n  - model: {ft2}\n",
+    "sce": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{select_topk: 0.5}}\n",
+    "ram": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
+    "ramplus_tl": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{r: 0.5}}\n",
 }
 MASKED_RECIPES = {  # name: (method, recipe)
     "masked": ("ties", "base_model: {base}\nmask: {rows}\n" + SPARSE),

@@ -19,6 +19,7 @@ from tests.helpers import load_all
 ALL_METHODS = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "passthrough",
+    "nuslerp", "nearswap", "multislerp", "karcher", "sce", "ram", "ramplus_tl",
 }  # fmt: skip
 
 
@@ -59,10 +60,10 @@ def _no_reads(monkeypatch):
 def test_unsupported_method_is_rejected_by_name_before_reading(zoo, tmp_path, monkeypatch):
     fam = zoo.get("llama")
     _no_reads(monkeypatch)
-    recipe = parse_recipe(f"merge_method: sce\nbase_model: {fam.base}\nmodels:\n  - model: {fam.ft1}\n", "r.yaml")
+    recipe = parse_recipe(f"merge_method: arcee_fusion\nbase_model: {fam.base}\nmodels:\n  - model: {fam.ft1}\n", "r.yaml")
     with pytest.raises(RecipeError) as e:
         build_plan(recipe, tmp_path, "r.yaml")
-    assert e.value.problems[0].startswith("merge_method: unknown merge method 'sce'")
+    assert e.value.problems[0].startswith("merge_method: unknown merge method 'arcee_fusion'")
 
 
 def test_unsupported_key_is_rejected_with_did_you_mean(zoo, cli, tmp_path):

@@ -30,7 +30,7 @@ import torch
 
 from neuroloc_cli.methods.base import _pyname, merge_method
 from neuroloc_cli.ops import reference
-from neuroloc_cli.ops.blockwise import Keep, l1_norms, l1_rescale_factor, mix
+from neuroloc_cli.ops.blockwise import KEEP_ALL, KEEP_NONE, Keep, l1_norms, l1_rescale_factor, mix
 from neuroloc_cli.ops.sparsify import Sparsifier, TaskVector
 from neuroloc_cli.recipe.params import Param, Scalar
 
@@ -40,6 +40,8 @@ LAMBDA = Param("lambda", default=1.0, help="scale of the mixed task vector")
 PAPER_RESCALE = Param(
     "paper_rescale", default=False, boolean=True, help="with rescale: the paper's 1/p scaling instead of mergekit's L1-norm match"
 )
+
+HALF = (torch.bfloat16, torch.float16)  # compute dtypes merged op by op in that dtype (`Variant._in_dtype`)
 
 CheckValues = Callable[[Mapping[str, Scalar], Sequence[Mapping[str, Scalar]]], "str | None"]
 
@@ -108,15 +110,20 @@ class Variant:
 
     `merge` and `reference` take the arguments of the method's tensor function (`base`,
     `tensors`, then the parameters by keyword: per-model lists, `lambda_`, and `generator`
-    for a random sparsifier); tensors are in the compute dtype, half precision is computed in
-    float32 and cast back.
+    for a random sparsifier) in the compute dtype. float32 and float64 run the fused loops in
+    that dtype; half precision (the recipe's `dtype: bfloat16` or `float16`) runs
+    `reference.merge_in_dtype`, every op rounded to that dtype in mergekit 0.1.5's order, so
+    that a deterministic recipe gives mergekit's bytes (`accumulate: float32` in the recipe
+    hands the method float32 tensors instead, see `neuroloc_cli.merge.run`).
     """
 
     sparsifier: Sparsifier
     consensus: bool
 
     def merge(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], **args: Any) -> torch.Tensor:
-        """The merged tensor, by the fused loops."""
+        """The merged tensor, by the fused loops (in half precision: `_in_dtype`)."""
+        if base.dtype in HALF:
+            return self._in_dtype(base, tensors, args)
         flat_base, models = self._models(base, tensors, args)
         keeps = [self.sparsifier.keep(m.vector, m.density, **m.params) for m in models]
         tuned = [m.vector.tuned for m in models]
@@ -125,10 +132,37 @@ class Variant:
 
     def reference(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], **args: Any) -> torch.Tensor:
         """The merged tensor, by the plain-PyTorch specification (`neuroloc_cli.ops.reference`):
-        what the tests hold `merge` to."""
+        what the tests hold `merge` to. Half precision has one path (`_in_dtype`), held to hand formulas
+        by `tests/test_half_precision.py`."""
+        if base.dtype in HALF:
+            return self._in_dtype(base, tensors, args)
         _, models = self._models(base, tensors, args)
         kept = [self.sparsifier.keep_reference(m.vector, m.density, **m.params) for m in models]
         return reference.merge(base, tensors, kept, args["weight"], **self._mixing(args))
+
+    def _in_dtype(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
+        """The merge in the tensors' half dtype, as mergekit computes it: each delta rounded to
+        the dtype, the masks chosen on those rounded deltas (their magnitudes are exact in
+        float32, which the rules compare in), the rescale and mix rounded op by op."""
+        deltas = [torch.sub(t, base) for t in tensors]
+        zero = torch.zeros(base.numel())  # so that a task vector's delta is the rounded delta, exact in float32
+        keys = model_keys(args["generator"], len(tensors)) if self.sparsifier.random else [0] * len(tensors)
+        kept: list[reference.Kept | None] = []
+        for i, (d, key) in enumerate(zip(deltas, keys)):
+            density = float(args["density"][i])
+            vector = TaskVector(zero, d.reshape(-1).float(), base.shape, key)
+            kept.append(None if density >= 1 else self._kept(vector, density, {p: args[p][i] for p in self.sparsifier.params}))
+        return reference.merge_in_dtype(base, deltas, kept, args["weight"], **self._mixing(args))
+
+    def _kept(self, v: TaskVector, density: float, params: dict[str, Any]) -> reference.Kept:
+        """What the sparsifier keeps of `v`, as a mask: a rule of magnitude cuts by the fused
+        selection (no full sort; the same elements as the reference's), a draw by the reference."""
+        keep = self.sparsifier.keep(v, density, **params)
+        if keep is None or keep.p is not None:
+            return self.sparsifier.keep_reference(v, density, **params)
+        magnitude = v.tuned.abs()
+        mask = (keep.cut or KEEP_ALL).mask(magnitude) & ~(keep.outliers or KEEP_NONE).mask(magnitude)
+        return reference.Kept(mask.reshape(v.shape))
 
     def _models(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], args: dict[str, Any]) -> tuple[torch.Tensor, list[_Model]]:
         """The flat base in the work dtype, and per model what its sparsifier is given. The

@@ -1,0 +1,71 @@
+"""RAM: average each parameter over the models that changed it (Reinforced Agent Merging)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.recipe.params import Param
+
+PAPER = "Reinforced Agent Merging, RAM and RAM+ (arXiv:2601.13572); as in mergekit"
+EPSILON = Param("epsilon", default=1e-5, low=0.0, help="a task-vector element counts as changed where its magnitude exceeds this")
+
+
+def _changed(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], epsilon: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Each model's task vector with its unchanged elements zeroed, its changed-mask, and per
+    element the number of models that changed it."""
+    deltas = [t - base for t in tensors]
+    changed = [d.abs() > epsilon for d in deltas]
+    kept = [d.masked_fill_(~c, 0) for d, c in zip(deltas, changed)]
+    counts = torch.stack(changed).sum(dim=0)
+    return kept, changed, counts
+
+
+@merge_method("ram", needs_base=True, elementwise=True, params=(EPSILON,), paper=PAPER)
+def ram(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, epsilon: float) -> torch.Tensor:
+    """Add to the base each changed parameter's task-vector mean over the models that changed it.
+
+    `θ = θ_0 + Σ_i δ_i·[|δ_i| > ε] / max(1, Σ_i [|δ_i| > ε])`, `δ_i = θ_i − θ_0`.
+
+    As in mergekit 0.1.5 (`epsilon` 1e-5): a parameter changed by one model takes that
+    model's change whole (its "unique" part), one changed by several their mean ("shared").
+    """
+    kept, _, counts = _changed(base, tensors, float(epsilon))
+    total = kept[0]
+    for d in kept[1:]:
+        total.add_(d)
+    return total.div_(counts.clamp(min=1)).add_(base)
+
+
+@merge_method(
+    "ramplus_tl",
+    needs_base=True,
+    params=(
+        Param("r", default=0.1, help="gain of the unique parts' rescaling"),
+        Param("alpha", default=0.2, low=0.0, help="cap of the shared-to-unique ratio ρ"),
+        EPSILON,
+    ),
+    paper=PAPER,
+)
+def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
+    """RAM with each model's unique changes scaled up by how much it shares, per tensor (RAM+).
+
+    `λ_i = 1 + r · clamp(ρ_i, 0, α)`, `ρ_i = S_i / max(U_i, ε)`, where `S_i` and `U_i` count the
+    tensor's elements that model i changes together with others and alone; unique changes are
+    multiplied by `λ_i`, shared ones averaged as in `ram`.
+
+    As in mergekit 0.1.5 (`r` 0.1, `alpha` 0.2, `epsilon` 1e-5): the counts are per tensor
+    ("tensor-local"), not over the whole model.
+    """
+    kept, changed, counts = _changed(base, tensors, float(epsilon))
+    unique, shared = counts == 1, counts > 1
+    total = torch.zeros_like(base)
+    for d, c in zip(kept, changed):
+        rho = int((c & shared).sum()) / max(int((c & unique).sum()), float(epsilon))
+        scale = 1 + float(r) * min(max(rho, 0.0), float(alpha))
+        total.add_(torch.where(unique, d * scale, d / counts.clamp(min=1)))
+    return total.add_(base)
