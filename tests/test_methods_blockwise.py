@@ -152,7 +152,7 @@ def test_bytes_do_not_depend_on_the_thread_count(monkeypatch, name, rescale):
 @pytest.mark.parametrize("name", ["ties", "dare_linear", "della"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_other_compute_dtypes(name, dtype):
-    # float64 runs the loops in float64; half precision is mixed in float32 and cast back
+    # float64 runs the loops in float64; half precision runs op by op in that dtype, one path for both
     base, t1 = _deltas("fp32")
     t2 = base + 0.8 * (t1 - base).flip(0)
     base, t1, t2 = (x.to(dtype) for x in (base, t1, t2))

@@ -20,7 +20,7 @@ The mix follows mergekit's definitions (`wd_i = w_i · scale_i · (keep_i ⊙ δ
 
 `neuroloc_cli.ops.reference` computes the same in plain PyTorch (the specification the tests
 hold this module to). The loops take float32 or float64 tensors and compute in that dtype
-(`methods.gta` brings half-precision inputs to float32).
+(`methods.gta` runs half precision through `reference.merge_in_dtype` instead).
 """
 
 from __future__ import annotations

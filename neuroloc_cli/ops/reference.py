@@ -7,6 +7,10 @@ kept, bit for bit, and the same merged values up to rounding (the loops add in a
 order). Each sparsifier's own rule is written beside its fused form in
 `neuroloc_cli.ops.sparsify`; what the rules share is here: the top k, the random draws, the
 magnitude ranks, and the mix that follows them.
+
+One function here is also a production path: `merge_in_dtype`, the mix rounded op by op in a
+half-precision dtype (mergekit's arithmetic), which `neuroloc_cli.methods.gta` runs for a
+recipe's `dtype: bfloat16` or `float16`; the fused loops compute in float32 or float64 only.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ def merge(
     lambda_: float,
 ) -> torch.Tensor:
     """The family's mix of the kept task vectors, in the base's dtype (float32 arithmetic for
-    half precision).
+    half precision: the specification of the fused loops; `merge_in_dtype` is the mix rounded
+    op by op).
 
     Args:
         base, tensors: the base tensor and one tensor per model.
@@ -141,3 +146,64 @@ def merge(
         total = float(sum(weights))
         mixed, divisor = stack.sum(0), 1.0 if abs(total) < 1e-8 else total
     return (b + lambda_ * (mixed / divisor if normalize else mixed)).to(base.dtype)
+
+
+def merge_in_dtype(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    kept: Sequence[Kept | None],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    paper_rescale: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """The family's mix with every op in the base's dtype, in mergekit 0.1.5's order: what a
+    half-precision recipe computes (and, for rules that do not draw, mergekit's bytes).
+
+    Unlike `merge`, nothing is widened: the weights are rounded to the dtype, the L1 norms are
+    sums in the dtype (PyTorch accumulates a sum in float32 and rounds the total) and their
+    ratio too, and each product, sum and quotient is rounded as PyTorch rounds it.
+
+    Args:
+        base: the base tensor, in the dtype the arithmetic runs in.
+        deltas: per model, `tuned − base` in that dtype.
+        kept: per model, what its sparsifier keeps of that delta; None: everything, unrescaled
+            (density 1).
+        weights, consensus, normalize, rescale, paper_rescale, lambda_: as in `merge`.
+
+    Returns:
+        `base + λ · mixed`, in the base's dtype.
+    """
+    dtype = base.dtype
+    rows = []
+    for delta, k in zip(deltas, kept):
+        if k is None:
+            rows.append(delta)
+            continue
+        survivors = delta * k.mask.to(dtype)
+        if rescale and paper_rescale and k.p is not None:
+            survivors = survivors / torch.as_tensor(k.p, dtype=dtype)
+        elif rescale:
+            before, after = delta.abs().sum(), survivors.abs().sum()
+            if not (before < 1e-7 or after < 1e-7):
+                survivors = survivors * (before / after)
+        rows.append(survivors)
+    stack = torch.stack(rows)
+    w = torch.tensor(list(weights), dtype=dtype).reshape(-1, *[1] * base.dim())
+    stack.mul_(w)
+    if consensus:
+        majority = (stack.sum(0) >= 0).to(dtype) * 2 - 1
+        agree = stack.sign() == majority
+        mixed, divisor = (stack * agree).sum(0), (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = stack.sum(0), w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return base + mixed
