@@ -52,15 +52,23 @@ def tensor_kind(name: str) -> str:
     return name[m.end() :] if m else name
 
 
+def is_pre_weight(name: str) -> bool:
+    """Outside the blocks and before them (embeddings), as opposed to after them (final norm,
+    LM head); layer stacking takes the one from the first slice and the other from the last."""
+    return layer_index(name) is None and _PRE.search(name) is not None
+
+
 def layer_position(name: str, num_layers: int | None) -> float:
     """Where a tensor sits in depth, in [0, 1], for per-layer parameter lists.
 
-    Block `i` of `n` sits at `i / (n - 1)`; tensors before the blocks (embeddings) at 0 and
-    after them (final norm, LM head) at 1, as mergekit does.
+    Block `i` of `n` sits at `i / (n - 1)`. Every tensor outside the blocks (embeddings before
+    them, final norm and LM head after them) sits at 0, so it takes a list's first value:
+    mergekit 0.1.5's rule: its planner reads the weights before and after the layers with
+    `t = 0` (neuroloc used to put the final norm and head at 1).
     """
     i = layer_index(name)
     if i is None:
-        return 0.0 if _PRE.search(name) else 1.0
+        return 0.0
     if not num_layers or num_layers <= 1:
         return 0.0
     return min(1.0, i / (num_layers - 1))

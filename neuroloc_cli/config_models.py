@@ -9,6 +9,7 @@ in, and the YAML line where parsing failed.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -23,6 +24,18 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and every other tool) does: `1e-4` is
+    a float, where YAML 1.1 wants `1.0e-4` and reads `1e-4` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml(text: str) -> Any:
     """Parse a YAML document.
 
@@ -30,7 +43,7 @@ def load_yaml(text: str) -> Any:
         ValueError: 'line N: invalid YAML (what PyYAML says)'.
     """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ValueError(yaml_problem(e)) from None
 

@@ -119,3 +119,17 @@ def export_pair(
     with render.progress(f"export-pair ({pair})", len(export.checkpoint.tensors)) as advance:
         result = run_export_pair(export, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance())
     render.merge_result(result, as_json)
+
+
+def convert(
+    source: Annotated[Path, typer.Argument(help="Checkpoint folder with PyTorch .bin weights.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a PyTorch .bin checkpoint into safetensors (plain tensors only; nothing else is unpickled)."""
+    from neuroloc_cli.io.convert import convert_checkpoint
+
+    result = convert_checkpoint(source, output, max_shard_bytes=shard_size_option(max_shard_size), overwrite=overwrite)
+    render.merge_result(result, as_json)

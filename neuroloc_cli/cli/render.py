@@ -96,6 +96,8 @@ def merge_plan(plan: Any, as_json: bool, what: str = "recipe") -> None:
     from neuroloc_cli.merge.plan import describe_plan
 
     doc = describe_plan(plan)
+    for line in doc["warnings"]:
+        err().print(f"warning: {line}", markup=False, highlight=False)
     if as_json:
         print_json({"valid": True, **doc})
         return

@@ -290,7 +290,7 @@ def _weight_map(path: Path) -> dict[str, str] | None:
     if any(path.glob("*.bin")) or any(path.glob("*.pth")):
         raise InputError(
             f"{path}: holds only PyTorch .bin weights; neuroloc reads safetensors",
-            hint="convert once with `AutoModelForCausalLM.from_pretrained(p).save_pretrained(p2)`",
+            hint=f"convert it once with `neuroloc convert {path} -o OUT`",
         )
     raise InputError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} in this folder")
 

@@ -41,6 +41,9 @@ HF_SIDE_FILES = (
     "chat_template.jinja",
 )
 
+# Template files that transformers reads in preference to tokenizer_config.json's field.
+_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
+
 
 def check_output_path(target: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     """Refuse an output that is, contains or lies inside an input, or that exists already.
@@ -185,6 +188,7 @@ def checkpoint_output(
     config_dtype: torch.dtype | None = None,
     config_updates: dict | None = None,
     shard_provenance: dict | None = None,
+    chat_template: str | None = None,
 ) -> Iterator[tuple[ShardedWriter, Path]]:
     """Write a Hugging Face checkpoint atomically: yield a `ShardedWriter` laid out for
     `tensors` (and the temporary folder, for extra files); once every tensor is written, add
@@ -194,7 +198,7 @@ def checkpoint_output(
     `shard_provenance` (default: the provenance less its `created` time); `neuroloc.json`
     holds the whole provenance. Shards thus say nothing about when (or, as the caller
     decides, where) a run wrote them: the same inputs and settings give byte-identical shard
-    files. See `copy_side_files` for `config_dtype` and `config_updates`.
+    files. See `copy_side_files` for `config_dtype`, `config_updates` and `chat_template`.
 
     Raises:
         OutputError: see `atomic_output_dir`.
@@ -217,23 +221,34 @@ def checkpoint_output(
         finally:
             writer.abort()
         writer.close()
-        copy_side_files(source, tmp, config_dtype, config_updates)
+        copy_side_files(source, tmp, config_dtype, config_updates, chat_template)
         write_provenance(tmp, provenance)
 
 
-def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = None, config_updates: dict | None = None) -> list[str]:
+def copy_side_files(
+    source: Path,
+    dest: Path,
+    out_dtype: torch.dtype | None = None,
+    config_updates: dict | None = None,
+    chat_template: str | None = None,
+) -> list[str]:
     """Copy config, tokenizer and generation files from `source` to `dest`.
 
     Args:
         out_dtype: when all output tensors share one dtype, recorded in config.json so that
             `from_pretrained(..., dtype="auto")` picks it.
         config_updates: keys to set in config.json (e.g. a changed layer count).
+        chat_template: Jinja text for `tokenizer_config.json`'s `chat_template` (the file is
+            created if `source` has none); `source`'s own template files are then not copied,
+            since transformers would prefer them to the field.
 
     Returns:
         The names of the files copied.
     """
     copied = []
     for name in HF_SIDE_FILES:
+        if chat_template is not None and name in _TEMPLATE_FILES:
+            continue
         src = source / name
         if src.is_file():
             shutil.copyfile(src, dest / name)
@@ -246,6 +261,13 @@ def copy_side_files(source: Path, dest: Path, out_dtype: torch.dtype | None = No
                 doc[k] = str(out_dtype).removeprefix("torch.")
         doc.update(config_updates or {})
         config.write_text(json.dumps(doc, indent=2) + "\n")
+    if chat_template is not None:
+        tok = dest / "tokenizer_config.json"
+        doc = json.loads(tok.read_text()) if tok.is_file() else {}
+        doc["chat_template"] = chat_template
+        tok.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        if "tokenizer_config.json" not in copied:
+            copied.append("tokenizer_config.json")
     return copied
 
 

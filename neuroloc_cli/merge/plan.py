@@ -19,7 +19,7 @@ from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masks import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.methods import METHODS, MergeMethod
-from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
+from neuroloc_cli.recipe.params import ParameterResolver, check_parameters, unused_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name
 
 # mergekit parameters that change how it computes, not what: accepted and ignored.
@@ -68,6 +68,9 @@ class MergePlan:
     num_layers: int | None
     resolver: ParameterResolver
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Recipe content that has no effect but may be a mistake (a model parameter the method
+    ignores); shown by `recipe validate`, `--dry-run` and the merge itself."""
     masks: MergeMasks | None = None
     config_updates: dict = field(default_factory=dict)
     """Keys to change in the copied config.json (layer stacking sets the layer count)."""
@@ -118,16 +121,15 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     except NeurolocError as e:
         problems.append(f"merge_method: {e}")
     entries = _model_entries(recipe, method, base_dir)
+    warnings: list[str] = []
     if method is not None:
         problems += _check_method_shape(recipe, method, len(entries))
+        model_params = [m.parameters for _, m in entries]
+        labels = [role.removesuffix(".model") for role, _ in entries]
         problems += check_parameters(
-            method.params,
-            recipe.parameters,
-            [m.parameters for _, m in entries],
-            method.name,
-            NO_OP_PARAMETERS,
-            model_labels=[role.removesuffix(".model") for role, _ in entries],
+            method.params, recipe.parameters, model_params, method.name, NO_OP_PARAMETERS, model_labels=labels, unused_ok=known_parameters()
         )
+        warnings = unused_parameters(method.params, model_params, method.name, known_parameters(), model_labels=labels)
     problems += mask_recipe_problems(recipe)
 
     sources: list[Source | None] = []
@@ -151,6 +153,7 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
         if not tensor_problems:
             plan = _plan(recipe, source, method, base, opened, [m.parameters for _, m in entries])
             plan.notes += _skipped_base_notes(recipe, entries)
+            plan.warnings += warnings
             if not problems:  # parameters are well-formed: check they resolve at every tensor
                 problems += _check_resolution(plan)
             if not problems:
@@ -163,6 +166,13 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
         raise RecipeError(source, problems, exit_code=3 if input_problems == len(problems) else 2)
     assert plan is not None
     return plan
+
+
+def known_parameters() -> frozenset[str]:
+    """Every parameter name some registered method declares: on a model, one that its
+    method does not use is ignored with a warning (mergekit's slerp and model_stock recipes
+    carry `weight:`), while a name no method knows stays an error (a typo, most often)."""
+    return frozenset(p.name for _, m in METHODS.items() for p in m.params)
 
 
 def _model_entries(recipe: MergeRecipe, method: MergeMethod | None, base_dir: Path) -> list[tuple[str, InputModel]]:
@@ -375,5 +385,6 @@ def describe_plan(plan: MergePlan) -> dict:
         "tensors": len(plan.steps),
         "out_bytes": plan.out_bytes,
         "notes": plan.notes,
+        "warnings": plan.warnings,
         "steps": steps,
     }

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from neuroloc_cli import __version__
+from neuroloc_cli.io.chat_templates import resolve_chat_template
 from neuroloc_cli.io.checkpoint import Kind
 from neuroloc_cli.io.output import check_output_path, checkpoint_output
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
@@ -87,11 +88,12 @@ def run_merge(
         max_shard_bytes=max_shard_bytes,
         config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
         config_updates=plan.config_updates,
+        chat_template=resolve_chat_template(plan.recipe.chat_template) if plan.recipe.chat_template else None,
     ) as (writer, _):
         nonfinite = _stream(plan, writer, seed, on_tensor, prepared)
         if nonfinite:  # neuroloc.json is written as the block ends
             provenance["nonfinite_tensors"] = nonfinite
-    warnings = [
+    warnings = plan.warnings + [
         f"tensor {name}: {n} NaN or inf value(s) in the output (from the inputs, or overflow in the output dtype)"
         for name, n in nonfinite.items()
     ]
@@ -133,11 +135,18 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
     if plan.masks is not None:
         assert base is not None
         tensors = plan.masks.restrict_inputs(step.name, base, tensors, rows)
+    if _widen(plan):  # `accumulate: float32`: float32 arithmetic on the inputs as rounded to `dtype`
+        base, tensors = (None if base is None else base.float()), [t.float() for t in tensors]
     whole, per_model = plan.resolver.at(step.name, step.t)
     if step.origin is not None:
         per_model = [per_model[step.origin[0]]]
     generator = _generator(seed, step.name) if plan.method.random else None
     return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles)
+
+
+def _widen(plan: MergePlan) -> bool:
+    """Whether the recipe asks for float32 arithmetic on a compute dtype narrower than that."""
+    return plan.recipe.accumulate == "float32" and plan.compute_dtype in (torch.bfloat16, torch.float16)
 
 
 def _generator(seed: int | None, tensor_name: str) -> torch.Generator:
@@ -157,6 +166,8 @@ def _provenance(plan: MergePlan, seed: int | None, command: str) -> dict:
         "recipe": plan.recipe.model_dump(exclude_none=True),
         "seed": seed,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        # the dtype the arithmetic runs in: `dtype`, or float32 by `accumulate: float32`
+        "accumulate": "float32" if _widen(plan) else str(plan.compute_dtype).removeprefix("torch."),
         "inputs": [
             {"role": s.role, "path": str(s.checkpoint.path.resolve()), "fingerprint": s.checkpoint.fingerprint} for s in plan.sources
         ],

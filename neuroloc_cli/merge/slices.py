@@ -16,12 +16,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuroloc_cli.arch import LAYER_COUNT_KEYS, layer_index, layer_position, rename_layer, tensor_kind
+from neuroloc_cli.arch import LAYER_COUNT_KEYS, is_pre_weight, layer_index, layer_position, rename_layer, tensor_kind
 from neuroloc_cli.errors import NeurolocError, RecipeError
 from neuroloc_cli.io.format import DTYPE_NAMES
-from neuroloc_cli.merge.plan import NO_OP_PARAMETERS, MergePlan, Source, Step, _open, build_plan, fixed_out_dtype, make_step
+from neuroloc_cli.merge.plan import (
+    NO_OP_PARAMETERS,
+    MergePlan,
+    Source,
+    Step,
+    _open,
+    build_plan,
+    fixed_out_dtype,
+    known_parameters,
+    make_step,
+)
 from neuroloc_cli.methods import METHODS, MergeMethod
-from neuroloc_cli.recipe.params import ParameterResolver, check_parameters
+from neuroloc_cli.recipe.params import ParameterResolver, check_parameters, unused_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe
 
 STACKING_METHODS = ("passthrough",)
@@ -94,7 +104,10 @@ def _stacking_plan(recipe: MergeRecipe, source: str, method: MergeMethod, source
     flat = [row[0] for row in sources]
     params = [sl.sources[0].parameters for sl in recipe.slices]
     labels = [f"slices[{i}].sources[0]" for i in range(len(flat))]
-    problems += check_parameters(method.params, recipe.parameters, params, method.name, NO_OP_PARAMETERS, model_labels=labels)
+    known = known_parameters()
+    problems += check_parameters(
+        method.params, recipe.parameters, params, method.name, NO_OP_PARAMETERS, model_labels=labels, unused_ok=known
+    )
     problems += _check_layer_shapes(flat)
     if problems:
         raise RecipeError(source, problems)
@@ -118,6 +131,7 @@ def _stacking_plan(recipe: MergeRecipe, source: str, method: MergeMethod, source
     plan = MergePlan(recipe, source, method, None, flat, steps, compute, total, resolver)
     plan.config_updates = _config_updates(flat, ranges, total)
     plan.notes.append(f"layer stacking: {total} layers from {len(flat)} slice(s)")
+    plan.warnings += unused_parameters(method.params, params, method.name, known, model_labels=labels)
     return plan
 
 
@@ -158,8 +172,8 @@ def _outside_steps(ckpt, index: int, *, pre: bool, num_layers: int | None, fixed
     """Tensors outside the blocks: before them (pre) or after them."""
     steps = []
     for name, info in ckpt.tensors.items():
-        if layer_index(name) is None and (layer_position(name, num_layers) == 0.0) == pre:
-            steps.append(_step(name, info, 0.0 if pre else 1.0, index, name, fixed_out))
+        if layer_index(name) is None and is_pre_weight(name) == pre:
+            steps.append(_step(name, info, layer_position(name, num_layers), index, name, fixed_out))
     return steps
 
 

@@ -4,7 +4,8 @@ A parameter value in a recipe takes one of three forms (mergekit's):
 
 - a scalar: `weight: 0.5` (or a boolean for flags such as `normalize`);
 - a per-layer list, interpolated linearly over depth `t = i / (n_layers - 1)`:
-  `weight: [0, 0.5, 1]` (see `neuroloc_cli.arch.layer_position` for non-layer tensors);
+  `weight: [0, 0.5, 1]`; tensors outside the blocks take the first value (mergekit 0.1.5's
+  rule, see `neuroloc_cli.arch.layer_position`);
 - a list of `{filter, value}` entries: the first entry whose filter matches the tensor name
   wins; an entry without a filter is the default, used when no filter matches. A filter is a
   substring of the tensor name (mergekit's rule), or, when it contains `*`, `?` or `[`, a
@@ -113,18 +114,21 @@ def check_parameters(
     method: str,
     allowed_extra: frozenset[str] = frozenset(),
     model_labels: Sequence[str] | None = None,
+    unused_ok: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Every problem with a recipe's parameters for `method`: unknown names, forms, ranges,
     required per-model values that are missing, per-tensor values set on a model.
 
-    `model_labels` names each model's place in the recipe (default `models[i]`)."""
+    `model_labels` names each model's place in the recipe (default `models[i]`). A model's
+    parameter named in `unused_ok` that `method` does not declare is no problem here (see
+    `unused_parameters`): mergekit's own slerp and model_stock recipes carry `weight:`."""
     by_name = {p.name: p for p in declared}
     problems = []
-    labels = list(model_labels) if model_labels is not None else [f"models[{i}]" for i in range(len(model_params))]
+    labels = _labels(model_labels, model_params)
     levels = [("parameters", global_params)] + [(f"{label}.parameters", mp) for label, mp in zip(labels, model_params)]
     for where, params in levels:
         for name, value in params.items():
-            if name in allowed_extra:
+            if name in allowed_extra or (where != "parameters" and name in unused_ok and name not in by_name):
                 continue
             p = by_name.get(name)
             if p is None:
@@ -146,6 +150,29 @@ def check_parameters(
                 if p.name not in mp:
                     problems.append(f"{label}.parameters: {method} needs {p.name!r} for every model (or once in 'parameters')")
     return problems
+
+
+def unused_parameters(
+    declared: Sequence[Param],
+    model_params: Sequence[Mapping[str, Any]],
+    method: str,
+    unused_ok: frozenset[str],
+    model_labels: Sequence[str] | None = None,
+) -> list[str]:
+    """One warning per model parameter that `method` ignores: a name in `unused_ok` (one that
+    other methods use, such as `weight`) that `method` does not declare. Names no method knows
+    stay errors (`check_parameters`): they are usually typos."""
+    by_name = {p.name for p in declared}
+    return [
+        f"{label}.parameters.{name}: {method} does not use it (ignored)"
+        for label, mp in zip(_labels(model_labels, model_params), model_params)
+        for name in mp
+        if name in unused_ok and name not in by_name
+    ]
+
+
+def _labels(model_labels: Sequence[str] | None, model_params: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(model_labels) if model_labels is not None else [f"models[{i}]" for i in range(len(model_params))]
 
 
 class ParameterResolver:

@@ -8,6 +8,7 @@
     parameters: {lambda: 1.0, normalize: false}
     dtype: float32          # compute dtype
     out_dtype: bfloat16     # output dtype (default: dtype if set, else each base tensor's)
+    accumulate: float32     # optional: float32 arithmetic for a half-precision dtype
 
 Parameter values stay untyped here (`Any`): their forms (scalar, per-layer list,
 `{filter, value}` list) and ranges are checked by `neuroloc_cli.recipe.params`, which can
@@ -19,10 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from neuroloc_cli.config_models import Frozen, describe_error, load_yaml
 from neuroloc_cli.errors import RecipeError
+from neuroloc_cli.io.chat_templates import resolve_chat_template
 from neuroloc_cli.io.format import DtypeName
 
 
@@ -78,6 +80,10 @@ class MergeRecipe(Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
+    accumulate: Literal["float32"] | None = None
+    """`float32`: a half-precision `dtype` still rounds the inputs, but the arithmetic runs in
+    float32 and is rounded once to the output dtype. Absent (default): the arithmetic runs in
+    `dtype`, op by op, as mergekit computes it."""
     random_seed: int | None = None
     on_missing: Literal["error", "base"] = "error"
     """What a tensor of the base that a model lacks means: an error (default), or "base",
@@ -86,6 +92,16 @@ class MergeRecipe(Frozen):
     """A mask file: outside it every element keeps the base value, bit for bit."""
     ability: AbilitySpec | None = None
     languages: list[LanguageSpec] = Field(default_factory=list)
+    chat_template: str | None = None
+    """Written into the output's tokenizer_config.json: a name (`chatml`) or a literal Jinja
+    template (see `neuroloc_cli.io.chat_templates`)."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            resolve_chat_template(v)  # raises ValueError, reported with the key
+        return v
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeRecipe:
