@@ -41,6 +41,9 @@ HF_SIDE_FILES = (
     "chat_template.jinja",
 )
 
+# The side files that belong to the tokenizer (taken from `tokenizer_source`'s model when a recipe names one).
+TOKENIZER_FILES = frozenset(HF_SIDE_FILES) - {"config.json", "generation_config.json"}
+
 # Template files that transformers reads in preference to tokenizer_config.json's field.
 _TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
 
@@ -189,6 +192,7 @@ def checkpoint_output(
     config_updates: dict | None = None,
     shard_provenance: dict | None = None,
     chat_template: str | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> Iterator[tuple[ShardedWriter, Path]]:
     """Write a Hugging Face checkpoint atomically: yield a `ShardedWriter` laid out for
     `tensors` (and the temporary folder, for extra files); once every tensor is written, add
@@ -198,7 +202,8 @@ def checkpoint_output(
     `shard_provenance` (default: the provenance less its `created` time); `neuroloc.json`
     holds the whole provenance. Shards thus say nothing about when (or, as the caller
     decides, where) a run wrote them: the same inputs and settings give byte-identical shard
-    files. See `copy_side_files` for `config_dtype`, `config_updates` and `chat_template`.
+    files. See `copy_side_files` for `config_dtype`, `config_updates`, `chat_template` and
+    `tokenizer_dir`.
 
     Raises:
         OutputError: see `atomic_output_dir`.
@@ -221,7 +226,7 @@ def checkpoint_output(
         finally:
             writer.abort()
         writer.close()
-        copy_side_files(source, tmp, config_dtype, config_updates, chat_template)
+        copy_side_files(source, tmp, config_dtype, config_updates, chat_template, tokenizer_dir)
         write_provenance(tmp, provenance)
 
 
@@ -231,6 +236,7 @@ def copy_side_files(
     out_dtype: torch.dtype | None = None,
     config_updates: dict | None = None,
     chat_template: str | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> list[str]:
     """Copy config, tokenizer and generation files from `source` to `dest`.
 
@@ -241,6 +247,8 @@ def copy_side_files(
         chat_template: Jinja text for `tokenizer_config.json`'s `chat_template` (the file is
             created if `source` has none); `source`'s own template files are then not copied,
             since transformers would prefer them to the field.
+        tokenizer_dir: a folder to take the tokenizer files (`TOKENIZER_FILES`) from instead
+            of `source` (a merge's `tokenizer_source`).
 
     Returns:
         The names of the files copied.
@@ -249,7 +257,7 @@ def copy_side_files(
     for name in HF_SIDE_FILES:
         if chat_template is not None and name in _TEMPLATE_FILES:
             continue
-        src = source / name
+        src = (tokenizer_dir if tokenizer_dir is not None and name in TOKENIZER_FILES else source) / name
         if src.is_file():
             shutil.copyfile(src, dest / name)
             copied.append(name)

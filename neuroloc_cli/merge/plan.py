@@ -7,7 +7,7 @@ method and the tensors against each other, and collects every problem before rai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,11 +16,13 @@ from neuroloc_cli.arch import layer_position
 from neuroloc_cli.errors import InputError, NeurolocError, RecipeError, UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint, Kind, compare_tensors, resolve_model_path
 from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
+from neuroloc_cli.io.lora import LoraCheckpoint
 from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masks import MergeMasks, describe_masks, load_masks, mask_recipe_problems
+from neuroloc_cli.merge.vocab import Vocabulary, plan_vocabulary
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters, unused_parameters
-from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name
+from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name, split_model_reference
 
 # mergekit parameters that change how it computes, not what: accepted and ignored.
 NO_OP_PARAMETERS = frozenset({"int8_mask"})
@@ -34,6 +36,20 @@ class Source:
     role: str
     spec: str
     checkpoint: Checkpoint
+
+    @property
+    def adapter(self) -> Path | None:
+        """The LoRA adapter folder of a `MODEL+LORA` reference, else None."""
+        ckpt = self.checkpoint
+        return ckpt.adapter.path if isinstance(ckpt, LoraCheckpoint) and ckpt.adapter is not None else None
+
+    def provenance(self) -> dict:
+        """How the output's provenance records this input: role, path, fingerprint, and a LoRA
+        adapter's folder and the sha256 of its weights."""
+        out = {"role": self.role, "path": str(self.checkpoint.path.resolve()), "fingerprint": self.checkpoint.fingerprint}
+        if isinstance(self.checkpoint, LoraCheckpoint) and self.checkpoint.adapter is not None:
+            out["lora"] = {"path": str(self.checkpoint.adapter.path.resolve()), "sha256": self.checkpoint.adapter.sha256}
+        return out
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,8 @@ class Step:
     present: tuple[bool, ...]
     origin: tuple[int, str] | None = None
     """Set by layer stacking (`slices:`): read only model `origin[0]`'s tensor `origin[1]`."""
+    vocab: bool = False
+    """Rows indexed by token, mapped onto the output vocabulary first (`tokenizer_source`)."""
 
 
 @dataclass
@@ -74,6 +92,8 @@ class MergePlan:
     masks: MergeMasks | None = None
     config_updates: dict = field(default_factory=dict)
     """Keys to change in the copied config.json (layer stacking sets the layer count)."""
+    vocabulary: Vocabulary | None = None
+    """The output vocabulary of a `tokenizer_source` recipe (`merge.vocab`)."""
 
     @property
     def reference(self) -> Source:
@@ -90,7 +110,8 @@ class MergePlan:
         return [role_name(s.role) for s in self.models]
 
     def input_paths(self) -> list[Path]:
-        return [s.checkpoint.path for s in self.sources]
+        """Every input folder, LoRA adapters included (an output must not land in one)."""
+        return [p for s in self.sources for p in (s.checkpoint.path, s.adapter) if p is not None]
 
     @property
     def out_bytes(self) -> int:
@@ -138,7 +159,7 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
             sources.append(_open(role, spec, base_dir))
         except NeurolocError as e:
             problems.append(f"{role}: {e}")
-            input_problems += 1
+            input_problems += isinstance(e, InputError)
             sources.append(None)
 
     base = sources[0] if recipe.base_model is not None else None
@@ -147,11 +168,14 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
     if method is not None and all(sources) and (models or (base and method.min_models == 0)):
         opened = [s for s in models if s is not None]
         reference = base or opened[0]
-        tensor_problems = _check_tensors(reference, opened, recipe.on_missing) + _check_config(reference, method)
+        vocab, vocab_problems = _vocabulary(recipe, method, base, opened, base_dir)
+        tensor_problems = vocab_problems + _check_tensors(reference, opened, recipe.on_missing, vocab) + _check_config(reference, method)
         input_problems += len(tensor_problems)
         problems += tensor_problems
         if not tensor_problems:
             plan = _plan(recipe, source, method, base, opened, [m.parameters for _, m in entries])
+            if vocab is not None:
+                _use_vocabulary(plan, vocab)
             plan.notes += _skipped_base_notes(recipe, entries)
             plan.warnings += warnings
             if not problems:  # parameters are well-formed: check they resolve at every tensor
@@ -222,11 +246,21 @@ def _check_method_shape(recipe: MergeRecipe, method: MergeMethod, n: int) -> lis
 
 
 def _open(role: str, spec: str, base_dir: Path) -> Source:
-    if "+" in spec and not Path(spec).exists():
-        raise InputError(f"{spec}: LoRA adapters ('model+lora') are not supported", hint="merge the adapter into its model first")
-    ckpt = Checkpoint.open(resolve_model_path(spec, base_dir), spec=spec)
+    """Open a model reference: a folder, or `MODEL+LORA` read through the adapter (`io.lora`).
+
+    Raises:
+        UsageError: a reference with more than one '+'.
+        InputError: the model or adapter cannot be used.
+    """
+    try:
+        model, adapter = split_model_reference(spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ckpt = Checkpoint.open(resolve_model_path(model, base_dir), spec=model)
     if ckpt.kind == Kind.DELTA:
         raise InputError(f"{ckpt.path}: is a delta checkpoint, not a model", hint="give the fine-tuned model itself")
+    if adapter is not None:
+        ckpt = LoraCheckpoint.wrap(ckpt, resolve_model_path(adapter, base_dir))
     return Source(role=role, spec=spec, checkpoint=ckpt)
 
 
@@ -240,14 +274,44 @@ def _check_config(reference: Source, method: MergeMethod) -> list[str]:
     ]
 
 
-def _check_tensors(reference: Source, models: list[Source], on_missing: str) -> list[str]:
-    """Missing, extra and mismatched tensors of each model against the reference."""
+def _vocabulary(
+    recipe: MergeRecipe, method: MergeMethod, base: Source | None, models: list[Source], base_dir: Path
+) -> tuple[Vocabulary | None, list[str]]:
+    """The output vocabulary of a `tokenizer_source` recipe, or the problem that prevents it."""
+    if recipe.tokenizer_source is None:
+        return None, []
+    if method.statistics or method.roles:
+        return None, [f"tokenizer_source: not supported with {method.name}"]
+    sources = ([base] if base else []) + models
+    try:
+        return plan_vocabulary(recipe.tokenizer_source, [s.checkpoint for s in sources], base is not None, base_dir), []
+    except NeurolocError as e:
+        return None, [f"tokenizer_source: {e}"]
+
+
+def _use_vocabulary(plan: MergePlan, vocab: Vocabulary) -> None:
+    """Give the token-indexed steps the output vocabulary's row count, and config.json its size."""
+    plan.vocabulary = vocab
+    for i, step in enumerate(plan.steps):
+        if step.name in vocab.tensors:
+            shape = (vocab.size, *step.out.shape[1:])
+            plan.steps[i] = replace(step, out=OutTensor(step.name, shape, step.out.dtype), vocab=True)
+    plan.config_updates["vocab_size"] = vocab.size
+    plan.notes.append(
+        f"tokenizer_source {vocab.source}: {vocab.size} tokens; {sum(f is not None for f in vocab.fill)} that some model lacks"
+    )
+
+
+def _check_tensors(reference: Source, models: list[Source], on_missing: str, vocab: Vocabulary | None = None) -> list[str]:
+    """Missing, extra and mismatched tensors of each model against the reference (token-indexed
+    tensors may differ in their row count when the recipe maps them onto one vocabulary)."""
     problems: list[str] = []
     for src in models:
         if src is reference:
             continue
         diff = compare_tensors(reference.checkpoint, src.checkpoint)
-        issues = [f"tensor {n} has shape {theirs}, {reference.role} has {ours}" for n, theirs, ours in diff.reshaped]
+        reshaped = [(n, a, b) for n, a, b in diff.reshaped if not (vocab and n in vocab.tensors and tuple(a)[1:] == tuple(b)[1:])]
+        issues = [f"tensor {n} has shape {theirs}, {reference.role} has {ours}" for n, theirs, ours in reshaped]
         if on_missing == "error":
             issues += [
                 f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in diff.missing
@@ -377,6 +441,7 @@ def describe_plan(plan: MergePlan) -> dict:
             {
                 "role": s.role,
                 "path": str(s.checkpoint.path),
+                **({"lora": str(s.adapter)} if s.adapter is not None else {}),
                 "tensors": len(s.checkpoint.tensors),
                 "parameters": s.checkpoint.num_parameters,
             }

@@ -12,8 +12,10 @@ compute dtype, the result and one scratch buffer), whatever the model size.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +31,7 @@ from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.merge.stats import statistics_pass
 from neuroloc_cli.merge.stream import Inputs, stream_inputs
+from neuroloc_cli.merge.vocab import save_tokenizer
 from neuroloc_cli.methods.base import Prepared
 
 
@@ -77,19 +80,23 @@ def run_merge(
     if prepared is not None:
         provenance[plan.method.name] = prepared.provenance
     dtypes = {s.out.dtype for s in plan.steps if s.merge}
-    with checkpoint_output(
-        out_dir,
-        [s.out for s in plan.steps],
-        kind=plan.method.output_kind,
-        provenance=provenance,
-        source=plan.reference.checkpoint.path,
-        inputs=plan.input_paths(),
-        overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
-        config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
-        config_updates=plan.config_updates,
-        chat_template=resolve_chat_template(plan.recipe.chat_template) if plan.recipe.chat_template else None,
-    ) as (writer, _):
+    with (
+        _tokenizer_folder(plan) as tokenizer_dir,
+        checkpoint_output(
+            out_dir,
+            [s.out for s in plan.steps],
+            kind=plan.method.output_kind,
+            provenance=provenance,
+            source=plan.reference.checkpoint.path,
+            inputs=plan.input_paths(),
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
+            config_updates=plan.config_updates,
+            chat_template=resolve_chat_template(plan.recipe.chat_template) if plan.recipe.chat_template else None,
+            tokenizer_dir=tokenizer_dir,
+        ) as (writer, _),
+    ):
         nonfinite = _stream(plan, writer, seed, on_tensor, prepared)
         if nonfinite:  # neuroloc.json is written as the block ends
             provenance["nonfinite_tensors"] = nonfinite
@@ -98,6 +105,19 @@ def run_merge(
         for name, n in nonfinite.items()
     ]
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, writer.files, time.perf_counter() - start, warnings)
+
+
+@contextmanager
+def _tokenizer_folder(plan: MergePlan) -> Iterator[Path | None]:
+    """Where the output's tokenizer files come from: the reference (None), the model that
+    `tokenizer_source` names, or a temporary folder the union tokenizer is saved into."""
+    vocab = plan.vocabulary
+    if vocab is None or vocab.tokenizer_dir is not None:
+        yield None if vocab is None else vocab.tokenizer_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="neuroloc-tokenizer-") as folder:
+        save_tokenizer(vocab, Path(folder))
+        yield Path(folder)
 
 
 def _stream(
@@ -132,6 +152,9 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
     if not step.merge:
         assert base is not None
         return base
+    if step.vocab:
+        assert plan.vocabulary is not None
+        base, tensors = _on_vocabulary(plan, step, base, tensors)
     if plan.masks is not None:
         assert base is not None
         tensors = plan.masks.restrict_inputs(step.name, base, tensors, rows)
@@ -142,6 +165,16 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
         per_model = [per_model[step.origin[0]]]
     generator = _generator(seed, step.name) if plan.method.random else None
     return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles)
+
+
+def _on_vocabulary(plan: MergePlan, step: Step, base: torch.Tensor | None, tensors: list[torch.Tensor]):
+    """The inputs with their rows on the output vocabulary; a model that lacks the tensor
+    (`on_missing: base`) stands in with the base's tensor, so with the base's rows."""
+    assert plan.vocabulary is not None
+    first = 1 if base is not None else 0
+    owners = ([0] if base is not None else []) + [first + i if present else 0 for i, present in enumerate(step.present)]
+    mapped = plan.vocabulary.remap(([base] if base is not None else []) + tensors, owners)
+    return (mapped[0], mapped[1:]) if base is not None else (None, mapped)
 
 
 def _widen(plan: MergePlan) -> bool:
@@ -168,7 +201,5 @@ def _provenance(plan: MergePlan, seed: int | None, command: str) -> dict:
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         # the dtype the arithmetic runs in: `dtype`, or float32 by `accumulate: float32`
         "accumulate": "float32" if _widen(plan) else str(plan.compute_dtype).removeprefix("torch."),
-        "inputs": [
-            {"role": s.role, "path": str(s.checkpoint.path.resolve()), "fingerprint": s.checkpoint.fingerprint} for s in plan.sources
-        ],
+        "inputs": [s.provenance() for s in plan.sources],
     }

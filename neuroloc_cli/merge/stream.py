@@ -34,7 +34,8 @@ def row_blocks(shape: tuple[int, ...]) -> list[Rows]:
 
 def _units(steps: Sequence[Step], blocks: bool) -> list[tuple[Step, Rows]]:
     """Work units: whole tensors, or, when `blocks`, blocks of rows of the large merged ones."""
-    return [(step, rows) for step in steps for rows in (row_blocks(step.out.shape) if blocks and step.merge else [None])]
+    # token-indexed tensors of a `tokenizer_source` merge are read whole: their rows move
+    return [(step, rows) for step in steps for rows in (row_blocks(step.out.shape) if blocks and step.merge and not step.vocab else [None])]
 
 
 def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = False) -> Iterator[tuple[Step, Rows, Inputs]]:

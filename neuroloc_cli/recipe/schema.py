@@ -95,6 +95,21 @@ class MergeRecipe(Frozen):
     chat_template: str | None = None
     """Written into the output's tokenizer_config.json: a name (`chatml`) or a literal Jinja
     template (see `neuroloc_cli.io.chat_templates`)."""
+    tokenizer_source: str | None = None
+    """`base`, `union` or a model path: the output's vocabulary, and every model's embedding
+    and head rows mapped onto it before merging (see `neuroloc_cli.merge.vocab`)."""
+    tokenizer: Any = None
+    """mergekit's `tokenizer:` block: refused (see `_no_tokenizer_block`)."""
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _no_tokenizer_block(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError(
+                "the 'tokenizer:' block (per-token sources, pad_to_multiple_of) is not supported; "
+                "use 'tokenizer_source: base', 'union' or a model path (mergekit's default token embeddings)"
+            )
+        return v
 
     @field_validator("chat_template")
     @classmethod
@@ -107,6 +122,8 @@ class MergeRecipe(Frozen):
     def _models_or_slices(self) -> MergeRecipe:
         if self.models and self.slices:
             raise ValueError("give either 'models' or 'slices', not both")
+        if self.tokenizer_source is not None and (self.slices or self.mask is not None or any(m.mask for m in self.models)):
+            raise ValueError("tokenizer_source is not supported with 'slices:' or masks; give 'models:' without masks")
         return self
 
 
@@ -174,3 +191,20 @@ def read_recipe_file(path: Path) -> MergeRecipe:
     except OSError as e:
         raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
     return parse_recipe(text, str(path))
+
+
+def split_model_reference(spec: str) -> tuple[str, str | None]:
+    """A model reference as mergekit reads it: `MODEL`, or `MODEL+LORA` (the model with a PEFT
+    LoRA adapter applied). mergekit splits at every `+`, so neither path may contain one.
+
+    Raises:
+        ValueError: more than one `+`, or an empty side.
+    """
+    parts = spec.split("+")
+    if len(parts) == 1:
+        return spec, None
+    if len(parts) == 2 and all(p.strip() for p in parts):
+        return parts[0], parts[1]
+    raise ValueError(
+        f"{spec!r}: a model reference is MODEL or MODEL+LORA_ADAPTER, with one '+' (mergekit's rule: paths cannot contain '+')"
+    )

@@ -1,0 +1,197 @@
+"""Merging models whose vocabularies differ: `tokenizer_source: base | union | <model>`.
+
+The output vocabulary is built as mergekit 0.1.5 builds it:
+
+- `base`: the base model's tokenizer (the first model's without a base);
+- a model path: that model's tokenizer;
+- `union`: the base's tokenizer, then every other model's ordinary tokens it lacks (models in
+  recipe order, each in id order: mergekit takes them in the order of a hash map, which can
+  change from run to run), then every added token not yet present, each with the next id.
+
+Every input's embedding and head rows are mapped onto that vocabulary by token text, and the
+method merges the mapped rows. A token some input lacks gets, in that input, mergekit's default
+row: the one model that has it gives its row; no model: zeros; several, the base among them:
+the base's row; several without the base: their mean. The output has one row per token of the
+vocabulary (rows past a tokenizer's last token are dropped, as mergekit does), and config.json's
+`vocab_size` says so. Only the tokenizer is loaded here, from the model folders; no tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroloc_cli.errors import InputError
+from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
+
+# Tensors indexed by token along their first axis (embeddings and output heads).
+_VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
+KEYWORDS = ("base", "union")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The output vocabulary and how each input's rows map onto it.
+
+    `maps[i][t]` is input i's row of output token t, or -1 when input i lacks the token; inputs
+    are in plan order (the base first, when there is one). `fill[t]` says where a token some
+    input lacks comes from: ("model", i), ("zero",), ("mean",); None when every input has it.
+    """
+
+    source: str
+    tokenizer: Any
+    tokenizer_dir: Path | None
+    """A folder whose tokenizer files the output takes as they are (`base`, a model), or None
+    when the tokenizer is written out (`union`)."""
+    size: int
+    tensors: frozenset[str]
+    maps: list[torch.Tensor]
+    fill: list[tuple | None]
+
+    def remap(self, tensors: list[torch.Tensor], owners: list[int]) -> list[torch.Tensor]:
+        """Each input's tensor with its rows on the output vocabulary.
+
+        Args:
+            tensors: one tensor per input, its first axis the input's own vocabulary.
+            owners: the input whose vocabulary each tensor follows (a tensor a model lacks
+                stands in from the base, with the base's rows).
+        """
+        sources = {o: t for o, t in zip(owners, tensors)}
+        default = self._defaults(sources, tensors[0])
+        out = []
+        for t, owner in zip(tensors, owners):
+            rows = self.maps[owner]
+            have = rows >= 0
+            mapped = default.clone()
+            mapped[have] = t[rows[have]]
+            out.append(mapped)
+        return out
+
+    def _defaults(self, sources: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        default = like.new_zeros((self.size, *like.shape[1:]))
+        for token, how in enumerate(self.fill):
+            if how is None or how[0] == "zero":
+                continue
+            if how[0] == "model":
+                default[token] = sources[how[1]][self.maps[how[1]][token]]
+                continue
+            present = [i for i in sorted(sources) if self.maps[i][token] >= 0]
+            acc = like.new_zeros(like.shape[1:])
+            for i in present:  # in input order, one add at a time, as mergekit sums them
+                acc = acc + sources[i][self.maps[i][token]]
+            default[token] = acc / len(present)
+        return default
+
+
+def is_vocab_tensor(name: str, shape: tuple[int, ...], rows: int | None) -> bool:
+    """Whether a tensor is indexed by token along its first axis."""
+    return bool(_VOCAB_TENSOR.search(name)) and len(shape) >= 1 and (rows is None or shape[0] == rows)
+
+
+def plan_vocabulary(source: str, checkpoints: list[Checkpoint], has_base: bool, base_dir: Path) -> Vocabulary:
+    """Build the output vocabulary and every input's row map (see the module docstring).
+
+    Args:
+        source: `base`, `union` or a model path as the recipe writes it.
+        checkpoints: the inputs in plan order (the base first when `has_base`).
+        has_base: whether `checkpoints[0]` is the recipe's `base_model`.
+        base_dir: the folder model paths are relative to.
+
+    Raises:
+        InputError: a tokenizer cannot be loaded, or the named model is not an input.
+    """
+    tokenizers = [_load(c.path) for c in checkpoints]
+    sizes = [_rows(c, tok) for c, tok in zip(checkpoints, tokenizers)]
+    vocabs = [{tok: i for tok, i in t.get_vocab().items() if i < n} for t, n in zip(tokenizers, sizes)]
+    if len(vocabs[0]) < len(tokenizers[0].get_vocab()):
+        raise InputError(
+            f"{checkpoints[0].path}: its tokenizer has tokens beyond the {sizes[0]} embedding rows",
+            hint="give a tokenizer that fits the embedding",
+        )
+    tokenizer_dir: Path | None
+    if source == "base":
+        out, tokenizer_dir = tokenizers[0], checkpoints[0].path
+    elif source == "union":
+        out, tokenizer_dir = _union(checkpoints[0].path, tokenizers, vocabs), None
+    else:
+        path = resolve_model_path(source, base_dir).resolve()
+        matches = [i for i, c in enumerate(checkpoints) if c.path.resolve() == path]
+        if not matches:
+            raise InputError(f"{source}: not one of the recipe's models", hint="name 'base', 'union' or one of the models")
+        out, tokenizer_dir = tokenizers[matches[0]], checkpoints[matches[0]].path
+    vocab = out.get_vocab()
+    size = len(vocab)
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in tokens] != list(range(size)):
+        raise InputError(f"tokenizer_source {source}: the tokenizer's ids are not 0..{size - 1}", hint="give a tokenizer without gaps")
+    maps = [torch.tensor([v.get(t, -1) for t in tokens], dtype=torch.long) for v in vocabs]
+    fill = [_fill(token, maps, has_base) for token in range(size)]
+    names = frozenset(n for n, info in checkpoints[0].tensors.items() if is_vocab_tensor(n, tuple(info.shape), sizes[0]))
+    return Vocabulary(source, out, tokenizer_dir, size, names, maps, fill)
+
+
+def _fill(token: int, maps: list[torch.Tensor], has_base: bool) -> tuple | None:
+    present = [i for i, m in enumerate(maps) if m[token] >= 0]
+    if len(present) == len(maps):
+        return None
+    if len(present) == 1:
+        return ("model", present[0])
+    if not present:
+        return ("zero",)
+    if has_base and present[0] == 0:
+        return ("model", 0)
+    return ("mean",)
+
+
+def _load(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:  # transformers raises many types for a missing or broken tokenizer
+        raise InputError(
+            f"{path}: cannot load the tokenizer ({type(e).__name__})", hint="tokenizer_source needs every model's tokenizer files"
+        ) from None
+
+
+def _rows(ckpt: Checkpoint, tokenizer: Any) -> int:
+    size = (ckpt.config or {}).get("vocab_size")
+    return int(size) if isinstance(size, int) else len(tokenizer.get_vocab())
+
+
+def _union(base_path: Path, tokenizers: list[Any], vocabs: list[dict[str, int]]) -> Any:
+    """The base's tokenizer with every other token appended, in mergekit's order."""
+    ordinary: dict[str, None] = {}
+    added: dict[str, Any] = {}
+    for tok, vocab in zip(tokenizers, vocabs):
+        decoder = tok.added_tokens_decoder
+        special = {info.content for info in decoder.values()}
+        for text in sorted(vocab, key=vocab.__getitem__):
+            if text not in special:
+                ordinary.setdefault(text)
+        for idx, info in sorted(decoder.items()):
+            if info.content in vocab and vocab[info.content] == idx and info.content not in added:
+                added[info.content] = info
+    out = _load(base_path)  # a fresh copy: the base's own stays as loaded
+    base_vocab = tokenizers[0].get_vocab()
+    for text in ordinary:
+        if text not in added and text not in base_vocab:
+            out.add_tokens(text)
+    for info in added.values():
+        out.add_tokens(info)
+    return out
+
+
+def save_tokenizer(vocab: Vocabulary, folder: Path) -> None:
+    """Write the output tokenizer's files into `folder` (for `union`)."""
+    vocab.tokenizer.save_pretrained(folder)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():  # the same file on every run: no machine-dependent paths
+        doc = json.loads(config.read_text())
+        doc.pop("name_or_path", None)
+        config.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
