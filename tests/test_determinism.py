@@ -91,6 +91,7 @@ METHOD_RECIPES = {
     "sce": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{select_topk: 0.5}}\n",
     "ram": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
     "ramplus_tl": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{r: 0.5}}\n",
+    "arcee_fusion": "base_model: {base}\nmodels:\n  - model: {ft1}\n",
 }
 MASKED_RECIPES = {  # name: (method, recipe)
     "masked": ("ties", "base_model: {base}\nmask: {rows}\n" + SPARSE),

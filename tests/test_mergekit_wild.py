@@ -212,3 +212,99 @@ def test_exponent_floats_read_as_numbers():
 
     doc = load_yaml("a: 1e-4\nb: 5E+3\nc: '1e-4'\nd: 1.5\ne: e10\n")
     assert doc == {"a": 1e-4, "b": 5000.0, "c": "1e-4", "d": 1.5, "e": "e10"}
+
+
+# -- named chat templates and `auto` ------------------------------------------------------------
+
+CONVERSATION = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def _render(template: str, messages, add_generation_prompt: bool = False) -> str:
+    """Render as transformers' `apply_chat_template` does (a sandboxed Jinja environment with
+    `trim_blocks` and `lstrip_blocks`)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize(
+    ("name", "rendered"),
+    [
+        # Meta's Llama 3 prompt format: headers, a blank line, content, <|eot_id|>
+        (
+            "llama3",
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>",
+        ),
+        # Mistral's instruction format: <s>[INST] user [/INST]assistant</s>
+        ("mistral", "<s>[INST] Hi there [/INST]Hello!</s>"),
+        # Stanford Alpaca's prompt: the preamble, then instruction and response sections
+        (
+            "alpaca",
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\nHi there\n\n### Response:\nHello!\n\n",
+        ),
+        ("chatml", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"),
+    ],
+)
+def test_named_chat_template_renders_the_family_format(name, rendered):
+    from neuroloc_cli.io.chat_templates import resolve_chat_template
+
+    assert _render(resolve_chat_template(name), CONVERSATION) == rendered
+
+
+def test_named_chat_templates_with_a_system_message_and_generation_prompt():
+    from neuroloc_cli.io.chat_templates import resolve_chat_template
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert _render(resolve_chat_template("llama3"), chat, True) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert _render(resolve_chat_template("mistral"), chat) == "<s>[INST] Be brief.\n\nHi [/INST]"
+    assert _render(resolve_chat_template("alpaca"), chat, True) == "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n"
+
+
+def _tokenizer_dir(root, name, template):
+    folder = root / name
+    folder.mkdir()
+    doc = {"tokenizer_class": "PreTrainedTokenizerFast"} | ({} if template is None else {"chat_template": template})
+    (folder / "tokenizer_config.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_auto_chat_template_picks_the_majority_then_the_first(tmp_path):
+    from neuroloc_cli.io.chat_templates import resolve_chat_template
+
+    a, b = "{{ 'A' }}", "{{ 'B' }}"
+    # three inputs: B twice (once with surrounding whitespace, stripped), A once, one without any
+    dirs = [_tokenizer_dir(tmp_path, n, t) for n, t in (("m1", a), ("m2", b + "\n"), ("m3", None), ("m4", b))]
+    assert resolve_chat_template("auto", dirs) == b
+    # a tie: the first of the inputs in order
+    assert resolve_chat_template("auto", dirs[:2]) == a
+    # a list of named templates gives the `default` one
+    named = _tokenizer_dir(tmp_path, "m5", [{"name": "tool_use", "template": a}, {"name": "default", "template": b}])
+    assert resolve_chat_template("auto", [named]) == b
+    # no input has one: nothing to write; validation alone (no models) accepts the name
+    assert resolve_chat_template("auto", [dirs[2], tmp_path / "missing"]) is None
+    assert resolve_chat_template("auto") is None
+
+
+def test_auto_chat_template_in_a_merge_takes_the_inputs_majority(zoo, cli, tmp_path):
+    import shutil
+
+    fam = zoo.get("llama")
+    folders = []
+    for i, (src, template) in enumerate(((fam.base, None), (fam.ft1, "{{ 'A' }}"), (fam.ft2, "{{ 'A' }}"))):
+        folder = tmp_path / f"m{i}"
+        shutil.copytree(src, folder)
+        if template:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        folders.append(folder)
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: 1.0}}\n" for f in folders)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n{models}chat_template: auto\n")
+    r = cli("merge", recipe, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == "{{ 'A' }}"

@@ -93,7 +93,9 @@ def run_merge(
             max_shard_bytes=max_shard_bytes,
             config_dtype=dtypes.pop() if len(dtypes) == 1 else None,
             config_updates=plan.config_updates,
-            chat_template=resolve_chat_template(plan.recipe.chat_template) if plan.recipe.chat_template else None,
+            chat_template=resolve_chat_template(plan.recipe.chat_template, [s.checkpoint.path for s in plan.sources])
+            if plan.recipe.chat_template
+            else None,
             tokenizer_dir=tokenizer_dir,
         ) as (writer, _),
     ):

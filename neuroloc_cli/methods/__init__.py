@@ -2,6 +2,7 @@
 
 from neuroloc_cli.methods import (  # noqa: F401  (registration)
     ablate,
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
