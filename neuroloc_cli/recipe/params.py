@@ -6,8 +6,9 @@ A parameter value in a recipe takes one of three forms (mergekit's):
 - a per-layer list, interpolated linearly over depth `t = i / (n_layers - 1)`:
   `weight: [0, 0.5, 1]`; tensors outside the blocks take the first value (mergekit 0.1.5's
   rule, see `neuroloc_cli.arch.layer_position`);
-- a list of `{filter, value}` entries: the first entry whose filter matches the tensor name
-  wins; an entry without a filter is the default, used when no filter matches. A filter is a
+- a list of `{filter, value}` entries: the first entry, in order, whose filter matches the
+  tensor name wins, and an entry without a filter matches every tensor (so a default belongs
+  last; written first, it shadows the entries after it, as in mergekit 0.1.5). A filter is a
   substring of the tensor name (mergekit's rule), or, when it contains `*`, `?` or `[`, a
   glob matched against the whole name (`*.self_attn.*`). The value may itself be a scalar or
   a per-layer list.
@@ -97,8 +98,9 @@ def check_value(value: Any, param: Param, where: str) -> list[str]:
 def resolve_value(value: Any, tensor_name: str, t: float) -> Scalar | None:
     """The value a (checked) parameter takes at one tensor; None if no filter applies."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
-        default = next((e["value"] for e in value if e.get("filter") is None), None)
-        chosen = next((e["value"] for e in value if e.get("filter") is not None and name_matches(e["filter"], tensor_name)), default)
+        # mergekit 0.1.5's rule: the entries in order, the first that matches wins, and an entry
+        # without a filter matches every tensor (a default written first shadows the rest)
+        chosen = next((e["value"] for e in value if e.get("filter") is None or name_matches(e["filter"], tensor_name)), None)
         return None if chosen is None else resolve_value(chosen, tensor_name, t)
     if isinstance(value, list):
         if len(value) == 1:
