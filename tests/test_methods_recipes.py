@@ -208,7 +208,8 @@ def test_layer_stacking_errors(zoo, cli, tmp_path, slices, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_slices_for_whole_model_methods_must_cover_all_layers(zoo, cli, tmp_path):
+def test_a_slice_of_fewer_layers_merges_just_those(zoo, cli, tmp_path):
+    """mergekit 0.1.5 merges a slice's layers with any method; the output has the slices' layers."""
     fam = zoo.get("llama")
     text = f"""
 merge_method: slerp
@@ -220,8 +221,9 @@ slices:
       - {{model: {fam.ft1}, layer_range: [0, 1]}}
 """
     r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
-    assert r.exit_code == 2
-    assert "slices[0].sources[0].layer_range: slerp merges whole models, so it must be [0, 2]" in r.stderr
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not any(".layers.1." in n for n in load_all(tmp_path / "out"))
 
 
 def test_models_and_slices_are_exclusive():

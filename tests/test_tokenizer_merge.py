@@ -124,13 +124,14 @@ def test_identical_vocabularies_copy_the_tokenizer_files(zoo, cli, tmp_path):
     assert cfg["vocab_size"] == n  # rows past the tokenizer's last token are dropped, as mergekit does
 
 
-def test_tokenizer_block_is_refused_naming_what_works(zoo, cli, tmp_path):
+def test_tokenizer_block_and_tokenizer_source_are_refused_together(zoo, cli, tmp_path):
     fam = zoo.get("llama")
-    text = f"merge_method: linear\nmodels:\n  - model: {fam.ft1}\n  - model: {fam.ft2}\ntokenizer:\n  source: union\n"
+    text = (
+        f"merge_method: linear\nmodels:\n  - model: {fam.ft1}\n  - model: {fam.ft2}\ntokenizer_source: base\ntokenizer:\n  source: union\n"
+    )
     r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
     assert r.exit_code == 2
-    assert "the 'tokenizer:' block (per-token sources, pad_to_multiple_of) is not supported" in r.stderr
-    assert "tokenizer_source: base" in r.stderr
+    assert "give either 'tokenizer_source' or a 'tokenizer:' block, not both" in r.stderr
 
 
 def test_tokenizer_source_must_name_an_input(zoo, cli, tmp_path):
@@ -139,3 +140,98 @@ def test_tokenizer_source_must_name_an_input(zoo, cli, tmp_path):
     r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
     assert r.exit_code == 2
     assert "not one of the recipe's models (name 'base', 'union' or one of the models)" in r.stderr
+
+
+# The `tokenizer:` block: per-token sources, force and padding. a lacks b's three added tokens;
+# two tokens neither has are added by the block. Each listed token's rows in a and b, as
+# mergekit 0.1.5's `PermutedVocabulary` computes them, are spelled out below.
+PAD = 64
+
+
+def _block_recipe(a: Path, b: Path, common: str, donor: str) -> str:
+    return f"""
+merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: {W[0]}}}
+  - model: {b}
+    parameters: {{weight: {W[1]}}}
+dtype: float32
+tokenizer:
+  source: union
+  tokens:
+    <tool>:
+      source: {{kind: zero}}
+    <|im_start|>:
+      source: {{kind: model_token, model: {b}, token_id: 5}}
+    <lang_xx>:
+      source: {{kind: model_token, model: {a}, token: {json.dumps(donor)}}}
+      force: true
+    {json.dumps(common)}:
+      source: {b}
+      force: true
+    <|im_end|>:
+      source: {{kind: zero}}
+  pad_to_multiple_of: {PAD}
+"""
+
+
+def test_tokenizer_block_sources_force_and_padding(tmp_path, cli):
+    a, b = _build(tmp_path / "models", tie=False)
+    va, vb = _vocab(a), _vocab(b)
+    by_id = {i: t for t, i in va.items()}
+    common, donor = by_id[100], by_id[50]
+    out = tmp_path / "out"
+    r = cli("merge", write_recipe(tmp_path, _block_recipe(a, b, common, donor)), "-o", out)
+    assert r.exit_code == 0, r.stderr
+    n = len(va)
+    expected_vocab = {**va, **{t: n + i for i, t in enumerate([*EXTRA, *EXTRA_SPECIAL, "<|im_start|>", "<|im_end|>"])}}
+    assert _vocab(out) == expected_vocab
+    rows = -(-len(expected_vocab) // PAD) * PAD
+    assert rows > len(expected_vocab)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
+    merged, ta, tb = _tensors(out), _tensors(a), _tensors(b)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        ea, eb = ta[name], tb[name]
+        zero = torch.zeros(ea.shape[1])
+        # (a's row, b's row) of each listed token, else a token's own rows, b's standing in for a
+        listed = {
+            "<tool>": (zero, eb[vb["<tool>"]]),  # not forced: only a, which lacks it, takes zeros
+            "<|im_start|>": (eb[5], eb[5]),  # neither has it: b's row 5 in both
+            "<lang_xx>": (ea[va[donor]], ea[va[donor]]),  # forced: a's row of another token in both
+            common: (eb[vb[common]], eb[vb[common]]),  # forced: b's row of the token in both
+            "<|im_end|>": (zero, zero),
+        }
+        mapped_a, mapped_b = torch.zeros(rows, ea.shape[1]), torch.zeros(rows, ea.shape[1])
+        for tok, i in expected_vocab.items():
+            ra, rb = listed[tok] if tok in listed else (ea[va[tok]] if tok in va else eb[vb[tok]], eb[vb[tok]])
+            mapped_a[i], mapped_b[i] = ra, rb
+        k = len(expected_vocab)
+        mapped_a[k:], mapped_b[k:] = mapped_a[:k].mean(0), mapped_b[:k].mean(0)  # padding: each model's mean row
+        assert merged[name].shape == (rows, ea.shape[1])
+        torch.testing.assert_close(merged[name], W[0] * mapped_a + W[1] * mapped_b, rtol=0, atol=1e-6)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("<|im_start|>hi<|im_end|>", add_special_tokens=False)["input_ids"][0] == n + 3
+    assert tok.convert_ids_to_tokens([n + 3, n + 4]) == ["<|im_start|>", "<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("<tool>:\n      source: {a}", "tokenizer.tokens.<tool>.source: {a} lacks the token '<tool>'"),
+        ("<tool>:\n      force: true", "tokenizer.tokens.<tool>.source: required, since force is set"),
+        (
+            "<x>:\n      source: {{kind: model_token, model: {a}, token_id: 100000}}",
+            "tokenizer.tokens.<x>.source: token_id 100000 is not a row of",
+        ),
+        ("<x>:\n      source: {{kind: zero, model: {a}}}", "tokenizer.tokens.<x>.source: a model path, {{kind: zero}}"),
+    ],
+)
+def test_tokenizer_block_errors_name_the_key(pair, cli, tmp_path, entry, message):
+    a, b = pair
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\ntokenizer:\n  tokens:\n    {entry.format(a=a)}\n"
+    r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.stderr
+    assert message.format(a=a) in r.stderr

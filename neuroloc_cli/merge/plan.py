@@ -19,7 +19,7 @@ from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.lora import LoraCheckpoint
 from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.merge.masks import MergeMasks, describe_masks, load_masks, mask_recipe_problems
-from neuroloc_cli.merge.vocab import Vocabulary, plan_vocabulary
+from neuroloc_cli.merge.vocab import TokenSourceError, Vocabulary, plan_vocabulary
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters, unused_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name, split_model_reference
@@ -42,6 +42,10 @@ class Source:
         """The LoRA adapter folder of a `MODEL+LORA` reference, else None."""
         ckpt = self.checkpoint
         return ckpt.adapter.path if isinstance(ckpt, LoraCheckpoint) and ckpt.adapter is not None else None
+
+    def input_paths(self) -> list[Path]:
+        """The folders this input reads: the model's, and a LoRA adapter's."""
+        return [p for p in (self.checkpoint.path, self.adapter) if p is not None]
 
     def provenance(self) -> dict:
         """How the output's provenance records this input: role, path, fingerprint, and a LoRA
@@ -111,7 +115,7 @@ class MergePlan:
 
     def input_paths(self) -> list[Path]:
         """Every input folder, LoRA adapters included (an output must not land in one)."""
-        return [p for s in self.sources for p in (s.checkpoint.path, s.adapter) if p is not None]
+        return [p for s in self.sources for p in s.input_paths()]
 
     @property
     def out_bytes(self) -> int:
@@ -277,16 +281,22 @@ def _check_config(reference: Source, method: MergeMethod) -> list[str]:
 def _vocabulary(
     recipe: MergeRecipe, method: MergeMethod, base: Source | None, models: list[Source], base_dir: Path
 ) -> tuple[Vocabulary | None, list[str]]:
-    """The output vocabulary of a `tokenizer_source` recipe, or the problem that prevents it."""
-    if recipe.tokenizer_source is None:
+    """The output vocabulary of a `tokenizer_source` (or `tokenizer:`) recipe, or the problem that prevents it."""
+    block = recipe.tokenizer
+    source = block.source if block is not None else recipe.tokenizer_source
+    key = "tokenizer.source" if block is not None else "tokenizer_source"
+    if source is None:
         return None, []
     if method.statistics or method.roles:
-        return None, [f"tokenizer_source: not supported with {method.name}"]
+        return None, [f"{key}: not supported with {method.name}"]
     sources = ([base] if base else []) + models
+    tokens, pad = (block.tokens, block.pad_to_multiple_of) if block is not None else (None, None)
     try:
-        return plan_vocabulary(recipe.tokenizer_source, [s.checkpoint for s in sources], base is not None, base_dir), []
+        return plan_vocabulary(source, [s.checkpoint for s in sources], base is not None, base_dir, tokens, pad), []
+    except TokenSourceError as e:  # names its key already
+        return None, [str(e)]
     except NeurolocError as e:
-        return None, [f"tokenizer_source: {e}"]
+        return None, [f"{key}: {e}"]
 
 
 def _use_vocabulary(plan: MergePlan, vocab: Vocabulary) -> None:
@@ -294,11 +304,12 @@ def _use_vocabulary(plan: MergePlan, vocab: Vocabulary) -> None:
     plan.vocabulary = vocab
     for i, step in enumerate(plan.steps):
         if step.name in vocab.tensors:
-            shape = (vocab.size, *step.out.shape[1:])
+            shape = (vocab.rows, *step.out.shape[1:])
             plan.steps[i] = replace(step, out=OutTensor(step.name, shape, step.out.dtype), vocab=True)
-    plan.config_updates["vocab_size"] = vocab.size
+    plan.config_updates["vocab_size"] = vocab.rows
+    padding = f"; {vocab.rows - vocab.size} padding rows" if vocab.rows > vocab.size else ""
     plan.notes.append(
-        f"tokenizer_source {vocab.source}: {vocab.size} tokens; {sum(f is not None for f in vocab.fill)} that some model lacks"
+        f"tokenizer_source {vocab.source}: {vocab.size} tokens; {sum(f is not None for f in vocab.fill)} that some model lacks{padding}"
     )
 
 

@@ -1,4 +1,5 @@
-"""Merging models whose vocabularies differ: `tokenizer_source: base | union | <model>`.
+"""Merging models whose vocabularies differ: `tokenizer_source: base | union | <model>`, or
+mergekit's `tokenizer:` block (the same `source`, per-token `tokens:`, `pad_to_multiple_of`).
 
 The output vocabulary is built as mergekit 0.1.5 builds it:
 
@@ -14,6 +15,14 @@ row: the one model that has it gives its row; no model: zeros; several, the base
 the base's row; several without the base: their mean. The output has one row per token of the
 vocabulary (rows past a tokenizer's last token are dropped, as mergekit does), and config.json's
 `vocab_size` says so. Only the tokenizer is loaded here, from the model folders; no tensor data.
+
+The `tokenizer:` block, as mergekit 0.1.5's `PermutedVocabulary`: every token of `tokens:` the
+vocabulary lacks is added to it (a plain added token, in the block's order). A listed token
+replaces the default above: its `source` gives the row of each model that lacks the token (a
+model: that model's row of the token; `zero`; `model_token`: a model's row of another token, by
+text or index), and with `force` of every model; a listed token every model has, without
+`force`, keeps each model's own row. `pad_to_multiple_of` pads the rows to a multiple, each
+padding row the mean of that input's mapped rows, and `vocab_size` counts the padding.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.io.checkpoint import Checkpoint, resolve_model_path
+from neuroloc_cli.recipe.schema import TokenEmbedding, TokenRow, ZeroRow
 
 # Tensors indexed by token along their first axis (embeddings and output heads).
 _VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
@@ -40,7 +50,9 @@ class Vocabulary:
 
     `maps[i][t]` is input i's row of output token t, or -1 when input i lacks the token; inputs
     are in plan order (the base first, when there is one). `fill[t]` says where a token some
-    input lacks comes from: ("model", i), ("zero",), ("mean",); None when every input has it.
+    input lacks comes from: ("model", i), ("zero",), ("mean",), ("row", i, r) (input i's row r);
+    None when every input has it. `forced[t]`: every input takes the fill (`force`). `rows`: the
+    row count, `size` and the padding (`pad_to_multiple_of`).
     """
 
     source: str
@@ -52,6 +64,8 @@ class Vocabulary:
     tensors: frozenset[str]
     maps: list[torch.Tensor]
     fill: list[tuple | None]
+    forced: torch.Tensor
+    rows: int
 
     def remap(self, tensors: list[torch.Tensor], owners: list[int]) -> list[torch.Tensor]:
         """Each input's tensor with its rows on the output vocabulary.
@@ -66,9 +80,12 @@ class Vocabulary:
         out = []
         for t, owner in zip(tensors, owners):
             rows = self.maps[owner]
-            have = rows >= 0
-            mapped = default.clone()
-            mapped[have] = t[rows[have]]
+            have = (rows >= 0) & ~self.forced
+            mapped = t.new_zeros((self.rows, *t.shape[1:]))
+            mapped[: self.size] = default
+            mapped[: self.size][have] = t[rows[have]]
+            if self.rows > self.size:  # padding: the input's mean row, as mergekit pads
+                mapped[self.size :] = torch.mean(mapped[: self.size], dim=0)
             out.append(mapped)
         return out
 
@@ -79,6 +96,9 @@ class Vocabulary:
                 continue
             if how[0] == "model":
                 default[token] = sources[how[1]][self.maps[how[1]][token]]
+                continue
+            if how[0] == "row":
+                default[token] = sources[how[1]][how[2]]
                 continue
             present = [i for i in sorted(sources) if self.maps[i][token] >= 0]
             acc = like.new_zeros(like.shape[1:])
@@ -93,7 +113,18 @@ def is_vocab_tensor(name: str, shape: tuple[int, ...], rows: int | None) -> bool
     return bool(_VOCAB_TENSOR.search(name)) and len(shape) >= 1 and (rows is None or shape[0] == rows)
 
 
-def plan_vocabulary(source: str, checkpoints: list[Checkpoint], has_base: bool, base_dir: Path) -> Vocabulary:
+class TokenSourceError(InputError):
+    """A `tokenizer.tokens.<token>.source` that cannot give a row; the message names the key."""
+
+
+def plan_vocabulary(
+    source: str,
+    checkpoints: list[Checkpoint],
+    has_base: bool,
+    base_dir: Path,
+    tokens: dict[str, TokenEmbedding] | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> Vocabulary:
     """Build the output vocabulary and every input's row map (see the module docstring).
 
     Args:
@@ -101,9 +132,12 @@ def plan_vocabulary(source: str, checkpoints: list[Checkpoint], has_base: bool, 
         checkpoints: the inputs in plan order (the base first when `has_base`).
         has_base: whether `checkpoints[0]` is the recipe's `base_model`.
         base_dir: the folder model paths are relative to.
+        tokens: the `tokenizer:` block's `tokens:`.
+        pad_to_multiple_of: the `tokenizer:` block's padding multiple.
 
     Raises:
         InputError: a tokenizer cannot be loaded, or the named model is not an input.
+        TokenSourceError: a token's `source` names no input, a token or row a model lacks.
     """
     tokenizers = [_load(c.path) for c in checkpoints]
     sizes = [_rows(c, tok) for c, tok in zip(checkpoints, tokenizers)]
@@ -119,11 +153,17 @@ def plan_vocabulary(source: str, checkpoints: list[Checkpoint], has_base: bool, 
     elif source == "union":
         out, tokenizer_dir = _union(checkpoints[0].path, tokenizers, vocabs), None
     else:
-        path = resolve_model_path(source, base_dir).resolve()
-        matches = [i for i, c in enumerate(checkpoints) if c.path.resolve() == path]
-        if not matches:
+        index = _input(source, checkpoints, base_dir)
+        if index is None:
             raise InputError(f"{source}: not one of the recipe's models", hint="name 'base', 'union' or one of the models")
-        out, tokenizer_dir = tokenizers[matches[0]], checkpoints[matches[0]].path
+        out, tokenizer_dir = tokenizers[index], checkpoints[index].path
+    configured = tokens or {}
+    new = [t for t in configured if t not in out.get_vocab()]
+    if new:  # mergekit adds them as plain tokens, in the block's order
+        if tokenizer_dir is not None:
+            out, tokenizer_dir = _load(tokenizer_dir), None  # a fresh copy: the input's stays as loaded
+        for text in new:
+            out.add_tokens(text)
     vocab = out.get_vocab()
     size = len(vocab)
     tokens = sorted(vocab, key=vocab.__getitem__)
@@ -131,8 +171,61 @@ def plan_vocabulary(source: str, checkpoints: list[Checkpoint], has_base: bool, 
         raise InputError(f"tokenizer_source {source}: the tokenizer's ids are not 0..{size - 1}", hint="give a tokenizer without gaps")
     maps = [torch.tensor([v.get(t, -1) for t in tokens], dtype=torch.long) for v in vocabs]
     fill = [_fill(token, maps, has_base) for token in range(size)]
+    forced = torch.zeros(size, dtype=torch.bool)
+    for text, cfg in configured.items():
+        token = vocab[text]
+        forced[token] = cfg.force
+        needed = cfg.force or any(m[token] < 0 for m in maps)
+        fill[token] = _configured(text, cfg, token, maps, vocabs, sizes, checkpoints, base_dir) if needed else None
+    rows = size
+    if pad_to_multiple_of and size % pad_to_multiple_of:
+        rows = (size // pad_to_multiple_of + 1) * pad_to_multiple_of
     names = frozenset(n for n, info in checkpoints[0].tensors.items() if is_vocab_tensor(n, tuple(info.shape), sizes[0]))
-    return Vocabulary(source, out, tokenizer_dir, size, names, maps, fill)
+    return Vocabulary(source, out, tokenizer_dir, size, names, maps, fill, forced, rows)
+
+
+def _input(model: str, checkpoints: list[Checkpoint], base_dir: Path) -> int | None:
+    """The index of the input a model path names (the first, if several), or None."""
+    path = resolve_model_path(model, base_dir).resolve()
+    return next((i for i, c in enumerate(checkpoints) if c.path.resolve() == path), None)
+
+
+def _configured(
+    text: str,
+    cfg: TokenEmbedding,
+    token: int,
+    maps: list[torch.Tensor],
+    vocabs: list[dict[str, int]],
+    sizes: list[int],
+    checkpoints: list[Checkpoint],
+    base_dir: Path,
+) -> tuple:
+    """The fill of a `tokens:` entry: its `source` resolved to an input and a row."""
+    key = f"tokenizer.tokens.{text}.source"
+    src = cfg.source
+    if src is None:
+        raise TokenSourceError(
+            f"{key}: required, since {'force is set' if cfg.force else 'some model lacks the token'}",
+            hint="give a model path, {kind: zero} or {kind: model_token, ...}",
+        )
+    if isinstance(src, ZeroRow):
+        return ("zero",)
+    model = src.model if isinstance(src, TokenRow) else src
+    i = _input(model, checkpoints, base_dir)
+    if i is None:
+        raise TokenSourceError(f"{key}: {model} is not one of the recipe's models", hint="name one of the models")
+    if isinstance(src, TokenRow):
+        if src.token is not None:
+            if src.token not in vocabs[i]:
+                raise TokenSourceError(f"{key}: {model} has no token {src.token!r}", hint="name a token of that model's vocabulary")
+            return ("row", i, vocabs[i][src.token])
+        assert src.token_id is not None
+        if not 0 <= src.token_id < sizes[i]:
+            raise TokenSourceError(f"{key}: token_id {src.token_id} is not a row of {model} (0..{sizes[i] - 1})", hint="give a row index")
+        return ("row", i, src.token_id)
+    if maps[i][token] < 0:
+        raise TokenSourceError(f"{key}: {model} lacks the token {text!r}", hint="name a model that has it, or use model_token")
+    return ("model", i)
 
 
 def _fill(token: int, maps: list[torch.Tensor], has_base: bool) -> tuple | None:

@@ -66,6 +66,66 @@ class OutputSlice(Frozen):
     """One entry of `slices:`; its sources' layers become consecutive output layers."""
 
     sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """This slice's parameters: they override the top-level ones, and a source's own
+    `parameters` override them (mergekit's order)."""
+
+
+class ZeroRow(Frozen):
+    """`{kind: zero}`: a token's row is zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenRow(Frozen):
+    """`{kind: model_token, model, token | token_id}`: another token's row of one model (by
+    text in that model's vocabulary, or by row index)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenEmbedding(Frozen):
+    """One entry of `tokenizer.tokens:` (mergekit's `TokenEmbeddingConfig`)."""
+
+    source: str | ZeroRow | TokenRow | None = None
+    """Where the token's row comes from for a model that lacks it (for every model with
+    `force`): a model path (that model's row of the token), `{kind: zero}`, or
+    `{kind: model_token, ...}`."""
+    force: bool = False
+    """Every model takes the `source` row, also those that have the token."""
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_source(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, dict) and v.get("kind") == "zero" and set(v) == {"kind"}:
+            return ZeroRow(kind="zero")
+        if isinstance(v, dict) and v.get("kind") == "model_token":
+            model, token, token_id = v.get("model"), v.get("token"), v.get("token_id")
+            if set(v) - {"kind", "model", "token", "token_id"} or not isinstance(model, str):
+                raise ValueError("model_token takes 'model' (a path) and one of 'token' or 'token_id'")
+            if (token is None) == (token_id is None):
+                raise ValueError("model_token takes one of 'token' or 'token_id', not both or neither")
+            if not (isinstance(token, str) or (isinstance(token_id, int) and not isinstance(token_id, bool))):
+                raise ValueError("model_token: 'token' is a string, 'token_id' an integer")
+            return TokenRow(kind="model_token", model=model, token=token, token_id=token_id)
+        raise ValueError("a model path, {kind: zero} or {kind: model_token, model: PATH, token: TEXT | token_id: N}")
+
+
+class TokenizerBlock(Frozen):
+    """mergekit's `tokenizer:` block: `tokenizer_source` with per-token rows and padding."""
+
+    source: str = "union"
+    """As `tokenizer_source`: `base`, `union` (the default) or a model path."""
+    tokens: dict[str, TokenEmbedding] | None = None
+    """Per-token row sources; a token the vocabulary lacks is added to it (not special)."""
+    pad_to_multiple_of: int | None = Field(default=None, ge=0)
+    """Pad the embedding and head rows to a multiple (0: none); each padding row is that
+    model's mean row, and config.json's `vocab_size` counts the padding."""
 
 
 class MergeRecipe(Frozen):
@@ -75,7 +135,7 @@ class MergeRecipe(Frozen):
     base_model: str | None = None
     models: list[InputModel] = Field(default_factory=list)
     slices: list[OutputSlice] = Field(default_factory=list)
-    """Layer stacking (`passthrough`), or whole-model sources in mergekit's slice form; see
+    """Layer stacking (`passthrough`), or any other method merged slice by slice; see
     `neuroloc_cli.merge.slices`. Mutually exclusive with `models`."""
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DtypeName | None = None
@@ -98,18 +158,18 @@ class MergeRecipe(Frozen):
     tokenizer_source: str | None = None
     """`base`, `union` or a model path: the output's vocabulary, and every model's embedding
     and head rows mapped onto it before merging (see `neuroloc_cli.merge.vocab`)."""
-    tokenizer: Any = None
-    """mergekit's `tokenizer:` block: refused (see `_no_tokenizer_block`)."""
+    tokenizer: TokenizerBlock | None = None
+    """mergekit's `tokenizer:` block (see `neuroloc_cli.merge.vocab`); not with `tokenizer_source`."""
 
-    @field_validator("tokenizer")
-    @classmethod
-    def _no_tokenizer_block(cls, v: Any) -> Any:
-        if v is not None:
-            raise ValueError(
-                "the 'tokenizer:' block (per-token sources, pad_to_multiple_of) is not supported; "
-                "use 'tokenizer_source: base', 'union' or a model path (mergekit's default token embeddings)"
-            )
-        return v
+    @model_validator(mode="after")
+    def _one_tokenizer(self) -> MergeRecipe:
+        if self.tokenizer is None:
+            return self
+        if self.tokenizer_source is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer:' block, not both (as mergekit)")
+        if self.slices or self.mask is not None or any(m.mask for m in self.models):
+            raise ValueError("the 'tokenizer:' block is not supported with 'slices:' or masks; give 'models:' without masks")
+        return self
 
     @field_validator("chat_template")
     @classmethod
