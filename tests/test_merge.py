@@ -161,10 +161,15 @@ out_dtype: float32
         torch.testing.assert_close(merged[name].double(), expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_default_entry_applies_even_when_listed_first():
+def test_filter_entries_are_taken_in_order_a_default_matching_everything():
+    """mergekit 0.1.5's rule: the first entry that matches wins, and one without a filter
+    matches every tensor, so written first it shadows the entries after it."""
     from neuroloc_cli.recipe.params import resolve_value
 
     entries = [{"value": 1.0}, {"filter": "mlp", "value": 2.0}]
+    assert resolve_value(entries, "model.layers.0.mlp.up_proj.weight", 0) == 1.0
+    assert resolve_value(entries, "model.layers.0.self_attn.q_proj.weight", 0) == 1.0
+    entries = [{"filter": "mlp", "value": 2.0}, {"value": 1.0}]
     assert resolve_value(entries, "model.layers.0.mlp.up_proj.weight", 0) == 2.0
     assert resolve_value(entries, "model.layers.0.self_attn.q_proj.weight", 0) == 1.0
     assert resolve_value([{"filter": "mlp", "value": 2.0}], "lm_head.weight", 1) is None
