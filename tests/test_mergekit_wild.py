@@ -308,3 +308,32 @@ def test_auto_chat_template_in_a_merge_takes_the_inputs_majority(zoo, cli, tmp_p
     r = cli("merge", recipe, "-o", tmp_path / "out")
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == "{{ 'A' }}"
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_convert_drops_a_shared_head_only_when_the_config_ties_it(cli, tmp_path, tie):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    w = torch.randn(8, 4)
+    torch.save({"lm_head.weight": w, "model.embed_tokens.weight": w, "model.norm.weight": torch.ones(4)}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"tie_word_embeddings": tie}))
+    r = cli("convert", folder, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    got = load_all(tmp_path / "out")
+    assert torch.equal(got["model.embed_tokens.weight"], w)  # the embedding is kept, whatever the file order
+    assert ("lm_head.weight" in got) is not tie
+
+
+def test_auto_reads_a_saved_chat_template_jinja(tmp_path):
+    from neuroloc_cli.io.chat_templates import auto_chat_template
+
+    folders = []
+    for i, (where, template) in enumerate((("jinja", "{{ 'J' }}"), ("jinja", "{{ 'J' }}"), ("config", "{{ 'C' }}"))):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        if where == "jinja":  # what recent transformers releases save
+            (folder / "chat_template.jinja").write_text(template + "\n")
+        else:
+            (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        folders.append(folder)
+    assert auto_chat_template(folders) == "{{ 'J' }}"

@@ -219,3 +219,15 @@ def test_slerp_slices_without_base_model(four, cli, tmp_path):
     a, b, _ = four
     text = SLERP.format(a=a, b=b).replace(f"base_model: {a}\n", "")
     assert "base_model: slerp needs a base model" in _problems(cli, tmp_path, text)
+
+
+def test_unused_per_model_parameters_in_slices_warn_and_merge(four, cli, tmp_path):
+    """mergekit's slerp recipes carry weight: on sources; slice by slice it warns, as with models:."""
+    a, b, _ = four
+    text = SLERP.format(a=a, b=b).replace(
+        f"{{model: {b}, layer_range: [0, 2]}}", f"{{model: {b}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}"
+    )
+    assert "weight: 1.0" in text
+    r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert any("slices[0].sources[1].parameters.weight: slerp does not use it" in w for w in r.json()["warnings"]), r.json()["warnings"]

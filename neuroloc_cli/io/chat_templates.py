@@ -86,15 +86,32 @@ def is_literal_template(value: str) -> bool:
 
 
 def model_chat_template(folder: Path) -> str | None:
-    """The chat template in a model folder's `tokenizer_config.json`, stripped, or None.
+    """A model folder's chat template, stripped, or None: where transformers reads it, first
+    `chat_template.jinja` (what recent releases save), then `chat_template.json`, then the
+    `chat_template` field of `tokenizer_config.json`.
 
     A list of named templates (`[{"name": ..., "template": ...}]`) gives the one named
     `default`. A missing or unreadable file gives None, as a model without a template does.
     """
+    folder = Path(folder)
     try:
-        doc = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if text.strip():
+            return text.strip()
+    except OSError:
+        pass
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            doc = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        found = _template_of(doc)
+        if found is not None:
+            return found
+    return None
+
+
+def _template_of(doc: object) -> str | None:
     template = doc.get("chat_template") if isinstance(doc, dict) else None
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)

@@ -46,7 +46,7 @@ class ConvertResult:
 
     @property
     def warnings(self) -> list[str]:
-        return [f"tensor {n}: shares its storage with an earlier tensor (tied weights), so it is not written" for n in self.dropped]
+        return [f"tensor {n}: the LM head tied to the embedding (config.json ties them), so it is not written" for n in self.dropped]
 
 
 def bin_files(folder: Path) -> list[Path]:
@@ -101,21 +101,29 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _plan(files: list[Path]) -> tuple[list[OutTensor], list[str]]:
+# The output-embedding names `save_pretrained` leaves out of a checkpoint with tied weights.
+_TIED_HEADS = ("lm_head.weight", "embed_out.weight")
+
+
+def _plan(files: list[Path], tied: bool) -> tuple[list[OutTensor], list[str]]:
+    """Every tensor to write, and those left out: only an LM head that shares its storage with
+    another tensor when config.json ties the embeddings (what `save_pretrained` stores once);
+    any other shared storage is written twice, as separate tensors."""
     planned: dict[str, OutTensor] = {}
-    dropped: list[str] = []
+    shared: dict[tuple, list[str]] = {}
     for file in files:
-        seen: set[tuple] = set()
         for name, t in _load(file).items():
             if name in planned:
                 raise InputError(f"{file}: tensor {name} is also in an earlier file")
-            key = _storage_key(t)
-            if key in seen and t.numel():
-                dropped.append(name)
-                continue
-            seen.add(key)
             planned[name] = OutTensor(name, tuple(t.shape), t.dtype)
-    return list(planned.values()), dropped
+            if t.numel():
+                shared.setdefault(_storage_key(t), []).append(name)
+    dropped = []
+    if tied:
+        for names in shared.values():
+            if len(names) > 1:
+                dropped += [n for n in names if n in _TIED_HEADS]
+    return [o for n, o in planned.items() if n not in dropped], dropped
 
 
 def _tensors(files: list[Path], keep: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -144,7 +152,8 @@ def convert_checkpoint(
 
     start = time.perf_counter()
     files = bin_files(source)
-    planned, dropped = _plan(files)  # every file is checked before anything is written
+    config = _config(source)
+    planned, dropped = _plan(files, bool(config.get("tie_word_embeddings", True)))  # every file is checked before anything is written
     provenance = {
         "neuroloc_version": __version__,
         "command": "convert",
@@ -168,3 +177,12 @@ def convert_checkpoint(
             writer.write(name, t)
     total = sum(t.nbytes for t in planned)
     return ConvertResult(out_dir, len(planned), total, writer.files, time.perf_counter() - start, dropped)
+
+
+def _config(source: Path) -> dict:
+    """config.json of the folder ({} if it has none or cannot be read: the default ties)."""
+    try:
+        doc = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}

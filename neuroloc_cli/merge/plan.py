@@ -328,6 +328,10 @@ def _check_tensors(reference: Source, models: list[Source], on_missing: str, voc
                 f"tensor {n} is missing (present in {reference.role}; set on_missing: base to keep the base value)" for n in diff.missing
             ]
         issues += [f"tensor {n} is not in {reference.role} (it would be dropped)" for n in diff.extra]
+        if vocab is not None:  # its rows are mapped from each model's own: a stand-in has none
+            issues += [
+                f"tensor {n} is missing, and tokenizer_source maps its rows from every model" for n in diff.missing if n in vocab.tensors
+            ]
         for text in issues[:_MAX_LISTED]:
             problems.append(f"{src.role} ({src.checkpoint.path}): {text}")
         if len(issues) > _MAX_LISTED:

@@ -279,7 +279,8 @@ def _sliced_plan(recipe: MergeRecipe, source: str, method: MergeMethod, sources:
         problems.append(f"slices: {method.name} is not merged slice by slice; give 'models:', or one slice over whole models")
     if recipe.mask is not None:
         problems.append("mask: not supported with several slices; give 'models:', or one slice over whole models")
-    problems += _check_slice_parameters(recipe, method, order, with_base)
+    slice_problems, warnings = _check_slice_parameters(recipe, method, order, with_base)
+    problems += slice_problems
     if problems:
         raise RecipeError(source, problems)
 
@@ -299,6 +300,7 @@ def _sliced_plan(recipe: MergeRecipe, source: str, method: MergeMethod, sources:
     total = sum(lengths)
     compute = DTYPE_NAMES[recipe.dtype or "float32"]
     plan = MergePlan(recipe, source, method, base, models, steps, compute, total, _SliceResolver(resolvers, slice_of))  # type: ignore[arg-type]
+    plan.warnings += warnings
     problems = _check_tensors(reference, models, recipe.on_missing) + _check_config(reference, method)
     problems += _check_layer_shapes([row[o[0]] for row, o in zip(sources, order)])
     problems = problems or _check_resolution(plan)
@@ -353,9 +355,14 @@ def _base_positions(recipe: MergeRecipe, base_dir: Path) -> list[int | None]:
     ]
 
 
-def _check_slice_parameters(recipe: MergeRecipe, method: MergeMethod, order: list[list[int]], with_base: bool) -> list[str]:
-    """Each slice's parameters as the method reads them, each problem named by its recipe key."""
+def _check_slice_parameters(
+    recipe: MergeRecipe, method: MergeMethod, order: list[list[int]], with_base: bool
+) -> tuple[list[str], list[str]]:
+    """Each slice's parameters as the method reads them: the problems, each named by its recipe
+    key, and the warnings (per-model parameters the method does not use, as mergekit's own
+    recipes carry)."""
     problems: list[str] = []
+    warnings: list[str] = []
     known = known_parameters()
     for i, (sl, o) in enumerate(zip(recipe.slices, order)):
         labels = [f"slices[{i}].sources[{k}]" for k in o[with_base:]]
@@ -364,8 +371,8 @@ def _check_slice_parameters(recipe: MergeRecipe, method: MergeMethod, order: lis
         for text in check_parameters(method.params, merged, per_model, method.name, NO_OP_PARAMETERS, model_labels=labels, unused_ok=known):
             key = text.partition(":")[0].removeprefix("parameters.")
             problems.append(f"slices[{i}].{text}" if key in sl.parameters else text)
-        problems += unused_parameters(method.params, per_model, method.name, known, model_labels=labels)
-    return list(dict.fromkeys(problems))
+        warnings += unused_parameters(method.params, per_model, method.name, known, model_labels=labels)
+    return list(dict.fromkeys(problems)), list(dict.fromkeys(warnings))
 
 
 def _stitch(

@@ -255,11 +255,14 @@ def read_recipe_file(path: Path) -> MergeRecipe:
 
 def split_model_reference(spec: str) -> tuple[str, str | None]:
     """A model reference as mergekit reads it: `MODEL`, or `MODEL+LORA` (the model with a PEFT
-    LoRA adapter applied). mergekit splits at every `+`, so neither path may contain one.
+    LoRA adapter applied). mergekit splits at every `+`, so neither path may contain one; an
+    existing folder whose name holds a `+` is still read as that folder (it always was here).
 
     Raises:
         ValueError: more than one `+`, or an empty side.
     """
+    if "+" in spec and Path(spec).expanduser().exists():
+        return spec, None
     parts = spec.split("+")
     if len(parts) == 1:
         return spec, None
