@@ -9,7 +9,7 @@ import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.methods.nuslerp import base_not_listed, chunked_dot, flat_chunks
+from neuroloc_cli.methods.nuslerp import base_not_listed
 from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param, Scalar
 
@@ -53,24 +53,14 @@ def multislerp(
     """
     if len(tensors) == 1:
         return tensors[0].clone()
-    # the inputs are the method's own: each becomes its task vector in place; the unit
-    # vectors and the tangent are made chunk by chunk, and the result is written over the mean
-    vectors = [t.contiguous().sub_(base) if base is not None else t.contiguous() for t in tensors]
+    vectors = [t - base for t in tensors] if base is not None else [t.clone() for t in tensors]
     w = [float(x) for x in weight]
     if normalize_weights:
         total = sum(w)
         w = [x / total for x in w]
     norms = [_norm(v) for v in vectors]
-    flat = [v.reshape(-1) for v in vectors]
-    chunks = flat_chunks(flat[0].numel())
-
-    def units(c: slice) -> list[torch.Tensor]:
-        return [v[c] / (n + eps) for v, n in zip(flat, norms)]
-
-    mean = torch.empty_like(flat[0])
-    for c in chunks:
-        u = units(c)
-        mean[c] = sum((x * wi for x, wi in zip(u[1:], w[1:])), u[0] * w[0])
+    units = [v / (n + eps) for v, n in zip(vectors, norms)]
+    mean = sum((u * wi for u, wi in zip(units[1:], w[1:])), units[0] * w[0])
     mean_norm = _norm(mean)
     if mean_norm < eps:
         if len(vectors) != 2:
@@ -81,21 +71,10 @@ def multislerp(
         out = vectors[0] * w[0] + vectors[1] * w[1]
         return out if base is None else out.add_(base)
     mean /= mean_norm
-    along = [0.0] * len(flat)
-    for i in range(len(flat)):  # ⟨u_i, m⟩, u_i made a chunk at a time
-        along[i] = chunked_dot((v[c] / (norms[i] + eps), mean[c]) for c in chunks for v in [flat[i]])
-
-    def tangent(c: slice) -> torch.Tensor:
-        part = torch.zeros_like(mean[c])
-        for u, d, wi in zip(units(c), along, w):
-            part.add_(u - mean[c] * d, alpha=wi)
-        return part
-
-    tangent_norm = math.sqrt(chunked_dot((t, t) for c in chunks for t in [tangent(c)])) + eps
-    scale = sum(n * wi for n, wi in zip(norms, w))
-    flat_base = None if base is None else base.contiguous().reshape(-1)
-    for c in chunks:
-        out = mean[c] * math.cos(tangent_norm) + tangent(c) * (math.sin(tangent_norm) / tangent_norm)
-        out *= scale
-        mean[c] = out if flat_base is None else out.add_(flat_base[c])
-    return mean.view(vectors[0].shape)
+    tangent = torch.zeros_like(mean)
+    for u, wi in zip(units, w):
+        tangent.add_(u - mean * fixed_dot(u, mean), alpha=wi)
+    tangent_norm = _norm(tangent) + eps
+    out = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+    out *= sum(n * wi for n, wi in zip(norms, w))
+    return out if base is None else out.add_(base)

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.ops.sums import BLOCK, fixed_dot
+from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param
 
 NORM_EPS = 1e-7  # norms are clamped below at this before normalizing (mergekit's)
 COLINEAR_EPS = 1e-8  # rows with 1 − cos² ≤ this² are interpolated linearly (mergekit's)
 WEIGHT_EPS = 1e-6  # weights summing to less than this in magnitude give t = 0.5 (mergekit's)
-
-
-# Whole-tensor methods work on flat chunks of this many elements (4 MB in float32), so that
-# their temporaries are a chunk, not a tensor; a multiple of `ops.sums.BLOCK`, so that a dot
-# product summed chunk by chunk adds the very blocks `fixed_dot` adds.
-CHUNK = 256 * BLOCK
-
-
-def flat_chunks(n: int) -> list[slice]:
-    """Consecutive slices of `CHUNK` elements (the last shorter) covering `range(n)`."""
-    return [slice(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)] or [slice(0, 0)]
-
-
-def chunked_dot(pairs) -> float:
-    """`fixed_dot` of two flat tensors given as `(a_chunk, b_chunk)` pairs of `flat_chunks`,
-    made chunk by chunk (so that neither tensor need exist whole): the same float."""
-    sums: list[float] = []
-    for a, b in pairs:
-        part = a.double() * b.double()
-        pad = -part.numel() % BLOCK
-        sums.extend(torch.nn.functional.pad(part, (0, pad)).view(-1, BLOCK).sum(dim=1).tolist())
-    return math.fsum(sums)
 
 
 def base_not_listed(recipe) -> list[str]:
@@ -129,8 +106,8 @@ def nuslerp(
     """
     t = interpolation_t(weight)
     v0, v1 = tensors
-    if base is not None:  # the inputs are the method's own: task vectors in place
-        v0, v1 = v0.sub_(base), v1.sub_(base)
+    if base is not None:
+        v0, v1 = v0 - base, v1 - base
     row_wise, flatten = bool(nuslerp_row_wise), bool(nuslerp_flatten)
     out = _unrows(slerp_rows(_rows(v0, row_wise, flatten), _rows(v1, row_wise, flatten), t), v0, row_wise, flatten)
     return out if base is None else out.add_(base)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.methods.nuslerp import flat_chunks
 from neuroloc_cli.recipe.params import Param
 
 PAPER = "Reinforced Agent Merging, RAM and RAM+ (arXiv:2601.13572); as in mergekit"
@@ -62,25 +61,11 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float,
     As in mergekit 0.1.5 (`r` 0.1, `alpha` 0.2, `epsilon` 1e-5): the counts are per tensor
     ("tensor-local"), not over the whole model.
     """
-    # two passes over chunks: the counts S_i, U_i, then the result, written over the first
-    # input (the method's own tensor), so that the only full-size tensors are the inputs
-    eps = float(epsilon)
-    flat = [t.contiguous().reshape(-1) for t in tensors]
-    flat_base = base.contiguous().reshape(-1)
-    shared_n, unique_n = [0] * len(flat), [0] * len(flat)
-    for c in flat_chunks(flat_base.numel()):
-        changed = [(t[c] - flat_base[c]).abs_() > eps for t in flat]
-        counts = torch.stack(changed).sum(dim=0)
-        unique, shared = counts == 1, counts > 1
-        for i, ch in enumerate(changed):
-            shared_n[i] += int((ch & shared).sum())
-            unique_n[i] += int((ch & unique).sum())
-    scales = [1 + float(r) * min(max(s / max(u, eps), 0.0), float(alpha)) for s, u in zip(shared_n, unique_n)]
-    for c in flat_chunks(flat_base.numel()):
-        kept, changed, counts = _changed(flat_base[c], [t[c] for t in flat], eps)
-        unique = counts == 1
-        total = torch.zeros_like(kept[0])
-        for d, scale in zip(kept, scales):
-            total.add_(torch.where(unique, d * scale, d / counts.clamp(min=1)))
-        flat[0][c] = total.add_(flat_base[c])
-    return flat[0].view(base.shape)
+    kept, changed, counts = _changed(base, tensors, float(epsilon))
+    unique, shared = counts == 1, counts > 1
+    total = torch.zeros_like(base)
+    for d, c in zip(kept, changed):
+        rho = int((c & shared).sum()) / max(int((c & unique).sum()), float(epsilon))
+        scale = 1 + float(r) * min(max(rho, 0.0), float(alpha))
+        total.add_(torch.where(unique, d * scale, d / counts.clamp(min=1)))
+    return total.add_(base)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.methods.nuslerp import flat_chunks
+from neuroloc_cli.ops.reference import top_k
 from neuroloc_cli.ops.sums import fixed_dot
 from neuroloc_cli.recipe.params import Param
 
@@ -23,29 +23,10 @@ def selected_count(nonzero: int, share: float) -> int:
 
 def select_mask(deltas: Sequence[torch.Tensor], share: float) -> torch.Tensor:
     """The elements whose task-vector variance across models is among the largest `share` of
-    the elements with non-zero variance (ties in position order).
-
-    The variance is computed chunk by chunk into one buffer, and the k-th largest found by
-    selection (`kthvalue`), not by a sort: the same mask as `ops.reference.top_k`'s stable
-    descending sort, without its index tensor.
-    """
-    flat = [d.reshape(-1) for d in deltas]
-    var = torch.empty_like(flat[0])
-    for c in flat_chunks(var.numel()):
-        var[c] = torch.var(torch.stack([d[c] for d in flat]), dim=0, unbiased=False)
+    the elements with non-zero variance (ties in position order)."""
+    var = torch.var(torch.stack(list(deltas)), dim=0, unbiased=False)
     k = selected_count(int(torch.count_nonzero(var)), share) if share > 0 else 0
-    var.abs_()
-    var.masked_fill_(var.isnan(), -1.0)  # a NaN ranks below every number (as in top_k)
-    n = var.numel()
-    if k <= 0:
-        return torch.zeros(deltas[0].shape, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(deltas[0].shape, dtype=torch.bool)
-    threshold = torch.kthvalue(var, n - k + 1).values
-    keep = var > threshold
-    ties = (var == threshold).nonzero().reshape(-1)[: k - int(keep.sum())]
-    keep[ties] = True  # equal values in position order, so that exactly k are kept
-    return keep.reshape(deltas[0].shape)
+    return top_k(var.abs(), k)
 
 
 @merge_method(
@@ -66,29 +47,21 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     per tensor; weights summing to < 1e-6 become 1/N; the selected count is
     `int(nonzero · select_topk)` in float32, of the elements whose variance is non-zero.
     """
-    # the inputs are the method's own: each becomes its task vector in place, and the first
-    # the result, chunk by chunk, so that no other full-size tensor is made
-    deltas = [t.contiguous().sub_(base) for t in tensors]
+    deltas = [t - base for t in tensors]
     share = float(select_topk)
     if share < 1:
-        drop = select_mask(deltas, share).logical_not_()
-        for d in deltas:
-            d.masked_fill_(drop, 0)
-        del drop
+        keep = select_mask(deltas, share)
+        deltas = [d.masked_fill_(~keep, 0) for d in deltas]
     energy = [fixed_dot(d, d) / max(d.numel(), 1) for d in deltas]
     total = sum(energy)
     weights = [1.0 / len(deltas)] * len(deltas) if abs(total) < WEIGHT_EPS else [e / total for e in energy]
-    flat, flat_base = [d.reshape(-1) for d in deltas], base.contiguous().reshape(-1)
-    for c in flat_chunks(flat_base.numel()):
-        parts = [d[c] for d in flat]
-        mass = parts[0].clone()
-        for d in parts[1:]:
-            mass.add_(d)
-        elected = torch.where(mass >= 0, 1.0, -1.0).to(base.dtype)
-        merged, divisor = torch.zeros_like(mass), torch.zeros_like(mass)
-        for d, w in zip(parts, weights):
-            agree = (torch.sign(d) == elected).to(base.dtype) * w
-            merged.add_(d * agree)
-            divisor.add_(agree)
-        flat[0][c] = merged.div_(divisor.clamp(min=WEIGHT_EPS)).add_(flat_base[c])
-    return deltas[0]
+    mass = deltas[0].clone()
+    for d in deltas[1:]:
+        mass.add_(d)
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(base.dtype)
+    merged, divisor = torch.zeros_like(base), torch.zeros_like(base)
+    for d, w in zip(deltas, weights):
+        agree = (torch.sign(d) == elected).to(base.dtype) * w
+        merged.add_(d * agree)
+        divisor.add_(agree)
+    return merged.div_(divisor.clamp(min=WEIGHT_EPS)).add_(base)
