@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.options import JsonOpt
+from neuroloc_cli.cli.options import ExcludeOpt, JsonOpt, LanguagesOpt, OverwriteOpt, SeqLenOpt
 
 locate_app = typer.Typer(help="Find the units that matter and save them as a mask.", no_args_is_help=True)
 
@@ -48,7 +48,7 @@ def delta(
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Select the units whose weights changed most (importance = norm of the change)."""
@@ -87,12 +87,7 @@ def _render_saved(path: Path, stats: dict, provenance: dict, as_json: bool) -> N
 @locate_app.command("gradient")
 def gradient(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder (with its tokenizer).", show_default=False)],
-    data: Annotated[
-        list[str],
-        typer.Option(
-            "--data", help="LANG=PATH: one language's corpus (.txt, .jsonl or a folder); repeatable, at least 2.", show_default=False
-        ),
-    ],
+    data: LanguagesOpt,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: importance, masks, summary.json.")],
     top: Annotated[float, typer.Option("--top", help="Share of each tensor's elements a region keeps (the paper: 0.01).")] = 0.01,
     samples: Annotated[
@@ -102,10 +97,7 @@ def gradient(
         Optional[int],
         typer.Option("--max-tokens", help="Tokens scored per language instead of --samples (whole rows).", show_default=False),
     ] = None,
-    seq_len: Annotated[
-        Optional[int],
-        typer.Option("--seq-len", help="Tokens per row. Default: the smaller of 512 and the model's positions.", show_default=False),
-    ] = None,
+    seq_len: SeqLenOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per backward pass.")] = 8,
     abs_per_batch: Annotated[
         bool, typer.Option("--abs-per-batch", help="Importance sum_b |g_b * theta| instead of |sum_b g_b * theta| (the paper's code).")
@@ -119,12 +111,9 @@ def gradient(
             show_default=False,
         ),
     ] = None,
-    exclude: Annotated[
-        Optional[list[str]],
-        typer.Option("--exclude", help="Leave out tensors matching this glob or substring (repeatable).", show_default=False),
-    ] = None,
+    exclude: ExcludeOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random control mask.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    overwrite: OverwriteOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check the settings and show what would be scored and the memory it takes; load nothing.")
     ] = False,
@@ -201,12 +190,7 @@ def _render_regions(path: Path, summary: dict, as_json: bool) -> None:
 @locate_app.command("lape")
 def lape(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder (with its tokenizer).", show_default=False)],
-    data: Annotated[
-        list[str],
-        typer.Option(
-            "--data", help="LANG=PATH: one language's corpus (.txt, .jsonl or a folder); repeatable, at least 2.", show_default=False
-        ),
-    ],
+    data: LanguagesOpt,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: a mask per language, importance, summary.json.")],
     top: Annotated[float, typer.Option("--top", help="Share of all FFN neurons kept, lowest entropy first (the paper: 0.01).")] = 0.01,
     filter_percentile: Annotated[
@@ -223,12 +207,9 @@ def lape(
         Optional[int],
         typer.Option("--max-tokens", help="Tokens read per language instead of --samples (whole rows).", show_default=False),
     ] = None,
-    seq_len: Annotated[
-        Optional[int],
-        typer.Option("--seq-len", help="Tokens per row. Default: the smaller of 512 and the model's positions.", show_default=False),
-    ] = None,
+    seq_len: SeqLenOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find language-specific FFN neurons by activation-probability entropy (LAPE).
@@ -306,7 +287,7 @@ def awareness(
     order: Annotated[
         str, typer.Option("--order", help="abs-mean: mean over tokens of |h·dL/dh|; mean-abs: |mean of h·dL/dh|.")
     ] = "abs-mean",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the layers and FFN neurons that matter for translation: language-general and language-specific ones (LANDeRMT).
@@ -389,11 +370,8 @@ def select(
             show_default=False,
         ),
     ] = None,
-    exclude: Annotated[
-        Optional[list[str]],
-        typer.Option("--exclude", help="Leave out tensors matching this glob or substring (repeatable).", show_default=False),
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
+    exclude: ExcludeOpt = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Turn importance files into a mask: top, bottom or random share, per tensor or global."""

@@ -72,16 +72,16 @@ from torch import nn
 from neuroloc_cli.arch import layer_index
 from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
-from neuroloc_cli.io.output import atomic_output_dir
 from neuroloc_cli.locate.base import ARGUMENT, LocatorOptions, locator
+from neuroloc_cli.locate.folder import save_folder
+from neuroloc_cli.locate.scoring import scoring_model
 from neuroloc_cli.locate.units import UnitGroup, ffn_groups, floating
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry, layout_digest
-from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
+from neuroloc_cli.masks.importance import ImportanceMeta
 from neuroloc_cli.masks.show import Grid, grid_png
 from neuroloc_cli.ops.sparsify import share_count
-from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, load_tokenizer
-from neuroloc_cli.runtime.distributed import start_accelerator, sum_over_processes
-from neuroloc_cli.runtime.model import load_model, parameter_names
+from neuroloc_cli.runtime.data import choose_seq_len, load_tokenizer
+from neuroloc_cli.runtime.distributed import sum_over_processes
 from neuroloc_cli.runtime.prompts import DEFAULT_TEMPLATE, IGNORE, Pair, PairRows, pair_rows, parse_pairs, read_pairs, resolve_template
 from neuroloc_cli.runtime.routing import ROUTING_FILE, ROUTING_KIND, ROUTING_VERSION
 
@@ -496,7 +496,7 @@ def score_awareness(
     """
     ckpt = Checkpoint.open(model_path, spec=str(model_path))
     groups = ffn_groups(floating(ckpt.tensors), str(model_path))
-    seq_len = check_seq_len(seq_len, model_positions(ckpt.config))
+    seq_len = choose_seq_len(seq_len, model_positions(ckpt.config))
     resolved = resolve_template(template)
     tokenizer = load_tokenizer(model_path)
     rows, data = [], {}
@@ -511,10 +511,7 @@ def score_awareness(
             raise InputError(f"{pair.path}: no target token fits in --seq-len {seq_len}", hint="raise --seq-len")
         rows.append(r)
         data[pair.name] = {**r.describe(), "sha256": hashlib.sha256(pair.path.read_bytes()).hexdigest()}
-    accelerator = start_accelerator()
-    model = load_model(model_path, device=accelerator.device, dtype=torch.float32)
-    model.eval()
-    by_module = parameter_names(model, ckpt)
+    accelerator, model, by_module = scoring_model(model_path, ckpt)
     down = {g.key: down_projection(model, g, by_module, model_path) for g in groups}
     batches = pair_batches(rows, batch_size, rank=accelerator.process_index, world=accelerator.num_processes)
     directions = [p.name for p in pairs]
@@ -529,19 +526,6 @@ def score_awareness(
     }
     shapes = {n: tuple(i.shape) for n, i in ckpt.tensors.items()}
     return AwarenessScores(Path(model_path), ckpt.fingerprint, shapes, sums, resolved, data, settings, accelerator.is_main_process)
-
-
-def check_seq_len(seq_len: int | None, positions: int | None) -> int:
-    """`--seq-len`, which must fit the model's positions; without it, min(512, positions).
-
-    Raises:
-        UsageError: it exceeds the model's positions.
-    """
-    if seq_len is None:
-        return min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
-    if positions is not None and seq_len > positions:
-        raise UsageError(f"--seq-len {seq_len} exceeds the model's {positions} positions", hint=f"use --seq-len {positions} or less")
-    return seq_len
 
 
 def down_projection(model: nn.Module, group: UnitGroup, by_module: Mapping[str, str], source: Path | str) -> nn.Module:
@@ -598,21 +582,27 @@ class AwarenessNeurons:
     is_main: bool = True
 
     def save(self, output: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
-        """Write the folder atomically (see the module docstring); a failure leaves no partial folder.
+        """Write the folder atomically (see `locate.folder.save_folder`).
 
         Raises:
             OutputError: the folder exists (without `overwrite`), overlaps an input, or cannot
                 be written.
         """
-        with atomic_output_dir(output, inputs, overwrite) as tmp:
-            (tmp / "importance").mkdir()
-            for stem, tensors in self.importance.items():
-                write_importance(tmp / "importance" / f"{stem}.safetensors", tensors, self.importance_meta[stem])
-            for stem, mask in self.masks.items():
-                mask.save(tmp / f"{stem}.safetensors")
-            (tmp / ROUTING_FILE).write_text(json.dumps(self.routing, indent=2) + "\n")
-            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-            grid_png(self.grid, tmp / PLOT_FILE, "mean awareness per layer and language (* kept)", "mean awareness")
+        save_folder(
+            output,
+            inputs,
+            overwrite,
+            importance=self.importance,
+            importance_meta=self.importance_meta,
+            masks=self.masks,
+            summary=self.summary,
+            extra=self._write_own,
+        )
+
+    def _write_own(self, folder: Path) -> None:
+        """routing.json and the per-layer awareness picture."""
+        (folder / ROUTING_FILE).write_text(json.dumps(self.routing, indent=2) + "\n")
+        grid_png(self.grid, folder / PLOT_FILE, "mean awareness per layer and language (* kept)", "mean awareness")
 
 
 def landermt_neurons(

@@ -17,7 +17,6 @@ which the counts do not depend on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +27,13 @@ from pydantic import Field, model_validator
 
 from neuroloc_cli.arch import NameFilter
 from neuroloc_cli.errors import UsageError
-from neuroloc_cli.io.output import atomic_output_dir
 from neuroloc_cli.locate.base import DataOptions, FilterOptions, locator
+from neuroloc_cli.locate.folder import save_folder
 from neuroloc_cli.locate.scoring import ScoringPlan, plan_scoring, score_languages
 from neuroloc_cli.locate.select import ScoreSource, Selection, SummedScores, TensorScores, select_units
 from neuroloc_cli.masks.algebra import combine, overlap
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, layout_digest
-from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
+from neuroloc_cli.masks.importance import ImportanceMeta
 from neuroloc_cli.masks.stats import mask_stats
 
 PAPER = "Zhang et al. 2024, linguistic regions"
@@ -53,20 +52,21 @@ class Regions:
     is_main: bool = True  # under accelerate launch, whether this process writes
 
     def save(self, output: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
-        """Write the folder atomically: `importance/LANG.safetensors`, one file per mask, and
-        `summary.json`; a failure leaves no partial folder.
+        """Write the folder atomically (see `locate.folder.save_folder`).
 
         Raises:
             OutputError: the folder exists (without `overwrite`), overlaps an input, or cannot
                 be written.
         """
-        with atomic_output_dir(output, inputs, overwrite) as tmp:
-            (tmp / "importance").mkdir()
-            for lang, tensors in self.importance.items():
-                write_importance(tmp / "importance" / f"{lang}.safetensors", tensors, self.importance_meta[lang])
-            for stem, mask in self.masks.items():
-                mask.save(tmp / f"{stem}.safetensors")
-            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        save_folder(
+            output,
+            inputs,
+            overwrite,
+            importance=self.importance,
+            importance_meta=self.importance_meta,
+            masks=self.masks,
+            summary=self.summary,
+        )
 
 
 class GradientOptions(DataOptions, FilterOptions):

@@ -33,7 +33,6 @@ integers, so two processes give exactly one process's probabilities.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -46,16 +45,15 @@ from torch import nn
 
 from neuroloc_cli.arch import layer_index
 from neuroloc_cli.errors import InputError, UsageError
-from neuroloc_cli.io.output import atomic_output_dir
 from neuroloc_cli.locate.base import DataOptions, Language, locator
-from neuroloc_cli.locate.scoring import DEFAULT_SAMPLES, plan_scoring
+from neuroloc_cli.locate.folder import save_folder
+from neuroloc_cli.locate.scoring import DEFAULT_SAMPLES, language_sources, plan_scoring, scoring_model
 from neuroloc_cli.locate.units import BLOCKS, UnitGroup, ffn_groups, floating
 from neuroloc_cli.masks.format import LAYOUT_KEY, Mask, MaskEntry, layout_digest
-from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
+from neuroloc_cli.masks.importance import ImportanceMeta
 from neuroloc_cli.ops.sparsify import share_count
-from neuroloc_cli.runtime.data import TaggedBatch, TaggedRows, framing_of, load_tokenizer, source_rows, tagged_batches
-from neuroloc_cli.runtime.distributed import start_accelerator, sum_over_processes
-from neuroloc_cli.runtime.model import load_model, parameter_names
+from neuroloc_cli.runtime.data import TaggedBatch, TaggedRows, tagged_batches
+from neuroloc_cli.runtime.distributed import sum_over_processes
 
 PAPER = "Tang et al. 2024, LAPE"
 DEFAULT_TOP = 0.01
@@ -108,20 +106,21 @@ class LanguageNeurons:
     is_main: bool = True  # under accelerate launch, whether this process writes
 
     def save(self, output: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> None:
-        """Write the folder atomically: `LANG.safetensors` masks, `importance/LANG.safetensors`
-        and `summary.json`; a failure leaves no partial folder.
+        """Write the folder atomically (see `locate.folder.save_folder`).
 
         Raises:
             OutputError: the folder exists (without `overwrite`), overlaps an input, or cannot
                 be written.
         """
-        with atomic_output_dir(output, inputs, overwrite) as tmp:
-            (tmp / "importance").mkdir()
-            for lang, tensors in self.importance.items():
-                write_importance(tmp / "importance" / f"{lang}.safetensors", tensors, self.importance_meta[lang])
-            for lang, mask in self.masks.items():
-                mask.save(tmp / f"{lang}.safetensors")
-            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        save_folder(
+            output,
+            inputs,
+            overwrite,
+            importance=self.importance,
+            importance_meta=self.importance_meta,
+            masks=self.masks,
+            summary=self.summary,
+        )
 
 
 def check_shares(top: float, filter_percentile: float) -> None:
@@ -166,16 +165,8 @@ def activation_probabilities(
         model_path, languages, keep=BLOCKS, samples=samples, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size
     )
     groups = ffn_groups(floating(ckpt.tensors), str(model_path))
-    tokenizer = load_tokenizer(model_path)
-    framing = framing_of(tokenizer, "packed", "paragraph")
-    sources = [
-        source_rows(lang.name, lang.path, tokenizer, framing, rows=plan.rows, seq_len=plan.seq_len, text_field=text_field)
-        for lang in languages
-    ]
-    accelerator = start_accelerator()
-    model = load_model(model_path, device=accelerator.device, dtype=torch.float32)
-    model.eval()
-    by_module = parameter_names(model, ckpt)
+    sources, framing = language_sources(model_path, languages, plan, text_field)
+    accelerator, model, by_module = scoring_model(model_path, ckpt)
     found = {g.key: activation_module(_mlp_of(model, g, by_module, model_path), g.key, model_path) for g in groups}
     activations = {key: m for key, (_, m) in found.items()}
     batches = tagged_batches(sources, batch_size, rank=accelerator.process_index, world=accelerator.num_processes)

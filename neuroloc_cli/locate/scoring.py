@@ -29,18 +29,22 @@ import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from neuroloc_cli.arch import NameFilter
-from neuroloc_cli.errors import InputError, UsageError
+from neuroloc_cli.errors import UsageError
 from neuroloc_cli.io.checkpoint import Checkpoint, model_positions
 from neuroloc_cli.locate.base import Language
-from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, TaggedRows, framing_of, load_tokenizer, source_rows, tagged_batches
+from neuroloc_cli.runtime.data import Framing, TaggedRows, choose_seq_len, framing_of, load_tokenizer, source_rows, tagged_batches
 from neuroloc_cli.runtime.distributed import start_accelerator, sum_over_processes
 from neuroloc_cli.runtime.model import load_model, model_skeleton, parameter_names
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 SCORES = ("signed", "abs", "fisher")
 DEFAULT_SAMPLES = 64
@@ -146,12 +150,9 @@ def plan_scoring(
             raise UsageError(f"{flag} must be at least 1, got {value}")
     ckpt = Checkpoint.open(model_path, spec=str(model_path))
     positions = model_positions(ckpt.config)
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
-    if seq_len < 2:
+    if seq_len is not None and seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
-    if positions is not None and seq_len > positions:
-        raise UsageError(f"--seq-len {seq_len} exceeds the model's {positions} positions", hint=f"use --seq-len {positions} or less")
+    seq_len = choose_seq_len(seq_len, positions)
     if max_tokens is not None:
         samples = max_tokens // seq_len
         if samples < 1:
@@ -175,6 +176,33 @@ def plan_scoring(
         list(languages),
     )
     return ckpt, plan
+
+
+def language_sources(
+    model_path: Path, languages: Sequence[Language], plan: ScoringPlan, text_field: str = "text"
+) -> tuple[list[TaggedRows], Framing]:
+    """Each language's first `plan.rows` packed rows of `plan.seq_len` tokens, framed by the
+    model's own tokenizer, and that framing.
+
+    Raises:
+        InputError: an unreadable tokenizer or corpus, or a corpus too short for its rows.
+    """
+    tokenizer = load_tokenizer(model_path)
+    framing = framing_of(tokenizer, "packed", "paragraph")
+    rows = [
+        source_rows(lang.name, lang.path, tokenizer, framing, rows=plan.rows, seq_len=plan.seq_len, text_field=text_field)
+        for lang in languages
+    ]
+    return rows, framing
+
+
+def scoring_model(model_path: Path, ckpt: Checkpoint) -> tuple[Accelerator, nn.Module, dict[str, str]]:
+    """The run's accelerator, and the checkpoint's model in float32 and evaluation mode (no
+    dropout: the same scores twice) on its device, with checkpoint -> module names."""
+    accelerator = start_accelerator()
+    model = load_model(model_path, device=accelerator.device, dtype=torch.float32)
+    model.eval()
+    return accelerator, model, parameter_names(model, ckpt)
 
 
 def score_languages(
@@ -209,19 +237,8 @@ def score_languages(
     ckpt, plan = plan_scoring(
         model_path, languages, keep=keep, samples=samples, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, score=score
     )
-    tokenizer = load_tokenizer(model_path)
-    framing = framing_of(tokenizer, "packed", "paragraph")
-    sources = [
-        source_rows(lang.name, lang.path, tokenizer, framing, rows=plan.rows, seq_len=plan.seq_len, text_field=text_field)
-        for lang in languages
-    ]
-    accelerator = start_accelerator()
-    model = load_model(model_path, device=accelerator.device, dtype=torch.float32)
-    model.eval()
-    by_module = parameter_names(model, ckpt)
-    missing = [n for n in plan.names if n not in by_module]
-    if missing:
-        raise InputError(f"{model_path}: tensor {missing[0]} is not a parameter of the model", hint="--exclude it")
+    sources, framing = language_sources(model_path, languages, plan, text_field)
+    accelerator, model, by_module = scoring_model(model_path, ckpt)
     params = dict(model.named_parameters(remove_duplicate=False))
     scored = {n: params[by_module[n]] for n in plan.names}
     results = []

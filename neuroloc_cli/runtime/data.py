@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from neuroloc_cli.errors import InputError
+from neuroloc_cli.errors import InputError, UsageError
 from neuroloc_cli.io import jsonl
 from neuroloc_cli.io.checkpoint import check_tokenizer_files
 
@@ -37,6 +37,21 @@ DEFAULT_SEQ_LEN = 512
 """Tokens per row when a command is not told: the smaller of this and the model's positions."""
 
 SUFFIXES = (".txt", ".jsonl")
+
+
+def choose_seq_len(seq_len: int | None, positions: int | None) -> int:
+    """`--seq-len`, which must fit the model's positions; without it, the smaller of
+    DEFAULT_SEQ_LEN and those positions.
+
+    Raises:
+        UsageError: it exceeds the model's positions.
+    """
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
+    if positions is not None and seq_len > positions:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's {positions} positions", hint=f"use --seq-len {positions} or less")
+    return seq_len
+
 
 IGNORE = -100
 """A padded row's value where it holds no token: the label `torch.nn.functional.cross_entropy`

@@ -17,7 +17,7 @@ from neuroloc_cli.io.output import check_output_path
 from neuroloc_cli.io.writer import parse_size
 from neuroloc_cli.masks import Mask
 from neuroloc_cli.masks.format import layout_digest
-from neuroloc_cli.runtime.data import DEFAULT_SEQ_LEN, Framing, framing_of, load_tokenizer
+from neuroloc_cli.runtime.data import Framing, choose_seq_len, framing_of, load_tokenizer
 from neuroloc_cli.runtime.prompts import Pair, parse_pairs
 from neuroloc_cli.runtime.routing import ROUTING_FILE, Routing, refuse_routed
 from neuroloc_cli.train.config import TrainConfig
@@ -74,7 +74,7 @@ def check_inputs(config: TrainConfig) -> RunInputs:
     except ValueError as e:
         raise UsageError(f"--max-shard-size: {e}") from None
     positions = model_positions(source.config)
-    cfg = config.model_copy(update={"seq_len": _seq_len(config.seq_len, positions)})
+    cfg = config.model_copy(update={"seq_len": choose_seq_len(config.seq_len, positions)})
     mask = _load_mask(Path(cfg.mask_path), source) if cfg.mask_path else None
     pairs = parse_pairs(cfg.pair)
     routing = _load_routing(Path(cfg.masks), source, pairs) if cfg.method == "landermt" and not cfg.full_finetune else None
@@ -112,16 +112,6 @@ def _load_routing(folder: Path, source: Checkpoint, pairs: list[Pair]) -> Routin
         if pair.name not in routing.directions:
             raise InputError(f"{path}: has no routing for direction {pair.name}", hint=f"its directions: {', '.join(routing.directions)}")
     return routing
-
-
-def _seq_len(seq_len: int | None, positions: int | None) -> int:
-    """--seq-len, which must fit the model's positions; without it, the smaller of 512 and
-    those positions."""
-    if seq_len is None:
-        return min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
-    if positions is not None and seq_len > positions:
-        raise UsageError(f"--seq-len {seq_len} exceeds the model's {positions} positions", hint=f"use --seq-len {positions} or less")
-    return seq_len
 
 
 def _load_mask(path: Path, source: Checkpoint) -> Mask:
