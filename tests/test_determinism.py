@@ -92,6 +92,8 @@ METHOD_RECIPES = {
     "ram": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
     "ramplus_tl": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{r: 0.5}}\n",
     "arcee_fusion": "base_model: {base}\nmodels:\n  - model: {ft1}\n",
+    "fisher": WEIGHTS.replace("{extra}", ", fisher: {fisher1}", 1).replace("{extra}", ", fisher: {fisher2}"),
+    "regmean": WEIGHTS.replace("{extra}", ", gram: {gram1}", 1).replace("{extra}", ", gram: {gram2}"),
 }
 MASKED_RECIPES = {  # name: (method, recipe)
     "masked": ("ties", "base_model: {base}\nmask: {rows}\n" + SPARSE),
@@ -151,6 +153,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     ):
         paths[name] = root / f"{name}.mask"
         locate(base=base, tuned=paths[tuned], top=0.3, granularity=granularity).save(paths[name])
+    _side_files(paths)
     rng = random.Random(0)
     paths["corpus"] = root / "corpus.jsonl"
     paths["corpus"].write_text("".join(json.dumps({"text": " ".join(rng.choice(SENTENCES) for _ in range(3))}) + "\n" for _ in range(60)))
@@ -158,6 +161,26 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         paths[name] = root / f"{name}.yaml"
         paths[name].write_text(f"merge_method: {method}\n" + body.format(**paths) + "out_dtype: float32\n")
     return paths
+
+
+def _side_files(paths: dict[str, Path]) -> None:
+    """Seeded Fisher and Gram files of the block tensors for `fisher` and `regmean`."""
+    from neuroloc_cli.arch import in_blocks
+    from neuroloc_cli.io.checkpoint import Checkpoint
+    from neuroloc_cli.masks.importance import ImportanceMeta, write_importance
+
+    tensors = {n: i.shape for n, i in Checkpoint.open(paths["base"]).tensors.items() if in_blocks(n)}
+    for i in (1, 2):
+        g = torch.Generator().manual_seed(100 + i)
+        fisher = {n: torch.rand(shape, generator=g).pow_(3) for n, shape in tensors.items()}
+        grams = {}
+        for n, shape in tensors.items():
+            if len(shape) == 2:
+                x = torch.randn(2 * shape[1], shape[1], generator=g)
+                grams[n] = x.T @ x / len(x)
+        paths[f"fisher{i}"], paths[f"gram{i}"] = paths["root"] / f"fisher{i}.safetensors", paths["root"] / f"gram{i}.safetensors"
+        write_importance(paths[f"fisher{i}"], fisher, ImportanceMeta("fisher", "sum"))
+        write_importance(paths[f"gram{i}"], grams, ImportanceMeta("gram", "sum"))
 
 
 def _commands(p: dict[str, Path], out: Path) -> list[list[str]]:

@@ -151,3 +151,12 @@ def test_element_masks_stay_packed_in_memory(tmp_path):
     assert entry.selected_units == 25 and bool(entry.selected.all())
     with pytest.raises(ValueError):
         MaskEntry.from_bits((5, 5), torch.zeros(3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (16, 8), (3, 3, 3), (9,)])
+def test_dense_rows_equals_rows_of_dense(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    entry = MaskEntry(shape, None, torch.rand(shape, generator=g) > 0.5)
+    for start in range(shape[0]):
+        for stop in range(start + 1, shape[0] + 1):
+            assert torch.equal(entry.dense_rows(start, stop), entry.dense()[start:stop]), (start, stop)

@@ -312,9 +312,10 @@ out_dtype: bfloat16
 
 def _plan_for(recipe_path):
     from neuroloc_cli.merge.plan import build_plan
-    from neuroloc_cli.recipe.schema import read_recipe_file
+    from neuroloc_cli.recipe.overrides import read_recipe_source
 
-    return build_plan(read_recipe_file(recipe_path), recipe_path.parent, str(recipe_path))
+    source = read_recipe_source(recipe_path)
+    return build_plan(source.recipe(), source.folder, source.name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -16,7 +16,18 @@ import typer
 from typer.core import TyperGroup
 
 from neuroloc_cli import __version__
-from neuroloc_cli.cli import checkpoint_cmds, demo_cmd, eval_cmd, importance_cmds, locate_cmds, mask_cmds, merge_cmds, rank_cmd, train_cmd
+from neuroloc_cli.cli import (
+    checkpoint_cmds,
+    demo_cmd,
+    eval_cmd,
+    importance_cmds,
+    locate_cmds,
+    mask_cmds,
+    merge_cmds,
+    rank_cmd,
+    sweep_cmd,
+    train_cmd,
+)
 from neuroloc_cli.errors import WRITE_ERRNOS, NeurolocError, RecipeError
 
 # Exceptions through which the command-line layer itself reports: `--help` and `--version`
@@ -126,6 +137,7 @@ app.add_typer(mask_cmds.mask_app, name="mask")
 app.add_typer(importance_cmds.importance_app, name="importance")
 app.command()(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
+app.command()(sweep_cmd.sweep)
 app.command()(demo_cmd.demo)
 
 

@@ -107,18 +107,42 @@ def export_pair(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (appears atomically).")],
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the model and its routing.json and print the bytes the export writes and the memory it holds (the largest tensor, and a float32 copy of a folded one); read no weights, write nothing.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export one translation direction of a LANDeRMT model as an ordinary checkpoint: the
     routing folded into the kept MLP blocks' up-side rows, other languages' neurons removed,
     everything else bit for bit."""
-    from neuroloc_cli.train.export_pair import plan_export_pair, run_export_pair
+    from neuroloc_cli.train.export_pair import describe_export, plan_export_pair, run_export_pair
 
     shard_bytes = shard_size_option(max_shard_size)
     export = plan_export_pair(model, pair)
+    if dry_run:
+        from neuroloc_cli.io.output import check_output_path
+
+        check_output_path(output, [model], overwrite)
+        _render_export_plan(describe_export(export), output, as_json)
+        return
     with render.progress(f"export-pair ({pair})", len(export.checkpoint.tensors)) as advance:
         result = run_export_pair(export, output, max_shard_bytes=shard_bytes, overwrite=overwrite, on_tensor=lambda _: advance())
     render.merge_result(result, as_json)
+
+
+def _render_export_plan(plan: dict, output: Path, as_json: bool) -> None:
+    doc = {"output": str(output), "dry_run": True, **plan}
+    if as_json:
+        render.print_json(doc)
+        return
+    render.out().print(
+        f"would export {plan['pair']} into {output}: {plan['tensors']} tensors, {len(plan['folded_tensors'])} folded; "
+        f"disk {render.human_bytes(plan['disk_bytes']['total'])}; memory {render.human_bytes(plan['memory_bytes']['total'])}"
+    )
 
 
 def convert(

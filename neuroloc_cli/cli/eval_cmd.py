@@ -109,27 +109,28 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate checkpoints on lm-eval tasks, perplexity and translation; print them side by side."""
-    from neuroloc_cli.errors import UsageError
-    from neuroloc_cli.eval.harness import DEFAULT_SEEDS, HarnessSettings
-    from neuroloc_cli.eval.runner import EvalRequest, evaluate
-    from neuroloc_cli.eval.specs import parse_tasks
-    from neuroloc_cli.eval.translate import TranslationSettings
+    from neuroloc_cli.eval.runner import build_request, evaluate
 
-    translation = None
-    if translate_file is not None:
-        if not src or not tgt:
-            raise UsageError("--translate needs --src and --tgt language codes")
-        translation = TranslationSettings(translate_file, src, tgt, template, max_gen_toks, bleu_tokenize, bleu_smooth, limit)
-    seeds = dict.fromkeys(DEFAULT_SEEDS, seed) if seed is not None else dict(DEFAULT_SEEDS)
-    request = EvalRequest(
-        models=list(models),
-        tasks=parse_tasks(tasks, ppl, task_option or []),
-        include_paths=list(include_path or []),
-        translation=translation,
-        harness=HarnessSettings(limit, num_fewshot, max_gen_toks, bootstrap_iters, seeds),
+    request = build_request(
+        list(models),
+        tasks=tasks,
+        task_option=task_option,
+        include_path=include_path,
+        ppl=ppl,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        max_gen_toks=max_gen_toks,
+        translate=translate_file,
+        src=src,
+        tgt=tgt,
+        template=template,
+        bleu_tokenize=bleu_tokenize,
+        bleu_smooth=bleu_smooth,
         device=device,
         dtype=dtype,
         batch_size=batch_size,
+        seed=seed,
+        bootstrap_iters=bootstrap_iters,
         online=online,
     )
     if output is not None:

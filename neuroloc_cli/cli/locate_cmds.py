@@ -49,6 +49,13 @@ def delta(
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check both checkpoints' headers and print the units, the bytes the mask (and --importance) take on disk and the memory the run holds; read no weights, write nothing.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Select the units whose weights changed most (importance = norm of the change)."""
@@ -65,10 +72,46 @@ def delta(
         check_output_file(importance, [base, tuned], overwrite)
         if importance.resolve() == output.resolve():
             raise UsageError(f"--importance {importance} is the mask file -o as well", hint="give them different names")
+    if dry_run:
+        from neuroloc_cli.locate.delta import plan_delta
+
+        _render_plan(output, plan_delta(opts).describe(), as_json)
+        return
     mask = loc.fn(opts)
     stats = mask_stats(mask)
     mask.save(output)
     _render_saved(output, stats, mask.provenance, as_json)
+
+
+def _render_plan(path: Path, plan: dict, as_json: bool) -> None:
+    """What a locator's `--dry-run` prints: its own summary line, then disk and memory."""
+    doc = {"output": str(path), "dry_run": True, **plan}
+    if as_json:
+        render.print_json(doc)
+        return
+    console = render.out()
+    if "units" in plan:
+        console.print(
+            f"would rank {render.human_count(plan['units'])} {plan['granularity']} units ({plan['scope']}) of "
+            f"{plan['tensors']} tensors and keep {render.human_count(plan['selected_units'])} into {path}"
+        )
+    if "kept_neurons" in plan:
+        console.print(
+            f"would score {len(plan['directions'])} directions ({', '.join(plan['languages'])}) in rows of {plan['seq_len']} tokens "
+            f"and keep {plan['kept_blocks']} layers ({render.human_count(plan['kept_neurons'])} FFN neurons) into {path}"
+        )
+    disk, mem = plan["disk_bytes"], plan["memory_bytes"]
+    console.print(
+        "disk: "
+        + " + ".join(f"{k} {render.human_bytes(v)}" for k, v in disk.items() if k != "total")
+        + f" = {render.human_bytes(disk['total'])}"
+    )
+    console.print(
+        "memory: "
+        + " + ".join(f"{k} {render.human_bytes(v)}" for k, v in mem.items() if k != "total")
+        + f" = {render.human_bytes(mem['total'])}"
+    )
+    render.err().print("[green]valid[/green]: no weights were read, nothing was written")
 
 
 def _render_saved(path: Path, stats: dict, provenance: dict, as_json: bool) -> None:
@@ -168,6 +211,11 @@ def _render_scoring_plan(path: Path, plan: dict, as_json: bool) -> None:
         f"memory: model {render.human_bytes(mem['model'])} + accumulators {render.human_bytes(mem['accumulators'])} + "
         f"one gradient {render.human_bytes(mem['gradient'])} = {render.human_bytes(mem['total'])}, plus activations"
     )
+    if "disk_bytes" in plan:
+        disk = plan["disk_bytes"]
+        render.out().print(
+            f"disk: importance {render.human_bytes(disk['importance'])} + masks {render.human_bytes(disk['masks'])} = {render.human_bytes(disk['total'])}"
+        )
 
 
 def _render_regions(path: Path, summary: dict, as_json: bool) -> None:
@@ -288,6 +336,13 @@ def awareness(
         str, typer.Option("--order", help="abs-mean: mean over tokens of |h·dL/dh|; mean-abs: |mean of h·dL/dh|.")
     ] = "abs-mean",
     overwrite: OverwriteOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the settings against the model's headers and print the bytes the folder takes and the memory the scoring holds (model, sums, captured activations); load nothing, write nothing.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the layers and FFN neurons that matter for translation: language-general and language-specific ones (LANDeRMT).
@@ -312,6 +367,11 @@ def awareness(
     )
     inputs = [model, *(p.path for p in opts.pairs)]
     check_output_path(output, inputs, overwrite)
+    if dry_run:
+        from neuroloc_cli.locate.awareness import plan_awareness
+
+        _render_plan(output, plan_awareness(opts), as_json)
+        return
     found = loc.fn(opts)
     if not found.is_main:
         return  # under accelerate launch, the first process writes
@@ -337,6 +397,79 @@ def _render_awareness(path: Path, summary: dict, as_json: bool) -> None:
     render.out().print(table)
     for direction, per_layer in summary["coefficient"].items():
         render.out().print(f"  routing c {direction}: " + ", ".join(f"layer {layer} {c:.3f}" for layer, c in per_layer.items()))
+
+
+@locate_app.command("gram")
+def gram(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder (with its tokenizer).", show_default=False)],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="[NAME=]PATH: a corpus (.txt, .jsonl or a folder); repeatable, one Gram file each.", show_default=False
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: importance/NAME.safetensors, summary.json.")],
+    samples: Annotated[
+        Optional[int], typer.Option("--samples", help="Packed rows read per corpus. Default: 64.", show_default=False)
+    ] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option("--max-tokens", help="Tokens read per corpus instead of --samples (whole rows).", show_default=False)
+    ] = None,
+    seq_len: SeqLenOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--include",
+            help="Score only weights matching this glob or substring (repeatable). Default: the transformer blocks.",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: ExcludeOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the settings and show the layers scored and the memory it takes; load nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gram matrices of every linear layer's inputs on a corpus, for `merge_method: regmean`.
+
+    Runs data-parallel under `accelerate launch`: each process takes its share of the
+    batches, and the sums are added once at the end."""
+    from neuroloc_cli.arch import NameFilter
+    from neuroloc_cli.io.output import check_output_path
+    from neuroloc_cli.locate.gram import gram_matrices, parse_corpora, plan_gram
+
+    corpora = parse_corpora(data)
+    settings = dict(keep=NameFilter.of(include, exclude), samples=samples, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+    inputs = [model, *(c.path for c in corpora)]
+    check_output_path(output, inputs, overwrite)
+    if dry_run:
+        plan = plan_gram(model, corpora, **settings)[1].describe()
+        doc = {"output": str(output), "dry_run": True, **plan}
+        if as_json:
+            render.print_json(doc)
+            return
+        mem = plan["memory_bytes"]
+        render.out().print(
+            f"would compute {plan['tensors']} Gram matrices ({render.human_count(plan['gram_elements'])} elements) on "
+            f"{plan['rows_per_corpus']} rows of {plan['seq_len']} tokens per corpus ({', '.join(plan['corpora'])}) into {output}"
+        )
+        render.out().print(
+            f"memory: model {render.human_bytes(mem['model'])} + float64 accumulators {render.human_bytes(mem['accumulators'])} = "
+            f"{render.human_bytes(mem['total'])}, plus activations"
+        )
+        return
+    grams = gram_matrices(model, corpora, **settings)
+    if not grams.is_main:
+        return  # under accelerate launch, the first process writes
+    grams.save(output, inputs, overwrite)
+    summary = grams.summary
+    if as_json:
+        render.print_json({"output": str(output), **summary})
+        return
+    tokens = ", ".join(f"{name}: {render.human_count(c['tokens'])} tokens" for name, c in summary["corpora"].items())
+    render.out().print(f"wrote [bold]{output}[/bold]: {summary['tensors']} Gram matrices per corpus ({tokens})")
 
 
 @locate_app.command("select")

@@ -46,7 +46,7 @@ def stats(mask: MaskArg, as_json: JsonOpt = False) -> None:
         console.print(table)
 
 
-def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: bool) -> None:
+def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: bool, dry_run: bool = False) -> None:
     from neuroloc_cli.io.output import check_output_file
     from neuroloc_cli.masks import Mask
     from neuroloc_cli.masks.algebra import combine
@@ -55,6 +55,23 @@ def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: b
     check_output_file(output, [a, b], overwrite)
     result = combine(op, Mask.load(a), Mask.load(b), str(a), str(b))
     doc = mask_stats(result)
+    if dry_run:  # masks are small (a byte per unit, a bit per element): the whole result is computed, not written
+        data = result.data_bytes
+        plan = {
+            "output": str(output),
+            "dry_run": True,
+            "operation": op,
+            **{k: doc[k] for k in ("granularity", "selected", "total", "share")},
+        }
+        plan.update(disk_bytes={"total": data}, memory_bytes={"total": sum(p.stat().st_size for p in (a, b)) + data})
+        if as_json:
+            render.print_json(plan)
+        else:
+            render.out().print(
+                f"would write {output}: {op}, {doc['selected']} of {doc['total']} elements selected; disk "
+                f"{render.human_bytes(data)}; memory {render.human_bytes(plan['memory_bytes']['total'])}"
+            )
+        return
     result.save(output)
     doc = {"output": str(output), "operation": op, **{k: doc[k] for k in ("granularity", "selected", "total", "share")}}
     if as_json:
@@ -66,9 +83,18 @@ def _set_op(op: str, a: Path, b: Path, output: Path, overwrite: bool, as_json: b
 
 
 @mask_app.command("union")
-def union(a: MaskArg, b: MaskArg, output: OutOpt, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
+def union(
+    a: MaskArg,
+    b: MaskArg,
+    output: OutOpt,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Combine the masks and print the bytes the result takes on disk and in memory; write nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Units selected in A or B."""
-    _set_op("union", a, b, output, overwrite, as_json)
+    _set_op("union", a, b, output, overwrite, as_json, dry_run)
 
 
 @mask_app.command("intersect")

@@ -8,25 +8,24 @@ from typing import Annotated, Optional
 import typer
 
 from neuroloc_cli.cli import render
-from neuroloc_cli.cli.options import JsonOpt, shard_size_option
+from neuroloc_cli.cli.options import JsonOpt, RecipeArg, SetOpt, shard_size_option
 
 recipe_app = typer.Typer(help="Check and explain merge recipes.", no_args_is_help=True)
 
-RecipeArg = Annotated[Path, typer.Argument(help="Merge recipe (YAML, mergekit's shape).", show_default=False)]
 
-
-def _load_plan(recipe: Path):
+def _load_plan(recipe: Path, sets: list[str] | None = None):
     from neuroloc_cli.merge.plan import build_plan
-    from neuroloc_cli.recipe.schema import read_recipe_file
+    from neuroloc_cli.recipe.overrides import parse_assignment, read_recipe_source
 
-    parsed = read_recipe_file(recipe)
-    return build_plan(parsed, recipe.resolve().parent, str(recipe))
+    assignments = [parse_assignment(s) for s in sets or []]
+    source = read_recipe_source(recipe)
+    return build_plan(source.recipe(assignments), source.folder, source.name)
 
 
 @recipe_app.command("validate")
-def validate(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
+def validate(recipe: RecipeArg, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Check a recipe and its checkpoints' headers; print the plan; read no tensor data."""
-    render.merge_plan(_load_plan(recipe), as_json)
+    render.merge_plan(_load_plan(recipe, set_), as_json)
 
 
 def merge(
@@ -36,13 +35,14 @@ def merge(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for random methods (overrides random_seed).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Output shard size cap, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge checkpoints as a YAML recipe says, streaming tensor by tensor."""
     from neuroloc_cli.errors import UsageError
     from neuroloc_cli.merge.run import run_merge
 
-    plan = _load_plan(recipe)
+    plan = _load_plan(recipe, set_)
     if dry_run:
         render.merge_plan(plan, as_json)
         return

@@ -39,3 +39,16 @@ def shard_size_option(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise UsageError(f"--max-shard-size: {e}") from None
+
+
+RecipeArg = Annotated[
+    Path, typer.Argument(help="Merge recipe (YAML, mergekit's shape); - reads it from standard input.", show_default=False)
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="PATH=VALUE: change a recipe key before it is checked, e.g. parameters.gamma=0.5, models.0.parameters.weight=0.7 (repeatable; null removes a key).",
+        show_default=False,
+    ),
+]

@@ -20,13 +20,23 @@ def rank(
     metric: Annotated[str, typer.Option("--metric", help="dot (MAET Eq. 4) or cosine.")] = "dot",
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the checkpoints' headers (same tensors and shapes) and print the memory the ranking holds; read no weights. It writes nothing to disk in any case.",
+        ),
+    ] = False,
 ) -> None:
     """Per-tensor similarity of the deltas of A and B, sorted descending."""
     from neuroloc_cli.errors import UsageError
-    from neuroloc_cli.merge.stats import rank_deltas
+    from neuroloc_cli.merge.stats import plan_rank, rank_deltas
 
     if as_json and as_csv:
         raise UsageError("--json and --csv exclude each other")
+    if dry_run:
+        _render_plan(plan_rank(a, b, base, metric), as_json)
+        return
     rows = [s.as_dict() for s in rank_deltas(a, b, base, metric)]
     if as_json:
         render.print_json(rows)
@@ -47,3 +57,15 @@ def _table(rows: list[dict], metric: str) -> None:
     for i, r in enumerate(rows, 1):
         table.add_row(str(i), r["tensor"], "-" if r["layer"] is None else str(r["layer"]), r["kind"], f"{r['score']:.6g}")
     render.out().print(table)
+
+
+def _render_plan(doc: dict, as_json: bool) -> None:
+    if as_json:
+        render.print_json(doc)
+        return
+    mem = doc["memory_bytes"]
+    render.out().print(
+        f"would rank {doc['tensors']} tensors ({render.human_count(doc['elements'])} elements) by {doc['metric']}; "
+        f"disk: nothing written; memory: blocks {render.human_bytes(mem['blocks'])} + float64 {render.human_bytes(mem['float64'])} "
+        f"= {render.human_bytes(mem['total'])}"
+    )

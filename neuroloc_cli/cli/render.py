@@ -51,8 +51,9 @@ def human_count(n: int) -> str:
 
 
 @contextmanager
-def progress(description: str, total: int) -> Iterator[Any]:
-    """A progress bar on stderr; yields `advance(n=1)`. Silent when stderr is not a terminal."""
+def progress(description: str, total: int, completed: int = 0) -> Iterator[Any]:
+    """A progress bar on stderr; yields `advance(n=1, status=None)`, `status` a short text
+    shown after the bar (a sweep's best so far). Silent when stderr is not a terminal."""
     console = err()
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -60,13 +61,18 @@ def progress(description: str, total: int) -> Iterator[Any]:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}", markup=False),
         console=console,
         disable=not console.is_terminal,
         transient=False,
     )
     with bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        task = bar.add_task(description, total=total, completed=completed, status="")
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            bar.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield advance
 
 
 def merge_result(result: Any, as_json: bool) -> None:
@@ -93,13 +99,15 @@ def merge_plan(plan: Any, as_json: bool, what: str = "recipe") -> None:
     """What `recipe validate` and `--dry-run` print about a `MergePlan` (`what` was checked)."""
     from rich.table import Table
 
+    from neuroloc_cli.merge.estimate import merge_memory
     from neuroloc_cli.merge.plan import describe_plan
 
     doc = describe_plan(plan)
+    memory = merge_memory(plan).describe()
     for line in doc["warnings"]:
         err().print(f"warning: {line}", markup=False, highlight=False)
     if as_json:
-        print_json({"valid": True, **doc})
+        print_json({"valid": True, **doc, "memory_bytes": memory})
         return
     table = Table(
         title=f"{doc['method']} merge: {doc['tensors']} tensors, {human_bytes(doc['out_bytes'])} out, compute {doc['compute_dtype']}"
@@ -109,6 +117,13 @@ def merge_plan(plan: Any, as_json: bool, what: str = "recipe") -> None:
     for i in doc["inputs"]:
         table.add_row(i["role"], i["path"], str(i["tensors"]), human_count(i["parameters"]))
     out().print(table)
+    parts = ("inputs", "next_inputs", "previous", "work", "masks")
+    rows = "" if memory["peak_rows"] is None else f" rows {memory['peak_rows'][0]}-{memory['peak_rows'][1]}"
+    out().print(
+        f"disk: {human_bytes(doc['out_bytes'])} of tensors; memory at most "
+        + " + ".join(f"{k.replace('_', ' ')} {human_bytes(memory[k])}" for k in parts if memory[k])
+        + f" = {human_bytes(memory['total'])} (at {memory['peak_tensor']}{rows})"
+    )
     for note in doc["notes"]:
         err().print(f"note: {note}")
     err().print(f"[green]{what} is valid[/green]: no tensor data was read, nothing was written")

@@ -310,6 +310,13 @@ def _render_plan(doc: dict, as_json: bool) -> None:
         f"for {doc['total_steps']} steps of {doc['tokens_per_step']} tokens in sequences of {doc['seq_len']}{_seq_len_source(doc)}; "
         f"AdamW state about {render.human_bytes(doc['optimizer_state_bytes'])}"
     )
+    mem = doc["memory_bytes"]
+    render.out().print(
+        "memory: "
+        + " + ".join(f"{k.replace('_', ' ')} {render.human_bytes(mem[k])}" for k in mem if k != "total" and mem[k])
+        + f" = about {render.human_bytes(mem['total'])} at the peak of a step (activations of {doc['seq_len']}-token rows under bf16 autocast)"
+    )
+    render.out().print(f"disk: output checkpoint {render.human_bytes(doc['disk_bytes']['output'])}")
     render.out().print(f"documents: {_framing(doc['framing'])}", markup=False, highlight=False)
     for d in doc["data"]:
         render.out().print(

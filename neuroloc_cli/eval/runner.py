@@ -52,6 +52,57 @@ class EvalRequest:
     online: bool = False
 
 
+def build_request(
+    models: list[Path],
+    *,
+    tasks: str | None = None,
+    task_option: list[str] | None = None,
+    include_path: list[Path] | None = None,
+    ppl: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    max_gen_toks: int | None = None,
+    translate: Path | None = None,
+    src: str | None = None,
+    tgt: str | None = None,
+    template: str = "flan-following",
+    bleu_tokenize: str | None = None,
+    bleu_smooth: str = "none",
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    seed: int | None = None,
+    bootstrap_iters: int = 100000,
+    online: bool = False,
+) -> EvalRequest:
+    """An `EvalRequest` from `neuroloc eval`'s options, named as its flags (`--task-option` is
+    `task_option`); `neuroloc sweep --eval KEY=VALUE` takes the same keys.
+
+    Raises:
+        UsageError: --translate without --src and --tgt; a task or option that does not parse.
+    """
+    from neuroloc_cli.eval.harness import DEFAULT_SEEDS
+    from neuroloc_cli.eval.specs import parse_tasks
+
+    translation = None
+    if translate is not None:
+        if not src or not tgt:
+            raise UsageError("--translate needs --src and --tgt language codes")
+        translation = TranslationSettings(translate, src, tgt, template, max_gen_toks, bleu_tokenize, bleu_smooth, limit)
+    seeds = dict.fromkeys(DEFAULT_SEEDS, seed) if seed is not None else dict(DEFAULT_SEEDS)
+    return EvalRequest(
+        models=list(models),
+        tasks=parse_tasks(tasks, ppl, task_option or []),
+        include_paths=list(include_path or []),
+        translation=translation,
+        harness=HarnessSettings(limit, num_fewshot, max_gen_toks, bootstrap_iters, seeds),
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        online=online,
+    )
+
+
 def load_lm(path: Path, device: str, dtype: str, batch_size: int):
     """Load a checkpoint once as a `NeurolocLM`, lm-eval's `HFLM` with its corrections (tests
     replace this with a fake LM). The model is loaded the one way every command loads one
@@ -63,19 +114,30 @@ def load_lm(path: Path, device: str, dtype: str, batch_size: int):
     """
     import torch
 
-    from neuroloc_cli.eval.lm import NeurolocLM
-    from neuroloc_cli.runtime.data import load_tokenizer
     from neuroloc_cli.runtime.model import load_model
     from neuroloc_cli.runtime.routing import refuse_routed
 
     refuse_routed(path)
     model = load_model(path, device=device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    return wrap_model(model, path, batch_size)
+
+
+def wrap_model(model, tokenizer_folder: Path, batch_size: int):
+    """A built causal LM (in memory: `neuroloc sweep`'s merged model) as a `NeurolocLM`, with
+    the tokenizer of `tokenizer_folder`.
+
+    Raises:
+        InputError: lm-eval cannot use the model or its tokenizer.
+    """
+    from neuroloc_cli.eval.lm import NeurolocLM
+    from neuroloc_cli.runtime.data import load_tokenizer
+
     model.eval()
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(tokenizer_folder)
     try:
         return NeurolocLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path}: cannot be evaluated as a causal language model ({' '.join(str(e).split())[:300]})") from None
+        raise InputError(f"{tokenizer_folder}: cannot be evaluated as a causal language model ({' '.join(str(e).split())[:300]})") from None
 
 
 def evaluate(
@@ -96,23 +158,54 @@ def evaluate(
             --max-gen-toks that a model cannot hold, a task YAML of the user's that is wrong.
         InputError: a checkpoint or data file is missing or invalid, a dataset is not available offline.
     """
-    models, records = check_request(request)
+    evaluator = Evaluator(request, verbose)
     results, artifacts = [], []
-    with offline_mode(not request.online):
-        with library_output(verbose):
-            manager = task_manager(request.tasks, request.include_paths) if request.tasks.uses_lm_eval else None
-        for model in models:
-            with library_output(verbose):
+    for model in evaluator.models:
+        result, art = evaluator.score(model, on_model=on_model)
+        results.append(result)
+        artifacts.append(art)
+        gc.collect()  # the model's weights, before the next model loads
+    return evaluator.result(results), artifacts
+
+
+class Evaluator:
+    """`evaluate`, one model at a time: the request checked and the task index built once,
+    then `score` per model, loaded from its folder or handed in built (`neuroloc sweep`
+    scores a merged model in memory this way, with the numbers `eval` gives its folder).
+
+    Raises (on construction): as `check_request`.
+    """
+
+    def __init__(self, request: EvalRequest, verbose: bool = False):
+        self.request, self.verbose = request, verbose
+        self.models, self._records = check_request(request)
+        with offline_mode(not request.online), library_output(verbose):
+            self._manager = task_manager(request.tasks, request.include_paths) if request.tasks.uses_lm_eval else None
+
+    def score(self, model: ModelToEvaluate, lm=None, on_model: Callable[[str], None] | None = None) -> tuple[ModelResult, ModelArtifacts]:
+        """Evaluate one model: `lm` if given (a `NeurolocLM`, see `wrap_model`), else its folder loaded."""
+        request = self.request
+        with offline_mode(not request.online):
+            with library_output(self.verbose):
                 # Tasks first: a dataset that cannot be loaded fails before a big model loads.
-                tasks = load_tasks(manager, request.tasks, request.include_paths, request.online) if manager else LoadedTasks()
+                tasks = load_tasks(self._manager, request.tasks, request.include_paths, request.online) if self._manager else LoadedTasks()
             if on_model:
                 on_model(model.label)
-            with library_output(verbose):
-                result, art = _evaluate_model(model, tasks, manager, records, request)
-            results.append(result)
-            artifacts.append(art)
-            gc.collect()  # the model's weights, before the next model loads
-    return EvalResult(models=results, config=_config(request), seeds=dict(request.harness.seeds), versions=versions()), artifacts
+            with library_output(self.verbose):
+                if lm is None:
+                    lm = load_lm(model.path, request.device, request.dtype, request.batch_size)
+                return _evaluate_model(lm, model, tasks, self._manager, self._records, request)
+
+    def wrap(self, model, tokenizer_folder: Path):
+        """A built model as the LM `score` takes (`wrap_model`), with lm-eval's messages
+        silenced as for a loaded one."""
+        with library_output(self.verbose):
+            return wrap_model(model, tokenizer_folder, self.request.batch_size)
+
+    def result(self, results: list[ModelResult]) -> EvalResult:
+        """The results of `score` calls as one result object, with the settings and versions."""
+        request = self.request
+        return EvalResult(models=results, config=_config(request), seeds=dict(request.harness.seeds), versions=versions())
 
 
 @dataclass(frozen=True)
@@ -160,10 +253,9 @@ def _open_model(path: Path, label: str) -> ModelToEvaluate:
 
 
 def _evaluate_model(
-    model: ModelToEvaluate, tasks: LoadedTasks, manager, records: list[dict[str, Any]] | None, request: EvalRequest
+    lm, model: ModelToEvaluate, tasks: LoadedTasks, manager, records: list[dict[str, Any]] | None, request: EvalRequest
 ) -> tuple[ModelResult, ModelArtifacts]:
-    """Load one model and run its tasks and translations on it."""
-    lm = load_lm(model.path, request.device, request.dtype, request.batch_size)
+    """Run one model's tasks and translations on its `lm`."""
     result = ModelResult(model.label, str(model.path.resolve()), model.fingerprint, positions=model.positions)
     art = ModelArtifacts()
     fit = fitting_gen_toks(model.positions)

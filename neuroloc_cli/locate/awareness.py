@@ -748,6 +748,62 @@ def landermt_neurons(
     return AwarenessNeurons(masks, importance, meta, routing, summary, grid)
 
 
+def plan_awareness(opts: AwarenessOptions) -> dict[str, Any]:
+    """What `locate awareness` would score, hold and write, from the checkpoint's headers only
+    (`--dry-run`); no data file is read.
+
+    Disk: the `ffn` masks (general, one per language, one per direction: a byte per neuron
+    and part tensor of the kept blocks, without their JSON headers), the importance files (one
+    float32 per kept neuron, per language and direction) and `routing.json` (about 8 bytes per
+    kept neuron index, an estimate). Memory: the model in float32 (the scorer's), the float64
+    sums of every neuron (|h·g| and h·g per direction and side) and, per batch, the captured
+    `h` and its gradient of every MLP block in float32; the rest of the forward and backward
+    activations come on top, as in any forward-backward pass.
+
+    Raises:
+        UsageError: bad settings, or layers the model does not have.
+        InputError: an unreadable checkpoint, or a model with no MLP blocks.
+    """
+    ckpt = Checkpoint.open(opts.model, spec=str(opts.model))
+    groups = ffn_groups(floating(ckpt.tensors), str(opts.model))
+    numbers = [layer_index(g.key) for g in groups]
+    check_layer_choice([i if n is None else n for i, n in enumerate(numbers)], opts.layers, opts.layer_ids)
+    seq_len = choose_seq_len(opts.seq_len, model_positions(ckpt.config))
+    directions = [p.name for p in opts.pairs]
+    langs = languages_of(directions)
+    k = len(opts.layer_ids) or opts.k
+    kept = sorted(groups, key=lambda g: g.size, reverse=True)[:k]  # the largest k: an upper bound for any choice
+    neurons = sum(g.size for g in kept)
+    part_bytes = sum(g.size * len(g.parts) for g in kept)
+    masks = 1 + len(langs) + len(directions)
+    disk = {
+        "masks": masks * part_bytes,
+        "importance": (len(langs) + len(directions)) * 4 * neurons,
+        "routing": 8 * neurons,
+    }
+    disk["total"] = sum(disk.values())
+    all_neurons = sum(g.size for g in groups)
+    floating_elements = sum(i.numel for i in ckpt.tensors.values() if i.torch_dtype.is_floating_point)
+    memory = {
+        "model": 4 * floating_elements,
+        "sums": 8 * len(directions) * 4 * all_neurons,
+        "captured": 2 * 4 * opts.batch_size * seq_len * all_neurons,
+    }
+    memory["total"] = sum(memory.values())
+    return {
+        "directions": {p.name: str(p.path) for p in opts.pairs},
+        "languages": langs,
+        "layers": list(opts.layer_ids) or f"the {k} of largest activation change",
+        "kept_blocks": k,
+        "kept_neurons": neurons,
+        "general_per_block": [share_count(opts.general, g.size) for g in kept],
+        "seq_len": seq_len,
+        "batch_size": opts.batch_size,
+        "disk_bytes": disk,
+        "memory_bytes": memory,
+    }
+
+
 @locator("awareness", options=AwarenessOptions, reads="a model on translation pairs: activations and their gradients", paper=PAPER)
 def locate_awareness(opts: AwarenessOptions) -> AwarenessNeurons:
     """Language-general and language-specific FFN neurons of the layers that matter for translation (LANDeRMT).

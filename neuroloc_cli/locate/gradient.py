@@ -100,9 +100,35 @@ class GradientOptions(DataOptions, FilterOptions):
         )
 
 
-def plan_gradient(opts: GradientOptions) -> ScoringPlan:
-    """What `locate gradient` would score and hold, from headers only (`--dry-run`)."""
-    return plan_scoring(opts.model, opts.languages, **opts.scoring())[1]
+@dataclass(frozen=True)
+class GradientPlan:
+    """What `locate gradient` would score, hold and write, from headers only (`--dry-run`).
+
+    Disk, the folder's tensor data without headers: a float32 importance per scored element
+    and language, and the element masks (core, bottom, random, and top- and mono- per
+    language) at a bit per element, each tensor's bits rounded up to a byte (at most 7 bits
+    more per tensor, counted as such).
+    """
+
+    scoring: ScoringPlan
+
+    def disk_bytes(self) -> dict[str, int]:
+        n, tensors, langs = self.scoring.scored_elements, len(self.scoring.names), len(self.scoring.languages)
+        parts = {"importance": 4 * n * langs, "masks": (3 + 2 * langs) * ((n + 7 * tensors) // 8)}
+        return {**parts, "total": sum(parts.values())}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.scoring.describe(), "disk_bytes": self.disk_bytes()}
+
+
+def plan_gradient(opts: GradientOptions) -> GradientPlan:
+    """What `locate gradient` would score, hold and write, from headers only (`--dry-run`).
+
+    Raises:
+        UsageError: bad settings, or filters that leave no tensor.
+        InputError: an unreadable model, tokenizer or corpus.
+    """
+    return GradientPlan(plan_scoring(opts.model, opts.languages, **opts.scoring())[1])
 
 
 @locator("gradient", options=GradientOptions, reads="a model on one corpus per language: gradients", paper=PAPER)

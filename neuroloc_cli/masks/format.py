@@ -110,6 +110,17 @@ class MaskEntry:
         view[self.axis] = self.shape[self.axis]
         return self._units.view(view).expand(self.shape)
 
+    def dense_rows(self, start: int, stop: int) -> torch.Tensor:
+        """`dense()[start:stop]`, unpacking only the bytes of those rows (a merge reads large
+        tensors a block of rows at a time)."""
+        if self.axis is not None:
+            return self.dense()[start:stop]
+        row = math.prod(self.shape[1:])
+        first, last = start * row, stop * row
+        window = self._bits[first // 8 : (last + 7) // 8]
+        flat = np.unpackbits(window.numpy(), bitorder="little")[first % 8 : first % 8 + last - first]
+        return torch.from_numpy(flat.view(np.bool_)).reshape((stop - start, *self.shape[1:]))
+
     @property
     def units(self) -> int:
         return math.prod(self.shape) if self.axis is None else self.shape[self.axis]
@@ -190,6 +201,12 @@ class Mask:
             f.write(encode_header(layout_out, metadata))
             for t in tensors.values():
                 write_tensor_bytes(f, t)
+
+    @property
+    def data_bytes(self) -> int:
+        """The bytes `save` writes after the header: a bit per element of an element mask, a
+        byte per unit of a row or neuron mask."""
+        return sum(e.bits.numel() if e.axis is None else e.selected.numel() * e.selected.element_size() for e in self.entries.values())
 
     @classmethod
     def load(cls, path: Path | str) -> Mask:

@@ -39,8 +39,7 @@ class MergeMasks:
         entry = mask.entries.get(name)
         if entry is None:
             return torch.zeros(shape, dtype=torch.bool)
-        dense = entry.dense()
-        return dense if rows is None else dense[rows[0] : rows[1]]
+        return entry.dense() if rows is None else entry.dense_rows(*rows)
 
     def restrict_inputs(self, name: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], rows: Rows = None) -> list[torch.Tensor]:
         """Each model's tensor (or block of rows), with the base in its place outside that

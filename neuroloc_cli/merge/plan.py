@@ -18,10 +18,11 @@ from neuroloc_cli.io.checkpoint import Checkpoint, Kind, compare_tensors, resolv
 from neuroloc_cli.io.format import DTYPE_NAMES, TensorInfo
 from neuroloc_cli.io.lora import LoraCheckpoint
 from neuroloc_cli.io.writer import OutTensor
+from neuroloc_cli.masks.importance import Importance
 from neuroloc_cli.merge.masks import MergeMasks, describe_masks, load_masks, mask_recipe_problems
 from neuroloc_cli.merge.vocab import TokenSourceError, Vocabulary, plan_vocabulary
 from neuroloc_cli.methods import METHODS, MergeMethod
-from neuroloc_cli.recipe.params import ParameterResolver, check_parameters, unused_parameters
+from neuroloc_cli.recipe.params import Param, ParameterResolver, check_parameters, unused_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe, input_models, role_name, split_model_reference
 
 # mergekit parameters that change how it computes, not what: accepted and ignored.
@@ -40,8 +41,8 @@ class Source:
     @property
     def adapter(self) -> Path | None:
         """The LoRA adapter folder of a `MODEL+LORA` reference, else None."""
-        ckpt = self.checkpoint
-        return ckpt.adapter.path if isinstance(ckpt, LoraCheckpoint) and ckpt.adapter is not None else None
+        adapter = getattr(self.checkpoint, "adapter", None)  # a `LoraCheckpoint`'s, or a cached view of one
+        return adapter.path if adapter is not None else None
 
     def input_paths(self) -> list[Path]:
         """The folders this input reads: the model's, and a LoRA adapter's."""
@@ -54,6 +55,23 @@ class Source:
         if isinstance(self.checkpoint, LoraCheckpoint) and self.checkpoint.adapter is not None:
             out["lora"] = {"path": str(self.checkpoint.adapter.path.resolve()), "sha256": self.checkpoint.adapter.sha256}
         return out
+
+
+@dataclass(frozen=True)
+class SideInput:
+    """One model's file for a file parameter of the method (`fisher:`, `gram:`), opened
+    header-only: the recipe key that names it, the file, and its tensors' shapes."""
+
+    key: str
+    file: Importance
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.file.shapes
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,9 @@ class MergePlan:
     """Keys to change in the copied config.json (layer stacking sets the layer count)."""
     vocabulary: Vocabulary | None = None
     """The output vocabulary of a `tokenizer_source` recipe (`merge.vocab`)."""
+    side: dict[str, list[SideInput]] = field(default_factory=dict)
+    """Each file parameter of the method (`recipe.params.SideFile`) -> one opened file per
+    model; `merge.stream` reads their tensors beside the models'."""
 
     @property
     def reference(self) -> Source:
@@ -184,6 +205,10 @@ def build_plan(recipe: MergeRecipe, base_dir: Path, source: str) -> MergePlan:
             plan.warnings += warnings
             if not problems:  # parameters are well-formed: check they resolve at every tensor
                 problems += _check_resolution(plan)
+            if not problems:
+                side_problems = _open_side_files(plan, entries, base_dir)
+                input_problems += len(side_problems)
+                problems += side_problems
             if not problems:
                 plan.masks, mask_problems = load_masks(recipe, entries, base_dir, reference)
                 input_problems += len(mask_problems)
@@ -339,6 +364,100 @@ def _check_tensors(reference: Source, models: list[Source], on_missing: str, voc
     return problems
 
 
+def _open_side_files(plan: MergePlan, entries: list[tuple[str, InputModel]], base_dir: Path) -> list[str]:
+    """Open every model's file of each file parameter, header-only, into `plan.side`, and check
+    it against the model: its score, its tensors' names and shapes; note the merged tensors
+    that a file leaves out (the method merges them without it). Returns the problems, each
+    naming the recipe key and the file."""
+    params = [p for p in plan.method.params if p.file is not None]
+    if not params:
+        return []
+    if plan.vocabulary is not None:
+        return [f"tokenizer_source: not supported with {plan.method.name} (its side files are indexed by the models' own rows)"]
+    problems: list[str] = []
+    tensors = plan.reference.checkpoint.tensors
+    merged = [s.name for s in plan.steps if s.merge]
+    for p in params:
+        opened: list[SideInput] = []
+        for (role, model), src in zip(entries, plan.models):
+            label = role.removesuffix(".model")
+            in_model = p.name in model.parameters
+            key = f"{label}.parameters.{p.name}" if in_model else f"parameters.{p.name}"
+            value = model.parameters[p.name] if in_model else plan.recipe.parameters.get(p.name)
+            try:
+                side = SideInput(key, Importance.open(_side_file(Path(str(value)), base_dir, p)))
+            except NeurolocError as e:
+                problems.append(f"{key}: {e}")
+                continue
+            found = _check_side_file(side, p, tensors)
+            problems += [f"{key} ({side.path}): {text}" for text in found[:_MAX_LISTED]]
+            if len(found) > _MAX_LISTED:
+                problems.append(f"{key} ({side.path}): ... and {len(found) - _MAX_LISTED} more tensor problem(s)")
+            fingerprint = side.file.meta.provenance.get("model_fingerprint")
+            if fingerprint is not None and fingerprint != src.checkpoint.fingerprint:
+                plan.warnings.append(f"{key}: {side.path} was computed on another checkpoint than {label} ({src.checkpoint.path})")
+            opened.append(side)
+        if len(opened) == len(plan.models):
+            plan.side[p.name] = opened
+            plan.notes += _side_coverage(p, opened, merged)
+    return problems
+
+
+def _side_file(path: Path, base_dir: Path, param: Param) -> Path:
+    """The file a file parameter names: the file itself, or the one importance file of a
+    folder (`DIR` or `DIR/importance/`, as `neuroloc locate` writes them).
+
+    Raises:
+        InputError: the path is missing, or the folder holds no importance file or several.
+    """
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_dir():
+        return path  # a missing file is refused by Importance.open, naming it
+    folder = path / "importance" if (path / "importance").is_dir() else path
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError(f"{path}: no importance file in this folder", hint=param.file.hint if param.file else "")
+    names = ", ".join(f.name for f in found[:_MAX_LISTED]) + (", ..." if len(found) > _MAX_LISTED else "")
+    raise InputError(f"{path}: holds {len(found)} importance files ({names}); name one", hint=f"e.g. {found[0]}")
+
+
+def _check_side_file(side: SideInput, param: Param, tensors: dict[str, TensorInfo]) -> list[str]:
+    """The problems of one opened side file: a score the method cannot use, a tensor the model
+    lacks, a shape that does not fit its model tensor."""
+    assert param.file is not None
+    spec = param.file
+    if side.file.meta.score not in spec.scores:
+        hint = f" ({spec.hint})" if spec.hint else ""
+        return [f"holds {side.file.meta.score!r} scores, not {spec.what}{hint}"]
+    problems = []
+    for name, shape in side.shapes.items():
+        info = tensors.get(name)
+        if info is None:
+            problems.append(f"tensor {name} is not in the model")
+            continue
+        expected = spec.shape(name, tuple(info.shape))
+        if expected is None:
+            problems.append(f"tensor {name} {list(info.shape)} cannot have {spec.what}")
+        elif tuple(shape) != tuple(expected):
+            problems.append(f"tensor {name} has shape {list(shape)}, expected {list(expected)} for the model's {list(info.shape)}")
+    return problems
+
+
+def _side_coverage(param: Param, opened: list[SideInput], merged: list[str]) -> list[str]:
+    """A note on the merged tensors that not every model's file covers: the method merges
+    those without their side tensors (see the method's own description)."""
+    missing = [n for n in merged if not all(n in s.shapes for s in opened)]
+    if not missing:
+        return []
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return [
+        f"{param.name}: {len(missing)} of {len(merged)} merged tensors are not in every model's {param.name} file "
+        f"({missing[0]}{more}); {'it gets' if len(missing) == 1 else 'they get'} the weighted average of the models"
+    ]
+
+
 def _plan(
     recipe: MergeRecipe, source: str, method: MergeMethod, base: Source | None, models: list[Source], model_params: list[dict]
 ) -> MergePlan:
@@ -464,6 +583,9 @@ def describe_plan(plan: MergePlan) -> dict:
         ],
         "tensors": len(plan.steps),
         "out_bytes": plan.out_bytes,
+        "side_files": {
+            name: [{"key": s.key, "path": str(s.path), "tensors": len(s.shapes)} for s in files] for name, files in plan.side.items()
+        },
         "notes": plan.notes,
         "warnings": plan.warnings,
         "steps": steps,

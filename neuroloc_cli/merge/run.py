@@ -26,7 +26,7 @@ from neuroloc_cli import __version__
 from neuroloc_cli.io.chat_templates import resolve_chat_template
 from neuroloc_cli.io.checkpoint import Kind
 from neuroloc_cli.io.output import check_output_path, checkpoint_output
-from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES
 from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.merge.stats import statistics_pass
@@ -99,7 +99,7 @@ def run_merge(
             tokenizer_dir=tokenizer_dir,
         ) as (writer, _),
     ):
-        nonfinite = _stream(plan, writer, seed, on_tensor, prepared)
+        nonfinite = _stream(plan, writer.write, seed, on_tensor, prepared)
         if nonfinite:  # neuroloc.json is written as the block ends
             provenance["nonfinite_tensors"] = nonfinite
     warnings = plan.warnings + [
@@ -122,10 +122,34 @@ def _tokenizer_folder(plan: MergePlan) -> Iterator[Path | None]:
         yield Path(folder)
 
 
+def merge_tensors(
+    plan: MergePlan, write: Callable[[str, torch.Tensor], None], *, seed: int | None = None, stats_memo: dict | None = None
+) -> tuple[dict[str, int], Prepared | None]:
+    """Merge every tensor of `plan` into `write(name, tensor)` instead of a checkpoint folder:
+    the in-memory sink `neuroloc sweep` evaluates from. The tensors are exactly those
+    `run_merge` writes, in the output dtype and in plan order; a large tensor of an
+    elementwise method arrives as consecutive blocks of its rows, first to last.
+
+    Args:
+        seed: as `run_merge`'s.
+        stats_memo: kept across calls to reuse statistics (`merge.stats.statistics_pass`).
+
+    Returns:
+        The tensors with NaN or inf values and their counts, and what the statistics pass found.
+    """
+    seed = seed if seed is not None else plan.recipe.random_seed
+    prepared = statistics_pass(plan, stats_memo)
+    return _stream(plan, write, seed, None, prepared), prepared
+
+
 def _stream(
-    plan: MergePlan, writer: ShardedWriter, seed: int | None, on_tensor: Callable[[Step], None] | None, prepared: Prepared | None = None
+    plan: MergePlan,
+    write: Callable[[str, torch.Tensor], None],
+    seed: int | None,
+    on_tensor: Callable[[Step], None] | None,
+    prepared: Prepared | None = None,
 ) -> dict[str, int]:
-    """Compute and write each unit while the next one is read.
+    """Compute and `write` each unit while the next one is read.
 
     Returns:
         The merged tensors that came out with NaN or inf values, with their counts: inputs
@@ -143,7 +167,7 @@ def _stream(
             out = plan.masks.apply(step.name, out, outside, rows)
         if step.merge and not bool(torch.isfinite(out).all()):
             nonfinite[step.name] = nonfinite.get(step.name, 0) + int(out.numel() - torch.isfinite(out).sum())
-        writer.write(step.name, out)
+        write(step.name, out)
         if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
             on_tensor(step)
     return nonfinite
@@ -165,6 +189,11 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
     whole, per_model = plan.resolver.at(step.name, step.t)
     if step.origin is not None:
         per_model = [per_model[step.origin[0]]]
+    side = getattr(inputs, "side", None)
+    if side:  # a file parameter's value, at this tensor, is the model's tensor from that file
+        per_model = [{**mp, **{name: found[i] for name, found in side.items()}} for i, mp in enumerate(per_model)]
+    if "name" in plan.method.context:  # a method that needs the tensor's name (its layout)
+        context = {**(context or {}), "name": step.name}
     generator = _generator(seed, step.name) if plan.method.random else None
     return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles)
 

@@ -2,7 +2,8 @@
 next one read on a worker thread while the current one is computed.
 
 Both passes of the engine read through here: the statistics pass (`merge.stats`) and the
-merge itself (`merge.run`).
+merge itself (`merge.run`). Methods with file parameters (`fisher:`, `gram:`) get each model's
+side tensor read here too, the same rows, beside the model's (`Inputs.side`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,31 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from safetensors import safe_open
 
+from neuroloc_cli.errors import InputError
 from neuroloc_cli.merge.masks import Rows
-from neuroloc_cli.merge.plan import MergePlan, Step
+from neuroloc_cli.merge.plan import MergePlan, SideInput, Step
 
-# (base in the compute dtype, each model's tensor in the compute dtype, base as stored or None)
-Inputs = tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]
+
+class Inputs(tuple):
+    """(base in the compute dtype, each model's tensor in the compute dtype, base as stored or
+    None), unpacked as a triple; and `side`: each file parameter's tensor per model (float32,
+    the same rows), or None where that model's file has none for this tensor."""
+
+    side: dict[str, list[torch.Tensor | None]]
+
+    def __new__(
+        cls,
+        base: torch.Tensor | None,
+        tensors: list[torch.Tensor],
+        raw: torch.Tensor | None,
+        side: dict[str, list[torch.Tensor | None]] | None = None,
+    ) -> Inputs:
+        self = super().__new__(cls, (base, tensors, raw))
+        self.side = side or {}
+        return self
+
 
 # Elementwise work processes tensors larger than this in blocks of rows (8 MB in float32).
 BLOCK_ELEMENTS = 2 * 2**20
@@ -64,10 +84,10 @@ def _load(plan: MergePlan, step: Step, rows: Rows) -> Inputs:
     if step.origin is not None:  # layer stacking: one tensor of one model, maybe renamed
         index, name = step.origin
         if not step.merge:
-            return plan.models[index].checkpoint.read(name, rows), [], None
-        return None, [plan.models[index].checkpoint.read(name, rows, plan.compute_dtype)], None
+            return Inputs(plan.models[index].checkpoint.read(name, rows), [], None)
+        return Inputs(None, [plan.models[index].checkpoint.read(name, rows, plan.compute_dtype)], None)
     if not step.merge:
-        return plan.reference.checkpoint.read(step.name), [], None
+        return Inputs(plan.reference.checkpoint.read(step.name), [], None)
     dtype = plan.compute_dtype
     raw = base = None
     if plan.base and plan.masks is not None:  # masks put the stored base back outside them
@@ -82,4 +102,21 @@ def _load(plan: MergePlan, step: Step, rows: Rows) -> Inputs:
         else:
             assert base is not None  # on_missing: base is only planned with a base model
             tensors.append(base.clone())  # its own tensor, like every other input
-    return base, tensors, raw
+    side = {name: [read_side(f, step.name, rows) for f in files] for name, files in plan.side.items()}
+    return Inputs(base, tensors, raw, side)
+
+
+def read_side(side: SideInput, name: str, rows: Rows) -> torch.Tensor | None:
+    """One model's side tensor for tensor `name` (or its block of rows), float32; None if the
+    file has none for it.
+
+    Raises:
+        InputError: the file holds NaN or infinite values for it.
+    """
+    if name not in side.shapes:
+        return None
+    with safe_open(str(side.path), framework="pt") as f:
+        t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{side.key}: {side.path}: tensor {name} holds NaN or infinite values", hint="recompute the file in float32")
+    return t

@@ -16,20 +16,20 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 4096
-_CHUNK = 1 << 22  # elements converted to float64 at a time: no whole-tensor float64 copy
+CHUNK = 1 << 22  # elements converted to float64 at a time: no whole-tensor float64 copy
 
 
 def fixed_sum(values: torch.Tensor) -> float:
     """Σ of every element of `values`, in float64."""
     flat = values.reshape(-1)
-    return math.fsum(s for i in range(0, flat.numel(), _CHUNK) for s in _block_sums(flat[i : i + _CHUNK].double()))
+    return math.fsum(s for i in range(0, flat.numel(), CHUNK) for s in _block_sums(flat[i : i + CHUNK].double()))
 
 
 def fixed_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """⟨a, b⟩ of the flattened tensors (of one size), in float64."""
     fa, fb = a.reshape(-1), b.reshape(-1)
     return math.fsum(
-        s for i in range(0, fa.numel(), _CHUNK) for s in _block_sums(fa[i : i + _CHUNK].double() * fb[i : i + _CHUNK].double())
+        s for i in range(0, fa.numel(), CHUNK) for s in _block_sums(fa[i : i + CHUNK].double() * fb[i : i + CHUNK].double())
     )
 
 

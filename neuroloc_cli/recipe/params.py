@@ -15,11 +15,15 @@ A parameter value in a recipe takes one of three forms (mergekit's):
 
 Precedence, written once in `ParameterResolver`: a model's own `parameters` → the recipe's
 top-level `parameters` → the method's default.
+
+A parameter declared with `file=SideFile(...)` names a file instead (`fisher:`, `gram:`): one
+path per model, never per layer or filtered; the engine opens it at plan time and hands the
+method that model's tensor from it (see `SideFile`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +33,34 @@ from neuroloc_cli.arch import name_matches
 from neuroloc_cli.errors import did_you_mean
 
 Scalar = float | bool
+
+
+def same_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """A side tensor of the model tensor's own shape (a diagonal Fisher)."""
+    return shape
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """What a file parameter names: an importance-format file (`masks.importance`) holding,
+    for some of the model's tensors, a tensor that the method reads beside the model's own.
+
+    The planner opens it header-only and checks it (`merge.plan`); the reader streams its
+    tensor with each model tensor (`merge.stream`); the method receives, in place of the
+    parameter's value, one tensor per model, or None where that model's file has none.
+
+    Attributes:
+        scores: the `score` values the file may hold (`fisher`, `gram`).
+        shape: the side tensor's shape for a model tensor of this name and shape, or None
+            where the method can use none (a Gram matrix of a 1-D tensor).
+        what: how messages name the file's content ("a diagonal Fisher").
+        hint: how to make such a file, for messages.
+    """
+
+    scores: tuple[str, ...]
+    shape: Callable[[str, tuple[int, ...]], tuple[int, ...] | None] = same_shape
+    what: str = "side tensors"
+    hint: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,6 +75,7 @@ class Param:
         boolean: a flag rather than a number.
         low, high: inclusive bounds for numbers.
         help: one line for `neuroloc methods`.
+        file: set for a parameter whose value is a file path (see `SideFile`).
     """
 
     name: str
@@ -52,6 +85,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     help: str = ""
+    file: SideFile | None = None
 
     @property
     def required(self) -> bool:
@@ -59,6 +93,8 @@ class Param:
 
     def check_scalar(self, v: Any) -> str | None:
         """The problem with one literal value, or None."""
+        if self.file is not None:
+            return None if isinstance(v, str) and v.strip() else f"must be a file or folder path, got {v!r}"
         if self.boolean:
             return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -74,6 +110,8 @@ def _fmt(x: float | None, unbounded: str) -> str:
 
 def check_value(value: Any, param: Param, where: str) -> list[str]:
     """Every problem with a parameter value in any of its forms; [] if it is valid."""
+    if param.file is not None and isinstance(value, list):
+        return [f"{where}: a file path cannot vary per layer or by filter; give one path"]
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
         problems = []
         for i, entry in enumerate(value):
@@ -106,7 +144,7 @@ def resolve_value(value: Any, tensor_name: str, t: float) -> Scalar | None:
         if len(value) == 1:
             return float(value[0])
         return float(np.interp(t, np.linspace(0.0, 1.0, len(value)), value))
-    return value if isinstance(value, bool) else float(value)
+    return value if isinstance(value, (bool, str)) else float(value)  # a string: a file parameter's path
 
 
 def check_parameters(

@@ -228,29 +228,34 @@ def parse_recipe(text: str, source: str) -> MergeRecipe:
     Raises:
         RecipeError: invalid YAML, unknown or missing keys, wrong types.
     """
+    return validate_recipe(recipe_document(text, source), source)
+
+
+def recipe_document(text: str, source: str) -> dict[str, Any]:
+    """The recipe's YAML as a plain mapping, before validation (what `--set` edits).
+
+    Raises:
+        RecipeError: invalid YAML, or a document that is not a mapping.
+    """
     try:
         doc = load_yaml(text)
     except ValueError as e:
         raise RecipeError(source, [str(e)]) from None
     if not isinstance(doc, dict):
         raise RecipeError(source, ["a recipe is a mapping with at least 'merge_method'"])
+    return doc
+
+
+def validate_recipe(doc: dict[str, Any], source: str) -> MergeRecipe:
+    """Validate a recipe mapping (see `recipe_document`).
+
+    Raises:
+        RecipeError: unknown or missing keys, wrong types; every one of them.
+    """
     try:
         return MergeRecipe.model_validate(doc)
     except ValidationError as e:
         raise RecipeError(source, [describe_error(err, MergeRecipe) for err in e.errors()]) from None
-
-
-def read_recipe_file(path: Path) -> MergeRecipe:
-    """Read and parse a recipe file.
-
-    Raises:
-        RecipeError: the file cannot be read or parsed.
-    """
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError(str(path), [f"cannot read ({e.strerror})"]) from None
-    return parse_recipe(text, str(path))
 
 
 def split_model_reference(spec: str) -> tuple[str, str | None]:

@@ -18,6 +18,7 @@ import torch
 
 from neuroloc_cli import __version__
 from neuroloc_cli.io.checkpoint import Checkpoint
+from neuroloc_cli.io.format import TensorInfo
 from neuroloc_cli.io.output import checkpoint_output
 from neuroloc_cli.io.writer import OutTensor
 from neuroloc_cli.train.inputs import RunInputs
@@ -29,6 +30,13 @@ LOG_FILE = "train_log.jsonl"
 # left out of the shards' provenance (`neuroloc.json` keeps them), so that two runs with the
 # same inputs and settings write byte-identical weight files whatever their output paths.
 RUN_ONLY_SETTINGS = ("output", "run_dir", "keep_state", "log", "overwrite", "resume")
+
+
+def output_dtype(info: TensorInfo, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a source tensor is written in: `out_dtype` for floating tensors when given,
+    else its own."""
+    dt = info.torch_dtype
+    return out_dtype if out_dtype is not None and dt.is_floating_point else dt
 
 
 def write_model(
@@ -61,8 +69,7 @@ def write_model(
     infos = list(source.tensors.values())
 
     def dtype_of(info) -> torch.dtype:
-        dt = info.torch_dtype
-        return out_dtype if out_dtype is not None and dt.is_floating_point else dt
+        return output_dtype(info, out_dtype)
 
     dtypes = {dtype_of(i) for i in infos if i.torch_dtype.is_floating_point}
     with checkpoint_output(

@@ -85,6 +85,29 @@ def plan_export_pair(model: Path, direction: str) -> PairExport:
     return PairExport(ckpt, routing, direction, fold_factors(routing, direction, shapes, str(model)))
 
 
+def describe_export(export: PairExport) -> dict:
+    """What `export-pair --dry-run` prints: the tensors, the folded ones, and the bytes.
+
+    Disk: every tensor in its own dtype (the shards' data, without headers and side files).
+    Memory: one tensor at a time as read; a folded one also as two float32 temporaries at once
+    (`runtime.routing.fold_tensor`: its float32 copy and the scaled product, then the product
+    and the selected result, which is then cast back).
+    """
+    infos = list(export.checkpoint.tensors.values())
+
+    def held(info) -> int:
+        stored = info.numel * info.torch_dtype.itemsize
+        return stored + (8 * info.numel if info.name in export.folds else 0)
+
+    return {
+        "pair": export.direction,
+        "tensors": len(infos),
+        "folded_tensors": sorted(export.folds),
+        "disk_bytes": {"total": sum(i.numel * i.torch_dtype.itemsize for i in infos)},
+        "memory_bytes": {"total": max((held(i) for i in infos), default=0)},
+    }
+
+
 def run_export_pair(
     export: PairExport,
     out_dir: Path,

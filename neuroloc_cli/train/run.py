@@ -37,6 +37,7 @@ from neuroloc_cli.runtime.distributed import average_gradients, start_accelerato
 from neuroloc_cli.runtime.model import load_model, model_skeleton, parameter_names
 from neuroloc_cli.train.config import TrainConfig
 from neuroloc_cli.train.data import MixtureSampler
+from neuroloc_cli.train.estimate import output_bytes, planned_optimizer_bytes, training_memory
 from neuroloc_cli.train.events import CheckpointEvent, EvalEvent, Event, EventLog, StartEvent, StepEvent
 from neuroloc_cli.train.export import provenance, write_model
 from neuroloc_cli.train.inputs import RunInputs, check_inputs
@@ -145,12 +146,15 @@ class MaskedCPTRecipe:
 
     def plan(self) -> dict[str, Any]:
         """Check every input and describe the run without loading weights or writing anything
-        (`--dry-run`): what trains, optimizer state, steps and data. Assumes one process."""
+        (`--dry-run`): what trains, optimizer state, peak memory, the output's size, steps and
+        data (`train.estimate`). Assumes one process."""
         self._check_inputs()
         self.world = 1
-        plan = self._plan_selection(parameter_names(model_skeleton(Path(self.cfg.model)), self.inputs.source))
+        skeleton = model_skeleton(Path(self.cfg.model))
+        plan = self._plan_selection(parameter_names(skeleton, self.inputs.source))
         counts = plan.counts()
         inputs, cfg = self.inputs, self.cfg
+        disk = output_bytes(inputs.source, DTYPE_NAMES[cfg.out_dtype] if cfg.out_dtype else None)
         return {
             "output": cfg.output,
             "total_steps": self._total_steps(),
@@ -159,8 +163,9 @@ class MaskedCPTRecipe:
             "seq_len_default": inputs.seq_len_default,
             "positions": inputs.positions,
             **counts,
-            # two fp32 moments per element and a step counter per parameter, as AdamW allocates
-            "optimizer_state_bytes": 8 * counts["optimizer_elements"] + 4 * len(plan.trained),
+            "optimizer_state_bytes": planned_optimizer_bytes(plan),
+            "memory_bytes": training_memory(plan, skeleton.config, cfg.batch_size * cfg.seq_len),
+            "disk_bytes": {"output": disk, "total": disk},
             "data": self._describe_data(),
             "framing": inputs.framing.describe(),
             "warnings": inputs.warnings,
