@@ -251,9 +251,17 @@ def test_no_method_changes_its_inputs():
         n_models = len(roles) or max(method.min_models, 1 if method.max_models == 1 else 2)
         base = torch.randn(6, 5, generator=g)
         tensors = [base + 0.1 * torch.randn(6, 5, generator=g) for _ in range(n_models)]
-        before = [base.clone()] + [t.clone() for t in tensors]
-        whole = {p.name: (p.default if p.default is not None else 0.5) for p in method.params if not p.per_model}
-        per_model = [{p.name: (p.default if p.default is not None else 0.5) for p in method.params if p.per_model} for _ in tensors]
-        context = {"in_t": True} if method.context else None
+        tensor_name = "model.layers.0.mlp.up_proj.weight"
+
+        def value(p):
+            if p.file is not None:  # a file parameter: the method gets the model's side tensor
+                return torch.rand(p.file.shape(tensor_name, tuple(base.shape)), generator=g).add_(0.1)
+            return p.default if p.default is not None else 0.5
+
+        whole = {p.name: value(p) for p in method.params if not p.per_model}
+        per_model = [{p.name: value(p) for p in method.params if p.per_model} for _ in tensors]
+        side = [v for m in per_model for v in m.values() if isinstance(v, torch.Tensor)]
+        before = [base.clone()] + [t.clone() for t in tensors] + [t.clone() for t in side]
+        context = {c: {"in_t": True, "name": tensor_name}[c] for c in method.context} or None
         method(base, tensors, whole, per_model, torch.Generator().manual_seed(1), context, roles=roles)
-        assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors)), name
+        assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors + side)), name
