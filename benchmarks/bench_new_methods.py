@@ -14,15 +14,17 @@ runs, interleaved round by round, each as its own process:
   (`dtype: float32`, `out_dtype: bfloat16`, the settings of `bench_merge.py`).
 
 Wall time is measured around the process and peak private memory is the highest `RssAnon`
-sampled every 5 ms (`bench_merge.measure`). Prints one JSON document: per job the median
-seconds and the peak MiB, `time_vs_task_arithmetic` (target ≤ 2) and `memory_vs_floor`
-(target ≤ 1).
+sampled every 5 ms (`bench_merge.measure`); CPU time is the process's user and system
+seconds, steadier than wall time on a shared machine. Prints one JSON document: per job the
+median seconds and CPU seconds and the peak MiB, `time_vs_task_arithmetic` (target ≤ 2),
+`cpu_vs_task_arithmetic` and `memory_vs_floor` (target ≤ 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -47,6 +49,13 @@ RECIPES = {  # method: recipe body, less `merge_method:` and the dtypes
 METHODS = ",".join(m for m in RECIPES if m != "task_arithmetic")
 
 
+def _child_cpu() -> float:
+    """User and system CPU seconds of the finished child processes: on a shared machine a
+    steadier measure of the work than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="125m", choices=["tiny", "125m", "1.1b"])
@@ -69,25 +78,29 @@ def main() -> None:
         body = RECIPES[m].format(base=base, ft1=ft1, ft2=ft2)
         recipe.write_text(f"merge_method: {m}\n{body}dtype: float32\nout_dtype: bfloat16\n")
         cmds[m] = lambda out, r=recipe: [sys.executable, "-m", "neuroloc_cli", "merge", str(r), "-o", str(out)]
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cmds}
     out = folder / "out"
     for run in range(args.runs):
         for name, cmd in cmds.items():
             shutil.rmtree(out, ignore_errors=True)
-            results[name].append(measure(cmd(out)))
-            print(f"run {run + 1} {name:16s} {results[name][-1][0]:7.2f} s  {results[name][-1][1] / 2**20:8.0f} MiB", file=sys.stderr)
+            before = _child_cpu()
+            seconds, peak = measure(cmd(out))
+            results[name].append((seconds, peak, _child_cpu() - before))
+            print(f"run {run + 1} {name:16s} {seconds:7.2f} s  {results[name][-1][2]:7.2f} cpu s  {peak / 2**20:8.0f} MiB", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     summary = {
         name: {
-            "seconds": [round(t, 2) for t, _ in r],
-            "median_seconds": statistics.median(t for t, _ in r),
-            "peak_private_mib": max(m for _, m in r) / 2**20,
+            "seconds": [round(t, 2) for t, _, _ in r],
+            "median_seconds": statistics.median(t for t, _, _ in r),
+            "median_cpu_seconds": statistics.median(c for _, _, c in r),
+            "peak_private_mib": max(m for _, m, _ in r) / 2**20,
         }
         for name, r in results.items()
     }
-    ta, floor = summary["task_arithmetic"]["median_seconds"], summary["floor"]["peak_private_mib"]
+    ta, floor = summary["task_arithmetic"], summary["floor"]["peak_private_mib"]
     for s in summary.values():
-        s["time_vs_task_arithmetic"] = round(s["median_seconds"] / ta, 2)
+        s["time_vs_task_arithmetic"] = round(s["median_seconds"] / ta["median_seconds"], 2)
+        s["cpu_vs_task_arithmetic"] = round(s["median_cpu_seconds"] / ta["median_cpu_seconds"], 2)
         s["memory_vs_floor"] = round(s["peak_private_mib"] / floor, 2)
     print(json.dumps({"preset": args.preset, "runs": args.runs, **summary}, indent=2))
 

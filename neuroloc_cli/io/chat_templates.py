@@ -74,10 +74,21 @@ _ALPACA = (
     "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
 
-CHAT_TEMPLATES: dict[str, str] = {"chatml": _CHATML, "alpaca": _ALPACA, "llama3": _LLAMA3, "mistral": _MISTRAL}
+# EXAONE 3.x, as LG AI Research documents it (the EXAONE-3.0-7.8B-Instruct and EXAONE-3.5 model
+# cards, huggingface.co/LGAI-EXAONE): a role tag `[|system|]`, `[|user|]` or `[|assistant|]`
+# right before the content; a system or assistant turn ends with `[|endofturn|]` and a newline,
+# a user turn with a newline only. The released template opens with an empty system turn when
+# the conversation has no system message; a generation prompt is the assistant's tag.
+_EXAONE = (
+    "{% if messages and messages[0]['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+    "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
 
-# Names mergekit 0.1.5 knows that neuroloc does not ship: named in the refusal.
-_MERGEKIT_ONLY = ("exaone",)
+CHAT_TEMPLATES: dict[str, str] = {"chatml": _CHATML, "alpaca": _ALPACA, "llama3": _LLAMA3, "mistral": _MISTRAL, "exaone": _EXAONE}
 
 
 def is_literal_template(value: str) -> bool:
@@ -148,7 +159,4 @@ def resolve_chat_template(value: str, models: Sequence[Path] | None = None) -> s
     if value == AUTO:
         return None if models is None else auto_chat_template(models)
     names = ", ".join([*CHAT_TEMPLATES, AUTO])
-    why = " (a mergekit name that neuroloc does not ship)" if value in _MERGEKIT_ONLY else ""
-    raise ValueError(
-        f"unknown chat template {value!r}{why}; give one of: {names}, or the Jinja template itself (containing '{{%' or '{{{{')"
-    )
+    raise ValueError(f"unknown chat template {value!r}; give one of: {names}, or the Jinja template itself (containing '{{%' or '{{{{')")

@@ -17,7 +17,9 @@ Three forms are supported:
   merged from the first slice's sources with its parameters, those after them from the last
   slice's, both at `t = 0`, as mergekit 0.1.5 plans them. Each source position (the base, then
   the k-th other source) is read through one `_StitchedView`: a checkpoint, made of headers
-  only, whose output tensor names map to each slice's model and source tensor.
+  only, whose output tensor names map to each slice's model and source tensor. A slice's own
+  `base_model` is its base, over the top-level one (mergekit's rule): the base position then
+  reads each slice's base.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ from neuroloc_cli.merge.plan import (
     _check_resolution,
     _check_tensors,
     _open,
+    _use_vocabulary,
+    _vocabulary,
     build_plan,
     fixed_out_dtype,
     known_parameters,
     make_step,
 )
+from neuroloc_cli.merge.vocab import Vocabulary
 from neuroloc_cli.methods import METHODS, MergeMethod
 from neuroloc_cli.recipe.params import ParameterResolver, check_parameters, unused_parameters
 from neuroloc_cli.recipe.schema import InputModel, MergeRecipe
@@ -105,7 +110,8 @@ def _as_models(recipe: MergeRecipe) -> MergeRecipe:
     """A one-slice, all-layers recipe rewritten with `models:` (the slice's parameters over the top-level ones)."""
     sl = recipe.slices[0]
     models = [InputModel(model=s.model, parameters=s.parameters) for s in sl.sources]
-    return recipe.model_copy(update={"models": models, "slices": [], "parameters": {**recipe.parameters, **sl.parameters}})
+    update = {"models": models, "slices": [], "parameters": {**recipe.parameters, **sl.parameters}}
+    return recipe.model_copy(update=update | ({"base_model": sl.base_model} if sl.base_model is not None else {}))
 
 
 def _stacking_plan(recipe: MergeRecipe, source: str, method: MergeMethod, sources: list[list[Source]]) -> MergePlan:
@@ -148,7 +154,12 @@ def _check_stacking(recipe: MergeRecipe, sources: list[list[Source]], method: Me
     problems = []
     if recipe.base_model is not None:
         problems.append("base_model: layer stacking takes no base model (embeddings come from the first slice, the head from the last)")
+    if recipe.tokenizer_source is not None or recipe.tokenizer is not None:
+        key = "tokenizer_source" if recipe.tokenizer is None else "tokenizer"
+        problems.append(f"{key}: not supported with layer stacking ({method.name} over slices)")
     for i, (sl, row) in enumerate(zip(recipe.slices, sources)):
+        if sl.base_model is not None:
+            problems.append(f"slices[{i}].base_model: layer stacking takes no base model")
         if len(sl.sources) != 1:
             problems.append(f"slices[{i}].sources: {method.name} takes one source per slice, got {len(sl.sources)}")
             continue
@@ -258,9 +269,9 @@ def _sliced_plan(recipe: MergeRecipe, source: str, method: MergeMethod, sources:
     base_at = _base_positions(recipe, base_dir) if method.needs_base else [None] * len(sources)
     with_base = method.needs_base
     problems = [
-        f"slices[{i}].sources: {method.name} needs the base model {recipe.base_model} among every slice's sources (mergekit's rule)"
-        for i, j in enumerate(base_at)
-        if with_base and j is None and recipe.base_model is not None
+        f"slices[{i}].sources: {method.name} needs the base model {base} among every slice's sources (mergekit's rule)"
+        for i, (j, base) in enumerate(zip(base_at, _slice_bases(recipe)))
+        if with_base and j is None and base is not None
     ]
     if problems:
         raise RecipeError(source, problems)
@@ -301,13 +312,16 @@ def _sliced_plan(recipe: MergeRecipe, source: str, method: MergeMethod, sources:
     compute = DTYPE_NAMES[recipe.dtype or "float32"]
     plan = MergePlan(recipe, source, method, base, models, steps, compute, total, _SliceResolver(resolvers, slice_of))  # type: ignore[arg-type]
     plan.warnings += warnings
-    problems = _check_tensors(reference, models, recipe.on_missing) + _check_config(reference, method)
+    vocab, problems = _slice_vocabulary(recipe, method, sources, order, with_base, base_dir)
+    if vocab is not None:
+        _use_vocabulary(plan, vocab)
+    problems += _check_tensors(reference, models, recipe.on_missing, vocab) + _check_config(reference, method)
     problems += _check_layer_shapes([row[o[0]] for row, o in zip(sources, order)])
     problems = problems or _check_resolution(plan)
     if problems:
         raise RecipeError(source, problems, exit_code=2)
     firsts = [row[o[0]] for row, o in zip(sources, order)]
-    plan.config_updates = _config_updates(firsts, [tuple(sl.sources[o[0]].layer_range) for sl, o in zip(recipe.slices, order)], total)
+    plan.config_updates |= _config_updates(firsts, [tuple(sl.sources[o[0]].layer_range) for sl, o in zip(recipe.slices, order)], total)
     plan.notes.append(f"merged slice by slice: {total} layers from {len(recipe.slices)} slice(s)")
     return plan
 
@@ -316,8 +330,15 @@ def _check_slices(recipe: MergeRecipe, method: MergeMethod, sources: list[list[S
     """Every range within its model, and the sources of a slice of one length; each slice's length."""
     problems: list[str] = []
     lengths: list[int] = []
-    if method.needs_base and recipe.base_model is None:
+    bases = _slice_bases(recipe)
+    if method.needs_base and all(b is None for b in bases):
         problems.append(f"base_model: {method.name} needs a base model (one of every slice's sources)")
+    elif method.needs_base:
+        problems += [
+            f"slices[{i}].base_model: {method.name} needs a base model; give one here or a top-level base_model"
+            for i, b in enumerate(bases)
+            if b is None
+        ]
     for i, (sl, row) in enumerate(zip(recipe.slices, sources)):
         for j, (src, opened) in enumerate(zip(sl.sources, row)):
             a, b = src.layer_range
@@ -337,22 +358,22 @@ def _check_slices(recipe: MergeRecipe, method: MergeMethod, sources: list[list[S
     return problems, lengths
 
 
+def _slice_bases(recipe: MergeRecipe) -> list[str | None]:
+    """Each slice's base model: its own `base_model`, else the top-level one (mergekit's rule)."""
+    return [sl.base_model or recipe.base_model for sl in recipe.slices]
+
+
 def _base_positions(recipe: MergeRecipe, base_dir: Path) -> list[int | None]:
-    """Where the base model is among each slice's sources (None where it is not)."""
-    if recipe.base_model is None:
-        return [None] * len(recipe.slices)
-    base = resolve_model_path(recipe.base_model, base_dir).resolve()
-    return [
-        next(
-            (
-                j
-                for j, s in enumerate(sl.sources)
-                if s.model == recipe.base_model or resolve_model_path(s.model, base_dir).resolve() == base
-            ),
-            None,
+    """Where its base model is among each slice's sources (None where it is not, or it has none)."""
+    out: list[int | None] = []
+    for sl, spec in zip(recipe.slices, _slice_bases(recipe)):
+        base = None if spec is None else resolve_model_path(spec, base_dir).resolve()
+        out.append(
+            next((j for j, s in enumerate(sl.sources) if s.model == spec or resolve_model_path(s.model, base_dir).resolve() == base), None)
+            if spec is not None
+            else None
         )
-        for sl in recipe.slices
-    ]
+    return out
 
 
 def _check_slice_parameters(
@@ -424,3 +445,47 @@ def _stitch(
             _StitchedSource(role=role, spec=first.spec, checkpoint=view, parts=tuple(row[o[pos]] for row, o in zip(sources, order)))
         )
     return views, slice_of, positions
+
+
+def _slice_vocabulary(
+    recipe: MergeRecipe, method: MergeMethod, sources: list[list[Source]], order: list[list[int]], with_base: bool, base_dir: Path
+) -> tuple[Vocabulary | None, list[str]]:
+    """The output vocabulary of a sliced `tokenizer_source` (or `tokenizer:`) recipe.
+
+    Only the tensors outside the blocks are indexed by token: the embeddings, merged from the
+    first slice's sources, and the head, from the last slice's. Each source position maps its
+    rows through one model's vocabulary, so the first and last slices must take the same model
+    at each position (the common shape: the same models in every slice); the vocabulary is
+    built from those models, and every other slice's model must be one of them, so that a
+    `union` holds every input's tokens as mergekit's does.
+    """
+    if recipe.tokenizer_source is None and recipe.tokenizer is None:
+        return None, []
+    key = "tokenizer_source" if recipe.tokenizer is None else "tokenizer.source"
+    last = len(recipe.slices) - 1
+    edge = [sources[0][k] for k in order[0]]
+    problems = []
+    for k0, k1 in zip(order[0], order[last]):
+        if _identity(sources[0][k0]) != _identity(sources[last][k1]):
+            problems.append(
+                f"{key}: slices[{last}].sources[{k1}] ({recipe.slices[last].sources[k1].model}) stands where slices[0].sources[{k0}] "
+                f"({recipe.slices[0].sources[k0].model}) does; with slices, the first and last slices take the same models in the "
+                "same places (the embeddings and the head are each mapped through one model's vocabulary)"
+            )
+    known = {_identity(s) for s in edge}
+    for i, row in enumerate(sources):
+        problems += [
+            f"{key}: slices[{i}].sources[{j}] ({recipe.slices[i].sources[j].model}) is not a source of the first and last slices, "
+            "whose models make the vocabulary; give every slice the same models"
+            for j, src in enumerate(row)
+            if _identity(src) not in known
+        ]
+    if problems:
+        return None, problems
+    base = edge[0] if with_base else None
+    return _vocabulary(recipe, method, base, edge[1:] if with_base else edge, base_dir)
+
+
+def _identity(src: Source) -> tuple[Path, ...]:
+    """What a source reads (its model's folder, and a LoRA adapter's), to tell inputs apart."""
+    return tuple(p.resolve() for p in src.input_paths())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from neuroloc_cli.recipe.schema import TokenEmbedding, TokenRow, ZeroRow
 # Tensors indexed by token along their first axis (embeddings and output heads).
 _VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
 KEYWORDS = ("base", "union")
+_ROW_BLOCK = 4096  # rows copied at a time by `Vocabulary.remap`
 
 
 @dataclass(frozen=True)
@@ -74,37 +76,63 @@ class Vocabulary:
             tensors: one tensor per input, its first axis the input's own vocabulary.
             owners: the input whose vocabulary each tensor follows (a tensor a model lacks
                 stands in from the base, with the base's rows).
+
+        Rows are copied in blocks (`_ROW_BLOCK`), so that besides the outputs only one
+        block's rows and the filled tokens' rows are held at a time.
         """
         sources = {o: t for o, t in zip(owners, tensors)}
+        filled = self._filled_tokens
         default = self._defaults(sources, tensors[0])
         out = []
         for t, owner in zip(tensors, owners):
-            rows = self.maps[owner]
-            have = (rows >= 0) & ~self.forced
-            mapped = t.new_zeros((self.rows, *t.shape[1:]))
-            mapped[: self.size] = default
-            mapped[: self.size][have] = t[rows[have]]
+            dst, src = self._kept_rows[owner]
+            mapped = t.new_empty((self.rows, *t.shape[1:]))
+            mapped.index_copy_(0, filled, default)  # every row not copied below is one of these
+            for a in range(0, dst.numel(), _ROW_BLOCK):
+                mapped.index_copy_(0, dst[a : a + _ROW_BLOCK], t.index_select(0, src[a : a + _ROW_BLOCK]))
             if self.rows > self.size:  # padding: the input's mean row, as mergekit pads
                 mapped[self.size :] = torch.mean(mapped[: self.size], dim=0)
             out.append(mapped)
         return out
 
+    @cached_property
+    def _filled_tokens(self) -> torch.Tensor:
+        """The tokens some input lacks (or that are forced): those `fill` gives a row."""
+        return torch.tensor([token for token, how in enumerate(self.fill) if how is not None], dtype=torch.long)
+
+    @cached_property
+    def _kept_rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per input, (output rows, its own rows) of the tokens it has and that are not forced."""
+        out = []
+        filled = torch.zeros(self.size, dtype=torch.bool)
+        filled[self._filled_tokens] = True
+        for rows in self.maps:
+            have = (rows >= 0) & ~self.forced
+            assert bool((have | filled).all()), "a token neither copied nor filled"
+            dst = have.nonzero().reshape(-1)
+            out.append((dst, rows[dst]))
+        return out
+
     def _defaults(self, sources: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        default = like.new_zeros((self.size, *like.shape[1:]))
-        for token, how in enumerate(self.fill):
-            if how is None or how[0] == "zero":
+        """The rows of `_filled_tokens`, in that order."""
+        tokens = self._filled_tokens.tolist()
+        default = like.new_zeros((len(tokens), *like.shape[1:]))
+        for k, token in enumerate(tokens):
+            how = self.fill[token]
+            assert how is not None
+            if how[0] == "zero":
                 continue
             if how[0] == "model":
-                default[token] = sources[how[1]][self.maps[how[1]][token]]
+                default[k] = sources[how[1]][self.maps[how[1]][token]]
                 continue
             if how[0] == "row":
-                default[token] = sources[how[1]][how[2]]
+                default[k] = sources[how[1]][how[2]]
                 continue
             present = [i for i in sorted(sources) if self.maps[i][token] >= 0]
             acc = like.new_zeros(like.shape[1:])
             for i in present:  # in input order, one add at a time, as mergekit sums them
                 acc = acc + sources[i][self.maps[i][token]]
-            default[token] = acc / len(present)
+            default[k] = acc / len(present)
         return default
 
 
@@ -170,7 +198,7 @@ def plan_vocabulary(
     if [vocab[t] for t in tokens] != list(range(size)):
         raise InputError(f"tokenizer_source {source}: the tokenizer's ids are not 0..{size - 1}", hint="give a tokenizer without gaps")
     maps = [torch.tensor([v.get(t, -1) for t in tokens], dtype=torch.long) for v in vocabs]
-    fill = [_fill(token, maps, has_base) for token in range(size)]
+    fill = _fills(maps, has_base)
     forced = torch.zeros(size, dtype=torch.bool)
     for text, cfg in configured.items():
         token = vocab[text]
@@ -228,17 +256,25 @@ def _configured(
     return ("model", i)
 
 
-def _fill(token: int, maps: list[torch.Tensor], has_base: bool) -> tuple | None:
-    present = [i for i, m in enumerate(maps) if m[token] >= 0]
-    if len(present) == len(maps):
-        return None
-    if len(present) == 1:
-        return ("model", present[0])
-    if not present:
-        return ("zero",)
-    if has_base and present[0] == 0:
-        return ("model", 0)
-    return ("mean",)
+def _fills(maps: list[torch.Tensor], has_base: bool) -> list[tuple | None]:
+    """Each token's default fill (see `Vocabulary.fill`): None where every input has it; the
+    one input that has it; zeros where none does; the base where several do, the base among
+    them; else their mean."""
+    present = torch.stack([m >= 0 for m in maps])
+    counts, first = present.sum(dim=0).tolist(), present.int().argmax(dim=0).tolist()
+    out: list[tuple | None] = []
+    for count, i in zip(counts, first):
+        if count == len(maps):
+            out.append(None)
+        elif count == 1:
+            out.append(("model", i))
+        elif count == 0:
+            out.append(("zero",))
+        elif has_base and i == 0:
+            out.append(("model", 0))
+        else:
+            out.append(("mean",))
+    return out
 
 
 def _load(path: Path) -> Any:
@@ -272,11 +308,9 @@ def _union(base_path: Path, tokenizers: list[Any], vocabs: list[dict[str, int]])
                 added[info.content] = info
     out = _load(base_path)  # a fresh copy: the base's own stays as loaded
     base_vocab = tokenizers[0].get_vocab()
-    for text in ordinary:
-        if text not in added and text not in base_vocab:
-            out.add_tokens(text)
-    for info in added.values():
-        out.add_tokens(info)
+    # one call each: the tokenizer rebuilds its added-token matcher per call
+    out.add_tokens([text for text in ordinary if text not in added and text not in base_vocab])
+    out.add_tokens(list(added.values()))
     return out
 
 

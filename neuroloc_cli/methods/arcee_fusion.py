@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.sums import pieces
 
 PROB_EPS = 1e-8  # added to both softmax distributions before the KL divergence (mergekit's)
 QUARTILES = (0.25, 0.5, 0.75)
@@ -34,9 +35,17 @@ def quantile_index(q: float, n: int) -> int:
 
 def fusion_threshold(scores: torch.Tensor) -> float:
     """`median + 1.5 · (q3 − q1)` of all the scores, each quartile the exact order statistic
-    at `quantile_index` (a k-th value selection on the flattened tensor, no sampling)."""
+    at `quantile_index` (a k-th value selection on the flattened tensor, no sampling): one
+    `np.partition` at the three positions (one copy of the scores), or `torch.kthvalue` where
+    a score is NaN or the dtype is not NumPy's."""
     flat = scores.reshape(-1)
-    q1, median, q3 = (float(torch.kthvalue(flat, quantile_index(q, flat.numel()) + 1).values) for q in QUARTILES)
+    at = [quantile_index(q, flat.numel()) for q in QUARTILES]
+    if flat.dtype in (torch.float32, torch.float64) and not bool(flat.isnan().any()):
+        part = np.partition(flat.numpy(), sorted(set(at)))
+        q1, median, q3 = (float(part[i]) for i in at)
+        del part
+    else:
+        q1, median, q3 = (float(torch.kthvalue(flat, i + 1).values) for i in at)
     # the fence is computed in the scores' dtype, as the sorted values are subtracted there
     fence = torch.tensor([median, q3, q1], dtype=scores.dtype)
     return float(fence[0] + IQR_FACTOR * (fence[1] - fence[2]))
@@ -61,8 +70,18 @@ def arcee_fusion(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.T
     neuroloc always takes the exact values, so it agrees with mergekit on tensors of up to a
     million elements and is deterministic on all.
     """
+    # row blocks (`ops.sums.pieces` of rows): each row's divergence is its own, so the scores
+    # and the result are the same floats as whole-tensor ones, without their temporaries
     other = tensors[0]
-    scores = importance(base, other)
+    b2 = base.reshape(-1, base.shape[-1]) if base.dim() else base.reshape(1, 1)
+    o2 = other.reshape(b2.shape)
+    blocks = [slice(c.start // b2.shape[1], c.stop // b2.shape[1]) for c in pieces(b2.numel(), b2.shape[1])] if b2.shape[1] else []
+    scores = torch.empty_like(b2)
+    for r in blocks:
+        scores[r] = importance(b2[r], o2[r])
     keep = scores >= fusion_threshold(scores)
     del scores
-    return (other - base).mul_(keep).add_(base)
+    out = torch.empty_like(b2)
+    for r in blocks:
+        out[r] = (o2[r] - b2[r]).mul_(keep[r]).add_(b2[r])
+    return out.view(base.shape)

@@ -9,7 +9,7 @@ import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.methods.nuslerp import base_not_listed
-from neuroloc_cli.ops.sums import fixed_dot
+from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
 from neuroloc_cli.recipe.params import Param
 
 
@@ -24,35 +24,53 @@ def karcher_mean(vectors: Sequence[torch.Tensor], alphas: Sequence[float], max_i
     Iterates `m ← cos‖τ‖ m + sin‖τ‖ τ/‖τ‖`, `τ = Σ α̂_i θ_i/sin θ_i (u_i − cos θ_i m)`, up to
     `max_iter` times, until ‖τ‖ < `tol`; inputs within angle `tol` of `m` add nothing to `τ`.
     """
-    norms = [_norm(v) for v in vectors]
-    units = [torch.zeros_like(v) if n == 0 else v / n for v, n in zip(vectors, norms)]
+    # piece by piece (`ops.sums.pieces`), the unit vectors recomputed from the inputs in each
+    # pass, so that the mean and the tangent are the only full-size tensors made (the same floats)
+    flat = [v.reshape(-1) for v in vectors]
+    norms = [_norm(v) for v in flat]
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(vectors[0])
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
-    units = [units[i] for i in valid]
-    mean = torch.zeros_like(units[0])
-    for a, u in zip(weights, units):
-        mean.add_(u, alpha=a)
+
+    def units(c: slice) -> list[torch.Tensor]:
+        return [flat[i][c] / norms[i] for i in valid]  # a valid norm is > tol >= 0
+
+    mean = torch.zeros_like(flat[0])
+    for c in pieces(mean.numel()):
+        for a, u in zip(weights, units(c)):
+            mean[c].add_(u, alpha=a)
     mean_norm = _norm(mean)
-    mean = units[0].clone() if mean_norm < tol else mean / mean_norm
+    if mean_norm < tol:
+        mean = flat[valid[0]] / norms[valid[0]]
+    else:
+        mean /= mean_norm
+    tangent = torch.empty_like(mean)
     for _ in range(int(max_iter)):
-        tangent = torch.zeros_like(mean)
-        for a, u in zip(weights, units):
-            cos = max(-1.0, min(1.0, fixed_dot(mean, u)))
+        blocks: list[list[float]] = [[] for _ in valid]
+        for c in pieces(mean.numel()):
+            for part, u in zip(blocks, units(c)):
+                part += dot_blocks(mean[c], u)
+        steps = []
+        for a, part in zip(weights, blocks):
+            cos = max(-1.0, min(1.0, math.fsum(part)))
             theta = math.acos(cos)
-            if theta < tol:
-                continue
-            tangent.add_(u - mean * cos, alpha=a * theta / math.sin(theta))
+            steps.append(None if theta < tol else (cos, a * theta / math.sin(theta)))
+        tangent.zero_()
+        for c in pieces(mean.numel()):
+            for step, u in zip(steps, units(c)):
+                if step is not None:
+                    tangent[c].add_(u - mean[c] * step[0], alpha=step[1])
         tangent_norm = _norm(tangent)
         if tangent_norm < tol:
             break
-        mean = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+        for c in pieces(mean.numel()):
+            mean[c] = mean[c] * math.cos(tangent_norm) + tangent[c] * (math.sin(tangent_norm) / tangent_norm)
         unit_norm = _norm(mean)
         if unit_norm > tol:
             mean /= unit_norm
-    return mean * sum(a * n for a, n in zip(alphas, norms))
+    return mean.mul_(sum(a * n for a, n in zip(alphas, norms))).view(vectors[0].shape)
 
 
 @merge_method(

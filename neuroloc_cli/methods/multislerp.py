@@ -10,7 +10,7 @@ import torch
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.methods.nuslerp import base_not_listed
-from neuroloc_cli.ops.sums import fixed_dot
+from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
 from neuroloc_cli.recipe.params import Param, Scalar
 
 
@@ -53,28 +53,56 @@ def multislerp(
     """
     if len(tensors) == 1:
         return tensors[0].clone()
-    vectors = [t - base for t in tensors] if base is not None else [t.clone() for t in tensors]
+    # piece by piece (`ops.sums.pieces`), the vectors and unit vectors recomputed in each pass,
+    # so that the mean and the tangent are the only full-size tensors made (the same floats)
+    flat, fb = [t.reshape(-1) for t in tensors], None if base is None else base.reshape(-1)
     w = [float(x) for x in weight]
     if normalize_weights:
         total = sum(w)
         w = [x / total for x in w]
-    norms = [_norm(v) for v in vectors]
-    units = [v / (n + eps) for v, n in zip(vectors, norms)]
-    mean = sum((u * wi for u, wi in zip(units[1:], w[1:])), units[0] * w[0])
+
+    def vectors(c: slice) -> list[torch.Tensor]:
+        return [t[c] for t in flat] if fb is None else [t[c] - fb[c] for t in flat]
+
+    def units(c: slice) -> list[torch.Tensor]:
+        return [v / (n + eps) for v, n in zip(vectors(c), norms)]
+
+    norms = [math.sqrt(math.fsum(part)) for part in _blocks(flat[0].numel(), lambda c: [(v, v) for v in vectors(c)], len(flat))]
+    mean = torch.empty_like(flat[0])
+    for c in pieces(mean.numel()):
+        us = units(c)
+        mean[c] = sum((u * wi for u, wi in zip(us[1:], w[1:])), us[0] * w[0])
     mean_norm = _norm(mean)
     if mean_norm < eps:
-        if len(vectors) != 2:
+        if len(flat) != 2:
             raise InputError(
                 "multislerp: the weighted sum of the models' unit vectors is zero at this tensor",
                 hint="antipodal models with balancing weights; change a weight",
             )
-        out = vectors[0] * w[0] + vectors[1] * w[1]
-        return out if base is None else out.add_(base)
+        for c in pieces(mean.numel()):
+            v0, v1 = vectors(c)
+            mean[c] = v0 * w[0] + v1 * w[1] if fb is None else (v0 * w[0] + v1 * w[1]).add_(fb[c])
+        return mean.view(tensors[0].shape)
     mean /= mean_norm
+    dots = [math.fsum(part) for part in _blocks(mean.numel(), lambda c: [(u, mean[c]) for u in units(c)], len(flat))]
     tangent = torch.zeros_like(mean)
-    for u, wi in zip(units, w):
-        tangent.add_(u - mean * fixed_dot(u, mean), alpha=wi)
+    for c in pieces(mean.numel()):
+        for u, wi, dot in zip(units(c), w, dots):
+            tangent[c].add_(u - mean[c] * dot, alpha=wi)
     tangent_norm = _norm(tangent) + eps
-    out = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
-    out *= sum(n * wi for n, wi in zip(norms, w))
-    return out if base is None else out.add_(base)
+    scale = sum(n * wi for n, wi in zip(norms, w))
+    for c in pieces(mean.numel()):  # the result over the mean, which is the method's own
+        out = mean[c] * math.cos(tangent_norm) + tangent[c] * (math.sin(tangent_norm) / tangent_norm)
+        out *= scale
+        mean[c] = out if fb is None else out.add_(fb[c])
+    return mean.view(tensors[0].shape)
+
+
+def _blocks(n: int, pairs, count: int) -> list[list[float]]:
+    """`count` float64 dot products, piece by piece: `pairs(c)` gives the count pairs of
+    vectors at piece `c`; the block sums of each (`ops.sums.dot_blocks`), for `math.fsum`."""
+    out: list[list[float]] = [[] for _ in range(count)]
+    for c in pieces(n):
+        for part, (a, b) in zip(out, pairs(c)):
+            part += dot_blocks(a, b)
+    return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
-from neuroloc_cli.ops.sums import fixed_dot
+from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
 from neuroloc_cli.recipe.params import Param
 
 NORM_EPS = 1e-7  # norms are clamped below at this before normalizing (mergekit's)
@@ -63,14 +64,21 @@ def slerp_rows(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     else:  # one sum per row, each row summed by one thread
         a, b = v0.double(), v1.double()
         dots = torch.stack([(a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)], dim=-1)
+    s0, s1 = slerp_scales(dots, t, v0.dtype)
+    return v0 * s0 + v1 * s1
+
+
+def slerp_scales(dots: torch.Tensor, t: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the factors of `v0` and `v1` (columns, in `dtype`) from its float64
+    `[⟨v0, v0⟩, ⟨v1, v1⟩, ⟨v0, v1⟩]` (one row of `dots` per vector)."""
     n0, n1 = dots[:, 0].sqrt().clamp(min=NORM_EPS), dots[:, 1].sqrt().clamp(min=NORM_EPS)
     cos = (dots[:, 2] / (n0 * n1)).clamp(-1, 1)
     colinear = (1 - cos.square()) <= COLINEAR_EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     sin = torch.where(colinear, 1, torch.sin(theta))
-    s0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin).unsqueeze(-1).to(v0.dtype)
-    s1 = torch.where(colinear, t, torch.sin(t * theta) / sin).unsqueeze(-1).to(v0.dtype)
-    return v0 * s0 + v1 * s1
+    s0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin).unsqueeze(-1).to(dtype)
+    s1 = torch.where(colinear, t, torch.sin(t * theta) / sin).unsqueeze(-1).to(dtype)
+    return s0, s1
 
 
 @merge_method(
@@ -106,8 +114,34 @@ def nuslerp(
     """
     t = interpolation_t(weight)
     v0, v1 = tensors
+    row_wise, flatten = bool(nuslerp_row_wise), bool(nuslerp_flatten)
+    if flatten:
+        return _slerp_flat(base, v0, v1, t)
     if base is not None:
         v0, v1 = v0 - base, v1 - base
-    row_wise, flatten = bool(nuslerp_row_wise), bool(nuslerp_flatten)
     out = _unrows(slerp_rows(_rows(v0, row_wise, flatten), _rows(v1, row_wise, flatten), t), v0, row_wise, flatten)
     return out if base is None else out.add_(base)
+
+
+def _slerp_flat(base: torch.Tensor | None, x0: torch.Tensor, x1: torch.Tensor, t: float) -> torch.Tensor:
+    """`slerp_rows` of the whole flattened tensors (task vectors when `base` is given), plus
+    the base: the same floats, worked out piece by piece (`ops.sums.pieces`), the task vectors
+    recomputed in each of the two passes, so that the result is the only full-size tensor made."""
+    f0, f1 = x0.reshape(-1), x1.reshape(-1)
+    fb = None if base is None else base.reshape(-1)
+
+    def vectors(c: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return (f0[c], f1[c]) if fb is None else (f0[c] - fb[c], f1[c] - fb[c])
+
+    blocks: tuple[list[float], list[float], list[float]] = ([], [], [])
+    for c in pieces(f0.numel()):
+        a, b = vectors(c)
+        blocks[0].extend(dot_blocks(a, a))
+        blocks[1].extend(dot_blocks(b, b))
+        blocks[2].extend(dot_blocks(a, b))
+    s0, s1 = slerp_scales(torch.tensor([[math.fsum(part) for part in blocks]], dtype=torch.float64), t, x0.dtype)
+    out = torch.empty_like(f0)
+    for c in pieces(f0.numel()):
+        a, b = vectors(c)
+        out[c] = (a * s0 + b * s1).reshape(-1) if fb is None else (a * s0 + b * s1).reshape(-1).add_(fb[c])
+    return out.view(x0.shape)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.sums import pieces
 from neuroloc_cli.recipe.params import Param
 
 PAPER = "Reinforced Agent Merging, RAM and RAM+ (arXiv:2601.13572); as in mergekit"
@@ -61,11 +62,38 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float,
     As in mergekit 0.1.5 (`r` 0.1, `alpha` 0.2, `epsilon` 1e-5): the counts are per tensor
     ("tensor-local"), not over the whole model.
     """
-    kept, changed, counts = _changed(base, tensors, float(epsilon))
-    unique, shared = counts == 1, counts > 1
-    total = torch.zeros_like(base)
-    for d, c in zip(kept, changed):
-        rho = int((c & shared).sum()) / max(int((c & unique).sum()), float(epsilon))
-        scale = 1 + float(r) * min(max(rho, 0.0), float(alpha))
-        total.add_(torch.where(unique, d * scale, d / counts.clamp(min=1)))
-    return total.add_(base)
+    # two passes, piece by piece: the counts S_i and U_i, then the result (the method's own
+    # tensor); the task vectors are recomputed in each
+    eps = float(epsilon)
+    flat_base, flat = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    shared_n, unique_n = [0] * len(flat), [0] * len(flat)
+    for c in pieces(flat_base.numel()):
+        changed = [(t[c] - flat_base[c]).abs_() > eps for t in flat]
+        shared = _count(changed, torch.int32) > 1
+        for i, ch in enumerate(changed):
+            both = int(torch.count_nonzero(ch & shared))
+            shared_n[i] += both
+            unique_n[i] += int(torch.count_nonzero(ch)) - both  # a changed element is shared or unique
+    scales = [1 + float(r) * min(max(s / max(u, eps), 0.0), float(alpha)) for s, u in zip(shared_n, unique_n)]
+    out = torch.empty_like(flat_base)
+    for c in pieces(flat_base.numel()):
+        deltas = [t[c] - flat_base[c] for t in flat]
+        changed = [d.abs() > eps for d in deltas]
+        for d, ch in zip(deltas, changed):
+            d.masked_fill_(~ch, 0)
+        counts = _count(changed, base.dtype)  # small whole numbers: exact in any float dtype
+        unique = counts == 1
+        divisor = counts.clamp_(min=1)
+        total = torch.zeros_like(deltas[0])
+        for d, scale in zip(deltas, scales):
+            total.add_(torch.where(unique, d * scale, d / divisor))
+        out[c] = total.add_(flat_base[c])
+    return out.view(base.shape)
+
+
+def _count(changed: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per element, how many of the masks are set, as `dtype`."""
+    total = changed[0].to(dtype)
+    for ch in changed[1:]:
+        total += ch
+    return total

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.blockwise import magnitude_cut
 from neuroloc_cli.ops.reference import top_k
-from neuroloc_cli.ops.sums import fixed_dot
+from neuroloc_cli.ops.sums import dot_blocks, pieces
 from neuroloc_cli.recipe.params import Param
 
 WEIGHT_EPS = 1e-6  # model weights summing to less give equal weights; the divisor's floor (mergekit's)
@@ -21,12 +23,39 @@ def selected_count(nonzero: int, share: float) -> int:
     return int(np.float32(nonzero) * np.float32(share))
 
 
-def select_mask(deltas: Sequence[torch.Tensor], share: float) -> torch.Tensor:
-    """The elements whose task-vector variance across models is among the largest `share` of
-    the elements with non-zero variance (ties in position order)."""
-    var = torch.var(torch.stack(list(deltas)), dim=0, unbiased=False)
+def select_mask(base: torch.Tensor, tensors: Sequence[torch.Tensor], share: float) -> torch.Tensor:
+    """The elements (of the flat tensors) whose task-vector variance across models is among the
+    largest `share` of the elements with non-zero variance (ties in position order).
+
+    The variance is computed piece by piece into one buffer, and the k-th largest found by
+    `ops.blockwise.magnitude_cut` (a sample, one pass, a selection among the candidates), not
+    by a sort: the mask of `ops.reference.top_k`, which remains the path for variances with a
+    NaN (it ranks them) and for half precision.
+    """
+    var = torch.empty_like(base)
+    for c in pieces(base.numel()):
+        var[c] = _variance([t[c] - base[c] for t in tensors])
     k = selected_count(int(torch.count_nonzero(var)), share) if share > 0 else 0
-    return top_k(var.abs(), k)
+    if var.dtype not in (torch.float32, torch.float64) or bool(var.isnan().any()):
+        return top_k(var.abs(), k)
+    cut = magnitude_cut(torch.zeros_like(var), var, k)  # |var − 0| = var: it is never negative
+    keep = var > cut.value
+    end = var.numel() if cut.last_tie is None else cut.last_tie + 1
+    keep[:end] |= var[:end] == cut.value
+    return keep
+
+
+def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.var(torch.stack(deltas), dim=0, unbiased=False)`, the same floats. For two float32
+    or float64 tensors it is written out as PyTorch's CPU kernel computes it (Welford's update
+    in float64, twice: `δ = x_1 − x_0`, `mean = x_0 + δ / 2`, `m2 = δ · (x_1 − mean)`, `var = m2 / 2`),
+    about ten times faster than the strided reduction over the stack."""
+    if len(deltas) != 2 or deltas[0].dtype not in (torch.float32, torch.float64):
+        return torch.var(torch.stack(deltas), dim=0, unbiased=False)
+    a, b = deltas[0].double(), deltas[1].double()
+    d = b - a
+    mean = a + d / 2.0
+    return (b - mean).mul_(d).div_(2.0).to(deltas[0].dtype)
 
 
 @merge_method(
@@ -46,22 +75,36 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     Wan et al. 2024 (arXiv:2408.07990), as in mergekit 0.1.5: selection, weights and signs are
     per tensor; weights summing to < 1e-6 become 1/N; the selected count is
     `int(nonzero · select_topk)` in float32, of the elements whose variance is non-zero.
+
+    The task vectors are recomputed piece by piece (`ops.sums.pieces`) in each pass: the
+    variance, the weights, the result; whole-tensor sums in float64 in a fixed order.
     """
-    deltas = [t - base for t in tensors]
-    share = float(select_topk)
-    if share < 1:
-        keep = select_mask(deltas, share)
-        deltas = [d.masked_fill_(~keep, 0) for d in deltas]
-    energy = [fixed_dot(d, d) / max(d.numel(), 1) for d in deltas]
+    flat_base, flat = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    n, share = flat_base.numel(), float(select_topk)
+    drop = select_mask(flat_base, flat, share).logical_not_() if share < 1 else None
+
+    def deltas(c: slice) -> list[torch.Tensor]:
+        ds = [t[c] - flat_base[c] for t in flat]
+        return ds if drop is None else [d.masked_fill_(drop[c], 0) for d in ds]
+
+    blocks: list[list[float]] = [[] for _ in flat]
+    for c in pieces(n):
+        for part, d in zip(blocks, deltas(c)):
+            part += dot_blocks(d, d)
+    energy = [math.fsum(part) / max(n, 1) for part in blocks]
     total = sum(energy)
-    weights = [1.0 / len(deltas)] * len(deltas) if abs(total) < WEIGHT_EPS else [e / total for e in energy]
-    mass = deltas[0].clone()
-    for d in deltas[1:]:
-        mass.add_(d)
-    elected = torch.where(mass >= 0, 1.0, -1.0).to(base.dtype)
-    merged, divisor = torch.zeros_like(base), torch.zeros_like(base)
-    for d, w in zip(deltas, weights):
-        agree = (torch.sign(d) == elected).to(base.dtype) * w
-        merged.add_(d * agree)
-        divisor.add_(agree)
-    return merged.div_(divisor.clamp(min=WEIGHT_EPS)).add_(base)
+    weights = [1.0 / len(flat)] * len(flat) if abs(total) < WEIGHT_EPS else [e / total for e in energy]
+    out = torch.empty_like(flat_base)
+    for c in pieces(n):
+        ds = deltas(c)
+        mass = ds[0].clone()
+        for d in ds[1:]:
+            mass.add_(d)
+        elected = torch.where(mass >= 0, 1.0, -1.0).to(base.dtype)
+        merged, divisor = torch.zeros_like(mass), torch.zeros_like(mass)
+        for d, w in zip(ds, weights):
+            agree = (torch.sign(d) == elected).to(base.dtype) * w
+            merged.add_(d * agree)
+            divisor.add_(agree)
+        out[c] = merged.div_(divisor.clamp(min=WEIGHT_EPS)).add_(flat_base[c])
+    return out.view(base.shape)

@@ -11,12 +11,14 @@ the result depends only on the values.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 BLOCK = 4096
 CHUNK = 1 << 22  # elements converted to float64 at a time: no whole-tensor float64 copy
+PIECE = 1 << 20  # elements per piece of `pieces`: a whole number of BLOCKs
 
 
 def fixed_sum(values: torch.Tensor) -> float:
@@ -28,9 +30,23 @@ def fixed_sum(values: torch.Tensor) -> float:
 def fixed_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """⟨a, b⟩ of the flattened tensors (of one size), in float64."""
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return math.fsum(
-        s for i in range(0, fa.numel(), CHUNK) for s in _block_sums(fa[i : i + CHUNK].double() * fb[i : i + CHUNK].double())
-    )
+    return math.fsum(s for i in range(0, fa.numel(), CHUNK) for s in _block_sums(fa[i : i + CHUNK].double() * fb[i : i + CHUNK].double()))
+
+
+def pieces(n: int, row: int | None = None) -> Iterator[slice]:
+    """Consecutive slices of `range(n)` of `PIECE` elements (the last one shorter): the unit
+    of methods that work through a flat tensor a piece at a time, holding only one piece's
+    temporaries. Each starts at a multiple of `BLOCK`, so `dot_blocks` over them gives the
+    block sums of `fixed_dot`. With `row` (a row's length, dividing `n`), whole rows instead:
+    each piece holds `max(1, PIECE // row)` of them."""
+    step = PIECE if row is None else max(1, PIECE // row) * row
+    return (slice(a, min(a + step, n)) for a in range(0, n, step))
+
+
+def dot_blocks(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """The float64 block sums of ⟨a, b⟩ (flat tensors of one size): `math.fsum` of the lists
+    of the `pieces` of two tensors is their `fixed_dot`, the same float."""
+    return [s for i in range(0, a.numel(), CHUNK) for s in _block_sums(a[i : i + CHUNK].double() * b[i : i + CHUNK].double())]
 
 
 def _block_sums(part: torch.Tensor) -> list[float]:

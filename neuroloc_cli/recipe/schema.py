@@ -66,6 +66,9 @@ class OutputSlice(Frozen):
     """One entry of `slices:`; its sources' layers become consecutive output layers."""
 
     sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    """This slice's base model, over the top-level `base_model` (mergekit's rule); one of the
+    slice's sources. Not with layer stacking."""
     parameters: dict[str, Any] = Field(default_factory=dict)
     """This slice's parameters: they override the top-level ones, and a source's own
     `parameters` override them (mergekit's order)."""
@@ -167,8 +170,8 @@ class MergeRecipe(Frozen):
             return self
         if self.tokenizer_source is not None:
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer:' block, not both (as mergekit)")
-        if self.slices or self.mask is not None or any(m.mask for m in self.models):
-            raise ValueError("the 'tokenizer:' block is not supported with 'slices:' or masks; give 'models:' without masks")
+        if self.mask is not None or any(m.mask for m in self.models):
+            raise ValueError("the 'tokenizer:' block is not supported with masks")
         return self
 
     @field_validator("chat_template")
@@ -182,8 +185,8 @@ class MergeRecipe(Frozen):
     def _models_or_slices(self) -> MergeRecipe:
         if self.models and self.slices:
             raise ValueError("give either 'models' or 'slices', not both")
-        if self.tokenizer_source is not None and (self.slices or self.mask is not None or any(m.mask for m in self.models)):
-            raise ValueError("tokenizer_source is not supported with 'slices:' or masks; give 'models:' without masks")
+        if self.tokenizer_source is not None and (self.mask is not None or any(m.mask for m in self.models)):
+            raise ValueError("tokenizer_source is not supported with masks")
         return self
 
 

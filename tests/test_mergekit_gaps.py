@@ -1,0 +1,350 @@
+"""mergekit recipe shapes that came last: the `exaone` chat template, a slice's own
+`base_model:`, and `tokenizer_source` with `slices:`. Every merged tensor is checked against
+the formula computed here, in float64, from the inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuroloc_cli.arch import layer_index
+from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, tiny_config, write_tokenizer
+from tests.conftest import write_recipe
+from tests.helpers import load_all
+
+# -- the exaone chat template -------------------------------------------------------------------
+
+
+def _render(template: str, messages, add_generation_prompt: bool = False) -> str:
+    """Render as transformers' `apply_chat_template` does (sandboxed, `trim_blocks`, `lstrip_blocks`)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize(
+    ("messages", "prompt", "rendered"),
+    [
+        # EXAONE 3.x: [|system|]...[|endofturn|]\n, [|user|]...\n, [|assistant|]...[|endofturn|]\n
+        (
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Again"},
+            ],
+            True,
+            "[|system|]Be brief.[|endofturn|]\n[|user|]Hi there\n[|assistant|]Hello![|endofturn|]\n[|user|]Again\n[|assistant|]",
+        ),
+        # no system message: the released template opens with an empty system turn
+        (
+            [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+            False,
+            "[|system|][|endofturn|]\n[|user|]Hi there\n[|assistant|]Hello![|endofturn|]\n",
+        ),
+    ],
+)
+def test_exaone_renders_the_documented_format(messages, prompt, rendered):
+    from neuroloc_cli.io.chat_templates import resolve_chat_template
+
+    assert _render(resolve_chat_template("exaone"), messages, prompt) == rendered
+
+
+def test_exaone_is_written_by_a_merge(zoo, cli, tmp_path):
+    from neuroloc_cli.io.chat_templates import CHAT_TEMPLATES
+
+    fam = zoo.get("llama")
+    text = f"merge_method: linear\nmodels:\n  - model: {fam.base}\n    parameters: {{weight: 1.0}}\nchat_template: exaone\n"
+    r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATES["exaone"]
+
+
+def test_unknown_chat_template_lists_exaone(zoo, cli, tmp_path):
+    fam = zoo.get("llama")
+    text = f"merge_method: linear\nmodels:\n  - model: {fam.base}\n    parameters: {{weight: 1.0}}\nchat_template: vicuna\n"
+    r = cli("recipe", "validate", write_recipe(tmp_path, text))
+    assert r.exit_code == 2
+    assert "unknown chat template 'vicuna'; give one of: chatml, alpaca, llama3, mistral, exaone, auto" in r.stderr
+
+
+# -- a slice's own base_model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """Three 4-layer float32 llama checkpoints: A, and fine-tunes B and C of it."""
+    root = tmp_path_factory.mktemp("three")
+    a = build_checkpoint(tiny_config("llama", layers=4), root / "A", seed=0, dtype=torch.float32)
+    return a, derive_finetune(a, root / "B", seed=1, scale=0.5), derive_finetune(a, root / "C", seed=2, scale=0.5)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.double() for k, v in load_all(path).items()}
+
+
+def _renamed(name: str, layer: int) -> str:
+    return re.sub(r"\.layers\.\d+\.", f".layers.{layer}.", name)
+
+
+def _merge(cli, tmp_path: Path, text: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    out = tmp_path / "out"
+    r = cli("merge", write_recipe(tmp_path, text), "-o", out)
+    assert r.exit_code == 0, r.stderr
+    return out, _tensors(out)
+
+
+SLICE_BASES = """
+merge_method: task_arithmetic
+base_model: {a}
+slices:
+  - sources:
+      - {{model: {a}, layer_range: [0, 2]}}
+      - {{model: {b}, layer_range: [0, 2], parameters: {{weight: 0.6}}}}
+  - base_model: {b}
+    sources:
+      - {{model: {c}, layer_range: [2, 4], parameters: {{weight: 0.8}}}}
+      - {{model: {b}, layer_range: [2, 4]}}
+out_dtype: float32
+"""
+
+
+def test_task_arithmetic_per_slice_uses_that_slices_base(three, cli, tmp_path):
+    """Slice 0 adds 0.6·(B − A) to A; slice 1 names B its base: B + 0.8·(C − B). The embeddings
+    follow the first slice (base A), the final norm and head the last (base B)."""
+    a, b, c = three
+    out, merged = _merge(cli, tmp_path, SLICE_BASES.format(a=a, b=b, c=c))
+    m = {"A": _tensors(a), "B": _tensors(b), "C": _tensors(c)}
+
+    def ta(base, other, w, name):
+        return m[base][name] + w * (m[other][name] - m[base][name])
+
+    expected = {}
+    for name in m["A"]:
+        layer = layer_index(name)
+        if layer is None:
+            expected[name] = ta("A", "B", 0.6, name) if "embed" in name else ta("B", "C", 0.8, name)
+        elif layer < 2:
+            expected[name] = ta("A", "B", 0.6, name)
+        else:
+            expected[name] = ta("B", "C", 0.8, name)
+    assert set(merged) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_a_single_whole_model_slice_takes_its_base_model(three, cli, tmp_path):
+    a, b, _ = three
+    text = f"""
+merge_method: task_arithmetic
+slices:
+  - base_model: {b}
+    sources:
+      - {{model: {a}, layer_range: [0, 4], parameters: {{weight: 0.5}}}}
+      - {{model: {b}, layer_range: [0, 4]}}
+out_dtype: float32
+"""
+    _, merged = _merge(cli, tmp_path, text)
+    ma, mb = _tensors(a), _tensors(b)
+    for name in ma:
+        torch.testing.assert_close(merged[name], mb[name] + 0.5 * (ma[name] - mb[name]), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (  # the slice's base must be one of its sources
+            SLICE_BASES.replace("  - base_model: {b}\n", "  - base_model: {a}\n"),
+            "slices[1].sources: task_arithmetic needs the base model {a} among every slice's sources",
+        ),
+        (  # no top-level base, and the first slice names none
+            SLICE_BASES.replace("base_model: {a}\nslices:", "slices:"),
+            "slices[0].base_model: task_arithmetic needs a base model; give one here or a top-level base_model",
+        ),
+        (
+            "merge_method: passthrough\nslices:\n  - base_model: {a}\n    sources: [{{model: {a}, layer_range: [0, 2]}}]\n",
+            "slices[0].base_model: layer stacking takes no base model",
+        ),
+    ],
+)
+def test_bad_slice_base_model_names_the_key(three, cli, tmp_path, text, message):
+    a, b, c = three
+    r = cli("recipe", "validate", write_recipe(tmp_path, text.format(a=a, b=b, c=c)))
+    assert r.exit_code != 0
+    assert message.format(a=a) in r.stderr, r.stderr
+
+
+# -- tokenizer_source with slices ---------------------------------------------------------------
+
+EXTRA = ["<tool>", "<lang_xx>"]
+
+
+@pytest.fixture(scope="module")
+def differing(tmp_path_factory):
+    """Two 4-layer models whose vocabularies differ: Y has two added tokens (and rows for them)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("vocab-slices")
+    write_tokenizer(root / "probe", 512)
+    n = len(AutoTokenizer.from_pretrained(root / "probe"))
+    x = build_checkpoint(tiny_config("llama", layers=4, vocab=n), root / "X", seed=0, dtype=torch.float32)
+    y = build_checkpoint(tiny_config("llama", layers=4, vocab=n + 2), root / "Y", seed=1, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(y)
+    tok.add_tokens(EXTRA)
+    tok.save_pretrained(y)
+    return x, y
+
+
+def _vocab(folder: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+SLICED_UNION = """
+merge_method: linear
+slices:
+  - sources:
+      - {{model: {x}, layer_range: [0, 2], parameters: {{weight: 0.3}}}}
+      - {{model: {y}, layer_range: [0, 2], parameters: {{weight: 0.7}}}}
+  - sources:
+      - {{model: {x}, layer_range: [2, 4], parameters: {{weight: 0.9}}}}
+      - {{model: {y}, layer_range: [2, 4], parameters: {{weight: 0.1}}}}
+dtype: float32
+tokenizer_source: union
+"""
+
+
+def test_union_vocabulary_over_slices(differing, cli, tmp_path):
+    """The embeddings (first slice's weights) and the head (last slice's) have one row per
+    token of the union; a token X lacks takes Y's row in X's place (mergekit's default)."""
+    x, y = differing
+    out, merged = _merge(cli, tmp_path, SLICED_UNION.format(x=x, y=y))
+    vx, vy, vout = _vocab(x), _vocab(y), _vocab(out)
+    assert vout == {**vx, **{t: len(vx) + i for i, t in enumerate(EXTRA)}}
+    tx, ty = _tensors(x), _tensors(y)
+    for name in tx:
+        layer = layer_index(name)
+        w = (0.3, 0.7) if (layer is None and "embed" in name) or (layer is not None and layer < 2) else (0.9, 0.1)
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            assert merged[name].shape == (len(vout), tx[name].shape[1])
+            for token, i in vout.items():
+                ry = ty[name][vy[token]]
+                rx = tx[name][vx[token]] if token in vx else ry
+                torch.testing.assert_close(merged[name][i], w[0] * rx + w[1] * ry, rtol=1e-5, atol=1e-6, msg=f"{name} {token}")
+        else:
+            torch.testing.assert_close(merged[name], w[0] * tx[name] + w[1] * ty[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(vout)
+
+
+def test_tokenizer_block_over_slices(differing, cli, tmp_path):
+    """The `tokenizer:` block slice by slice: `<tool>`, which X lacks, is zero in X's place and
+    Y's own row in Y's, so the merged row is 0.7·Y's row in the embeddings (first slice) and
+    0.1·Y's row in the head (last slice)."""
+    x, y = differing
+    text = SLICED_UNION.format(x=x, y=y).replace(
+        "tokenizer_source: union\n", "tokenizer:\n  source: union\n  tokens:\n    <tool>: {source: {kind: zero}}\n"
+    )
+    out, merged = _merge(cli, tmp_path, text)
+    vy, vout, ty = _vocab(y), _vocab(out), _tensors(y)
+    row = vout["<tool>"]
+    torch.testing.assert_close(merged["model.embed_tokens.weight"][row], 0.7 * ty["model.embed_tokens.weight"][vy["<tool>"]])
+    torch.testing.assert_close(merged["lm_head.weight"][row], 0.1 * ty["lm_head.weight"][vy["<tool>"]])
+
+
+def test_sliced_vocabulary_needs_the_same_models_in_the_same_places(differing, cli, tmp_path):
+    x, y = differing
+    swapped = SLICED_UNION.replace(
+        "      - {{model: {x}, layer_range: [2, 4], parameters: {{weight: 0.9}}}}\n"
+        "      - {{model: {y}, layer_range: [2, 4], parameters: {{weight: 0.1}}}}\n",
+        "      - {{model: {y}, layer_range: [2, 4], parameters: {{weight: 0.1}}}}\n"
+        "      - {{model: {x}, layer_range: [2, 4], parameters: {{weight: 0.9}}}}\n",
+    )
+    r = cli("recipe", "validate", write_recipe(tmp_path, swapped.format(x=x, y=y)))
+    assert r.exit_code != 0
+    assert f"tokenizer_source: slices[1].sources[0] ({y}) stands where slices[0].sources[0] ({x}) does" in r.stderr, r.stderr
+
+
+def test_layer_stacking_refuses_tokenizer_source(differing, cli, tmp_path):
+    x, _ = differing
+    text = f"merge_method: passthrough\nslices:\n  - sources: [{{model: {x}, layer_range: [0, 2]}}]\ntokenizer_source: base\n"
+    r = cli("recipe", "validate", write_recipe(tmp_path, text))
+    assert r.exit_code != 0
+    assert "tokenizer_source: not supported with layer stacking (passthrough over slices)" in r.stderr, r.stderr
+
+
+# -- the whole-tensor methods, piece by piece ---------------------------------------------------
+
+PIECEWISE = [
+    ("sce", True, 2, {"select_topk": 0.3}, None),
+    ("sce", True, 3, {"select_topk": 0.5}, None),
+    ("ramplus_tl", True, 3, {"r": 0.5, "alpha": 0.9}, None),
+    ("nuslerp", True, 2, {}, [0.6, 0.4]),
+    ("nuslerp", False, 2, {}, [0.3, 0.7]),
+    ("multislerp", True, 2, {}, [0.6, 0.4]),
+    ("multislerp", False, 3, {"normalize_weights": False}, [0.2, 0.3, 0.5]),
+    ("karcher", True, 2, {}, None),
+    ("arcee_fusion", True, 1, {}, None),
+]
+
+
+def _run(name, base, tensors, whole, weights):
+    from neuroloc_cli.methods import METHODS
+
+    m = METHODS.get(name)
+    w = {p.name: p.default for p in m.params if not p.per_model} | whole
+    pm = [{p.name: p.default for p in m.params if p.per_model} | ({"weight": weights[i]} if weights else {}) for i in range(len(tensors))]
+    return m(base, tensors, w, pm)
+
+
+@pytest.mark.parametrize(("name", "with_base", "n", "whole", "weights"), PIECEWISE)
+def test_methods_give_the_same_bits_in_any_number_of_pieces(monkeypatch, name, with_base, n, whole, weights):
+    """sce, ramplus_tl, arcee_fusion and the spherical methods work through a tensor a piece at
+    a time (`ops.sums.pieces`); pieces of 16384 elements (16 rows for arcee_fusion) give the
+    bytes of one piece, and the inputs are left as they were."""
+    import neuroloc_cli.ops.sums as sums
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(50, 1000, generator=g)
+    tensors = [base + 0.05 * torch.randn(50, 1000, generator=g) for _ in range(n)]
+    tensors[0].view(-1)[::7] = base.view(-1)[::7]  # unchanged elements (ram) and ties (sce)
+    before = [base.clone()] + [t.clone() for t in tensors]
+    whole_tensor = _run(name, base if with_base else None, tensors, whole, weights)
+    monkeypatch.setattr(sums, "PIECE", 4 * sums.BLOCK)
+    in_pieces = _run(name, base if with_base else None, tensors, whole, weights)
+    assert torch.equal(whole_tensor, in_pieces)
+    assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors))
+
+
+def test_sce_variance_is_torchs_to_the_bit():
+    from neuroloc_cli.methods.sce import _variance
+
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        a, b = (torch.randn(300_000, generator=g, dtype=dtype) * 10.0 ** torch.randint(-3, 3, (300_000,), generator=g) for _ in range(2))
+        a[::5] = b[::5]
+        expected = torch.var(torch.stack([a, b]), dim=0, unbiased=False)
+        assert torch.equal(_variance([a, b]), expected)
+
+
+@pytest.mark.parametrize("share", [0.01, 0.3, 0.97])
+def test_sce_selection_equals_a_stable_sort(share):
+    """The k-th value selection keeps what a stable descending sort of the variances keeps,
+    ties (many, on a coarse grid) in position order; 200,000 elements take the bracketed path."""
+    from neuroloc_cli.methods.sce import select_mask, selected_count
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(200_000)
+    tensors = [(torch.randn(200_000, generator=g) * 4).round() / 4 for _ in range(2)]
+    var = torch.var(torch.stack(tensors), dim=0, unbiased=False).double()
+    k = selected_count(int(torch.count_nonzero(var)), share)
+    expected = torch.zeros(200_000, dtype=torch.bool)
+    expected[torch.sort(var, descending=True, stable=True).indices[:k]] = True
+    got = select_mask(base, tensors, share)
+    assert int(got.sum()) == k and torch.equal(got, expected)
