@@ -98,15 +98,17 @@ def test_merge_memory_bounds_the_tracked_peak(zoo, tmp_path, monkeypatch, method
 
 def test_merge_memory_of_blocks_by_hand(zoo, tmp_path, monkeypatch):
     """linear of two models in float32, blocks of 4096 elements (16 KiB): at the peak, two
-    inputs of this block and two of the next, the previous result, and the method's result
-    and scratch, or, at a hand-over, the previous unit's two inputs instead of the work."""
+    inputs of this block and two of the next, and the NaN/inf check of the result: the result,
+    its absolute values (float32) and three boolean masks of 4096 bytes, which is more than
+    the method's result and scratch (two blocks)."""
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 4096)
     fam = zoo.get("llama")
     path = write_recipe(tmp_path, RECIPES["linear"].format(base=fam.base, ft1=fam.ft1, ft2=fam.ft2))
     doc = merge_memory(build_plan(parse_recipe(path.read_text(), str(path)), tmp_path, str(path))).describe()
     block = 4 * 4096
     assert (doc["inputs"], doc["next_inputs"], doc["masks"]) == (2 * block, 2 * block, 0)
-    assert doc["total"] == 7 * block and doc["peak_rows"] is not None
+    assert doc["work"] == block + block + 3 * 4096
+    assert doc["total"] == 4 * block + doc["work"] and doc["peak_rows"] is not None
 
 
 def test_train_dry_run_figures_by_hand(zoo, cli, tmp_path):

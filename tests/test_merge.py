@@ -333,3 +333,13 @@ def test_tied_embeddings_merge_and_load(zoo, cli, tmp_path, arch):
     model = AutoModelForCausalLM.from_pretrained(out)
     emb = merged["model.embed_tokens.weight"]
     assert torch.equal(model.get_output_embeddings().weight.to(emb.dtype), emb)
+
+
+def test_nonfinite_values_are_counted_across_pieces(monkeypatch):
+    from neuroloc_cli.merge import run
+
+    monkeypatch.setattr(run, "CHECK_ELEMENTS", 7)
+    t = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    t[0, 3], t[2, 9], t[5, 0] = float("nan"), float("inf"), -float("inf")
+    assert run.count_nonfinite(t) == 3 == int((~torch.isfinite(t)).sum())
+    assert run.count_nonfinite(torch.ones(3, 5)) == 0

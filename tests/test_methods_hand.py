@@ -239,6 +239,16 @@ def test_model_stock_filter_wise_on_1d_is_the_whole_tensor():
     assert torch.equal(a, b) and torch.allclose(a, base + 2 / 3 * torch.tensor([1.0, 0.5, 0.5]))
 
 
+_TENSOR = "model.layers.0.mlp.up_proj.weight"
+
+
+def _value(p, shape, g):
+    """A parameter's value for a call: a file parameter's is the model's side tensor."""
+    if p.file is not None:
+        return torch.rand(p.file.shape(_TENSOR, shape), generator=g).add_(0.1)
+    return p.default if p.default is not None else 0.5
+
+
 def test_no_method_changes_its_inputs():
     """Methods are pure: the engine may hand the same tensor to several roles (on_missing:
     base, masks reading the base), so an in-place change to an input would corrupt others."""
@@ -251,17 +261,10 @@ def test_no_method_changes_its_inputs():
         n_models = len(roles) or max(method.min_models, 1 if method.max_models == 1 else 2)
         base = torch.randn(6, 5, generator=g)
         tensors = [base + 0.1 * torch.randn(6, 5, generator=g) for _ in range(n_models)]
-        tensor_name = "model.layers.0.mlp.up_proj.weight"
-
-        def value(p):
-            if p.file is not None:  # a file parameter: the method gets the model's side tensor
-                return torch.rand(p.file.shape(tensor_name, tuple(base.shape)), generator=g).add_(0.1)
-            return p.default if p.default is not None else 0.5
-
-        whole = {p.name: value(p) for p in method.params if not p.per_model}
-        per_model = [{p.name: value(p) for p in method.params if p.per_model} for _ in tensors]
+        whole = {p.name: _value(p, tuple(base.shape), g) for p in method.params if not p.per_model}
+        per_model = [{p.name: _value(p, tuple(base.shape), g) for p in method.params if p.per_model} for _ in tensors]
         side = [v for m in per_model for v in m.values() if isinstance(v, torch.Tensor)]
         before = [base.clone()] + [t.clone() for t in tensors] + [t.clone() for t in side]
-        context = {c: {"in_t": True, "name": tensor_name}[c] for c in method.context} or None
+        context = {c: {"in_t": True, "name": _TENSOR}[c] for c in method.context} or None
         method(base, tensors, whole, per_model, torch.Generator().manual_seed(1), context, roles=roles)
         assert all(torch.equal(x, y) for x, y in zip(before, [base] + tensors + side)), name

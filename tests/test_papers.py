@@ -137,7 +137,7 @@ def check_merge_memory(doc: dict, masked: int | None = None) -> None:
     assert mem["peak_rows"] is not None and mem["inputs"] == block and mem["next_inputs"] == block
     selections = 2 * masked if masked is not None else 0
     assert mem["total"] < 8 * block + selections + mem["masks"]  # a few blocks, not a tensor, let alone a model
-    assert mem["total"] == sum(mem[k] for k in ("inputs", "next_inputs", "previous", "work", "masks"))
+    assert mem["total"] == sum(mem[k] for k in ("inputs", "next_inputs", "work", "masks"))
 
 
 def _write_corpora(data: Path, names: list[str]) -> None:

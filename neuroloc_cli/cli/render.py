@@ -117,7 +117,7 @@ def merge_plan(plan: Any, as_json: bool, what: str = "recipe") -> None:
     for i in doc["inputs"]:
         table.add_row(i["role"], i["path"], str(i["tensors"]), human_count(i["parameters"]))
     out().print(table)
-    parts = ("inputs", "next_inputs", "previous", "work", "masks")
+    parts = ("inputs", "next_inputs", "work", "masks")
     rows = "" if memory["peak_rows"] is None else f" rows {memory['peak_rows'][0]}-{memory['peak_rows'][1]}"
     out().print(
         f"disk: {human_bytes(doc['out_bytes'])} of tensors; memory at most "

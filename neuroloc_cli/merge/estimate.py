@@ -9,10 +9,10 @@ the engine (`merge.run`, `merge.stream`), unit of work by unit of work:
 - Its inputs: the base and every model's tensor in the compute dtype; for masked merges the
   base as stored as well; each file parameter's tensor per model in float32 (`fisher:`,
   `gram:`). A tensor copied unchanged is read as stored.
-- While a unit is computed, the reader thread holds the next unit's inputs, and the previous
-  unit's result (in the output dtype) is still referenced. When the reader is handed the
-  next unit, the previous unit's inputs are released only once the current unit is handed
-  to the engine: for that moment three units' inputs are held, without the computation's.
+- While a unit is computed, the reader thread holds the next unit's inputs, unless one of
+  the two is a whole tensor larger than a block (`merge.stream.is_large_unit`): those are
+  read one after the other. A unit's inputs and result are released before the next unit is
+  handed over.
 - The computation: the method's result and one scratch buffer in the compute dtype (the
   engine's bound for its methods; a method's short-lived temporaries of a few elements per
   row are not counted), float32 copies of the inputs under `accumulate: float32`, the
@@ -36,7 +36,8 @@ import torch
 
 from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
-from neuroloc_cli.merge.stream import row_blocks
+from neuroloc_cli.merge.run import CHECK_ELEMENTS
+from neuroloc_cli.merge.stream import is_large_unit, row_blocks
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,14 @@ class MergeMemory:
 
     Attributes:
         inputs: the inputs of the unit computed at the peak.
-        next_inputs: the next unit's inputs, read meanwhile.
-        previous: the previous unit's result, still referenced (and at a hand-over, its inputs).
-        work: the computation's own tensors at the peak (result, scratch, copies, masks'), or 0
-            when the peak is a hand-over.
+        next_inputs: the next unit's inputs, read meanwhile (0 for a large whole tensor).
+        work: the computation's own tensors at the peak (result, scratch, copies, masks').
         masks: the loaded masks, held all run.
         tensor: the tensor of the peak unit; rows: its block of rows, or None (whole).
     """
 
     inputs: int
     next_inputs: int
-    previous: int
     work: int
     masks: int
     tensor: str
@@ -63,11 +61,11 @@ class MergeMemory:
 
     @property
     def total(self) -> int:
-        return self.inputs + self.next_inputs + self.previous + self.work + self.masks
+        return self.inputs + self.next_inputs + self.work + self.masks
 
     def describe(self) -> dict[str, Any]:
         """As `memory_bytes` of a dry run's JSON: the parts, `total`, and the peak's tensor."""
-        parts = ("inputs", "next_inputs", "previous", "work", "masks")
+        parts = ("inputs", "next_inputs", "work", "masks")
         return {**{k: getattr(self, k) for k in parts}, "total": self.total, "peak_tensor": self.tensor, "peak_rows": self.rows}
 
 
@@ -89,19 +87,15 @@ def merge_memory(plan: MergePlan) -> MergeMemory:
     units = list(_units(plan))
     masks = _mask_bytes(plan)
     if not units:
-        return MergeMemory(0, 0, 0, 0, masks, "", None)
+        return MergeMemory(0, 0, 0, masks, "", None)
     candidates = []
     for i, u in enumerate(units):
-        following = units[i + 1].inputs if i + 1 < len(units) else 0
-        before = units[i - 1] if i > 0 else None
-        result = before.result if before is not None else 0
-        candidates.append(MergeMemory(u.inputs, following, result, u.work, masks, u.step.name, u.rows))  # computing unit i
-        if before is not None:  # handing unit i over while the reader starts on unit i + 1
-            candidates.append(MergeMemory(u.inputs, following, before.inputs + result, 0, masks, u.step.name, u.rows))
+        ahead = i + 1 < len(units) and not (is_large_unit(u.step, u.rows) or is_large_unit(units[i + 1].step, units[i + 1].rows))
+        candidates.append(MergeMemory(u.inputs, units[i + 1].inputs if ahead else 0, u.work, masks, u.step.name, u.rows))
     peak = max(candidates, key=lambda m: m.total)
     stats = _statistics_peak(plan)
     if stats is not None and stats.total + masks > peak.total:
-        return MergeMemory(stats.inputs, stats.next_inputs, 0, stats.work, masks, stats.tensor, stats.rows)
+        return MergeMemory(stats.inputs, stats.next_inputs, stats.work, masks, stats.tensor, stats.rows)
     return peak
 
 
@@ -132,6 +126,9 @@ def _unit(plan: MergePlan, step: Step, rows: Rows) -> _Unit:
         work += 4 * n * len(read) + (4 - c) * 2 * n  # float32 inputs; result and scratch in float32
     if step.out.dtype != plan.compute_dtype:
         work += out
+    # the NaN/inf check (`merge.run.count_nonfinite`): the result, and for a piece of it a copy
+    # (its absolute values) and three boolean masks
+    work = max(work, out + (step.out.dtype.itemsize + 3) * min(n, CHECK_ELEMENTS))
     if masked:
         work += c * n * sum(m is not None for m in plan.masks.per_model)  # inputs restricted to their masks
         # two boolean selections of the unit at once (an element mask unpacks only the unit's rows),
@@ -183,8 +180,9 @@ def _statistics_peak(plan: MergePlan) -> MergeMemory | None:
     units = [u for u in _units(plan, blocks=True, steps=[s for s in plan.steps if s.merge])]
     best = None
     for i, u in enumerate(units):
-        following = units[i + 1].inputs if i + 1 < len(units) else 0
+        ahead = i + 1 < len(units) and not (is_large_unit(u.step, u.rows) or is_large_unit(units[i + 1].step, units[i + 1].rows))
+        following = units[i + 1].inputs if ahead else 0
         work = 2 * plan.compute_dtype.itemsize * _elements(u.step.out.shape, u.rows)
         if best is None or u.inputs + following + work > best.total:
-            best = MergeMemory(u.inputs, following, 0, work, 0, u.step.name, u.rows)
+            best = MergeMemory(u.inputs, following, work, 0, u.step.name, u.rows)
     return best

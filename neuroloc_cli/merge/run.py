@@ -158,19 +158,38 @@ def _stream(
     nonfinite: dict[str, int] = {}
     for step, rows, inputs in stream_inputs(plan, plan.steps, blocks=plan.method.elementwise):
         context = prepared.per_tensor.get(step.name) if prepared is not None else None
-        out = _compute(plan, step, rows, inputs, seed, context).to(step.out.dtype)
-        if plan.masks is not None and step.merge:
-            raw = inputs[2]
-            assert raw is not None  # masks are only planned with a base model
-            # Outside the mask a model keeps the base; a delta output keeps zero.
-            outside = torch.zeros_like(out) if plan.method.output_kind == Kind.DELTA else raw.to(step.out.dtype)
-            out = plan.masks.apply(step.name, out, outside, rows)
-        if step.merge and not bool(torch.isfinite(out).all()):
-            nonfinite[step.name] = nonfinite.get(step.name, 0) + int(out.numel() - torch.isfinite(out).sum())
+        out = _output(plan, step, rows, inputs, seed, context)
+        del inputs  # before the next unit is read (see `stream_inputs`)
+        bad = count_nonfinite(out) if step.merge else 0
+        if bad:
+            nonfinite[step.name] = nonfinite.get(step.name, 0) + bad
         write(step.name, out)
+        del out
         if on_tensor is not None and (rows is None or rows[1] == step.out.shape[0]):
             on_tensor(step)
     return nonfinite
+
+
+CHECK_ELEMENTS = 2**20
+"""Elements checked for NaN and inf at a time: the check's temporaries (a copy and three
+boolean masks) stay small beside a whole embedding."""
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """NaN and infinite values in `t`, counted a piece of `CHECK_ELEMENTS` at a time."""
+    return sum(int(piece.numel() - torch.isfinite(piece).sum()) for piece in t.reshape(-1).split(CHECK_ELEMENTS))
+
+
+def _output(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int | None, context: dict | None) -> torch.Tensor:
+    """One unit's output tensor in the output dtype, masks applied."""
+    out = _compute(plan, step, rows, inputs, seed, context).to(step.out.dtype)
+    if plan.masks is not None and step.merge:
+        raw = inputs[2]
+        assert raw is not None  # masks are only planned with a base model
+        # Outside the mask a model keeps the base; a delta output keeps zero.
+        outside = torch.zeros_like(out) if plan.method.output_kind == Kind.DELTA else raw.to(step.out.dtype)
+        out = plan.masks.apply(step.name, out, outside, rows)
+    return out
 
 
 def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int | None, context: dict | None = None) -> torch.Tensor:

@@ -72,6 +72,7 @@ def statistics_pass(plan: MergePlan, memo: dict[tuple, float] | None = None) -> 
                 if key is not None:
                     memo[key] = value
             sums.add(step.name, stat.name, value)
+        del base, tensors  # before the next unit is read (see `stream_inputs`)
     numel = {s.name: math.prod(s.out.shape) for s in steps}
     return method.select(TensorStatistics(sums.totals(), numel, {name: whole for name, (whole, _) in resolved.items()}))
 

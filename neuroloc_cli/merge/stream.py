@@ -65,6 +65,12 @@ def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = Fals
     The inputs are (base, models' tensors) in the compute dtype, and the base as stored
     (masked merges only, else None).
     Use `blocks` only for work that is elementwise or additive over rows.
+
+    Memory: a unit read whole that is larger than a block (an embedding for a method that
+    needs whole tensors) is not read ahead of, nor while it is computed: the next unit is
+    read once the caller asks for it, so two such units' inputs are never held at once. A
+    caller that wants this must drop its reference to a unit's inputs before asking for
+    the next one.
     """
     units = _units(steps, blocks)
     if not units:
@@ -72,10 +78,20 @@ def stream_inputs(plan: MergePlan, steps: Sequence[Step], *, blocks: bool = Fals
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroloc-read") as pool:
         pending = pool.submit(_load, plan, *units[0])
         for i, (step, rows) in enumerate(units):
-            inputs = pending.result()
-            if i + 1 < len(units):
+            inputs, pending = pending.result(), None  # a done future would keep them alive
+            last = i + 1 == len(units)
+            ahead = not last and not (is_large_unit(*units[i]) or is_large_unit(*units[i + 1]))
+            if ahead:
                 pending = pool.submit(_load, plan, *units[i + 1])
             yield step, rows, inputs
+            del inputs
+            if not ahead and not last:
+                pending = pool.submit(_load, plan, *units[i + 1])
+
+
+def is_large_unit(step: Step, rows: Rows) -> bool:
+    """A unit read whole that holds more than a block of rows would: never read ahead of."""
+    return rows is None and math.prod(step.out.shape) > BLOCK_ELEMENTS
 
 
 def _load(plan: MergePlan, step: Step, rows: Rows) -> Inputs:
