@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from pathlib import Path
 
 from neuroloc_cli.sweep.run import PointResult
@@ -49,14 +50,15 @@ def plot_png(path: Path, ranked: list[PointResult], keys: list[str], objective: 
 
     from neuroloc_cli.io.output import atomic_file
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    label = "\n".join(textwrap.wrap(objective, 48, break_on_hyphens=False)) or objective  # a long weighted sum wraps
     x = keys[0]
     if len(keys) == 1 or not _numeric(finite, keys[1]):
         pts = sorted(finite, key=lambda r: (str(type(r.values[x])), r.values[x]))
         xs = [r.values[x] if _numeric(finite, x) else str(r.values[x]) for r in pts]
         ax.plot(xs, [r.objective for r in pts], marker="o")
         ax.set_xlabel(x)
-        ax.set_ylabel(objective)
+        ax.set_ylabel(label, fontsize=8 if "\n" in label else None)
     else:
         y = keys[1]
         xv = sorted({r.values[x] for r in finite}, key=str if not _numeric(finite, x) else float)
@@ -67,14 +69,16 @@ def plot_png(path: Path, ranked: list[PointResult], keys: list[str], objective: 
             image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
             ax.set_xticks(range(len(xv)), [str(v) for v in xv])
             ax.set_yticks(range(len(yv)), [str(v) for v in yv])
+            lo, hi = min(min(row) for row in grid), max(max(row) for row in grid)
             for j, row in enumerate(grid):
-                for i, v in enumerate(row):
-                    ax.text(i, j, f"{v:.3g}", ha="center", va="center", color="white", fontsize=8)
+                for i, v in enumerate(row):  # dark text on the bright end of the colour map
+                    bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+                    ax.text(i, j, f"{v:.3g}", ha="center", va="center", color="black" if bright else "white", fontsize=8)
         else:
             image = ax.scatter(
                 [r.values[x] for r in finite], [r.values[y] for r in finite], c=[r.objective for r in finite], cmap="viridis"
             )
-        fig.colorbar(image, ax=ax, label=objective)
+        fig.colorbar(image, ax=ax).set_label(label, fontsize=8 if "\n" in label else None)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
     ax.set_title("neuroloc sweep")
