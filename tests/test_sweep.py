@@ -114,6 +114,7 @@ def test_a_killed_sweep_resumes_to_the_same_table(world, tmp_path):
     assert _rows(resumed.to_json()) == _rows(whole.to_json())
     lines = (tmp_path / "part" / RESULTS_FILE).read_text().splitlines()
     assert [json.loads(x)["index"] for x in lines] == [0, 1, 2]
+    assert {json.loads(x)["objective_text"] for x in lines} == {"-ppl_es.token_perplexity"}  # what a resumed run sorts by
 
 
 def test_a_seeded_search_is_reproducible_and_resumable(world, tmp_path):
@@ -313,3 +314,59 @@ def test_inputs_are_read_from_disk_once(world, tmp_path, monkeypatch):
     run_sweep(plan, tmp_path / "sw")
     merged = [s.name for s in plan.first.steps if s.merge]
     assert sorted(reads) == sorted((str(p), n) for p in (fam.base, fam.ft1, fam.ft2) for n in merged)
+
+
+def test_a_model_plus_lora_input_is_cached_as_merge_reads_it(zoo, tmp_path):
+    from neuroloc_cli.io.checkpoint import Checkpoint
+    from neuroloc_cli.io.lora import LoraCheckpoint
+    from neuroloc_cli.sweep.live import CachedCheckpoint
+    from tests.test_lora import LLAMA_TARGETS, write_adapter
+
+    fam = zoo.get("llama")  # bf16
+    write_adapter(tmp_path / "lora", fam.base, LLAMA_TARGETS)
+    view = LoraCheckpoint.wrap(Checkpoint.open(fam.base), tmp_path / "lora")
+    cached = CachedCheckpoint(view)
+    name = f"{next(iter(LLAMA_TARGETS))}.weight"
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):  # W + scale·BA in the dtype asked for
+        assert torch.equal(cached.read(name, None, dtype), view.read(name, None, dtype)), dtype
+        assert torch.equal(cached.read(name, (1, 3), dtype), view.read(name, (1, 3), dtype)), dtype
+
+
+@pytest.mark.parametrize(
+    ("grid", "words"),
+    [
+        ("out_dtype=bfloat16,float32", "change the dtype the merged model is evaluated in"),
+    ],
+)
+def test_keys_that_change_the_evaluated_dtype_are_refused(world, cli, tmp_path, grid, words):
+    fam, recipe, data = world
+    r = cli("sweep", recipe, "--grid", grid, "--eval", f"ppl={data}:es", "-o", tmp_path / "sw")
+    assert r.exit_code == 2 and words in r.stderr, r.stderr
+
+
+def test_minimize_needs_an_objective(world, cli, tmp_path):
+    fam, recipe, data = world
+    r = cli("sweep", recipe, "--grid", "weight=0.5", "--eval", f"ppl={data}:es", "--minimize", "-o", tmp_path / "sw")
+    assert r.exit_code == 2 and "--minimize needs --objective" in r.stderr
+
+
+def test_grid_values_may_be_lists_and_are_plotted_in_numeric_order():
+    from neuroloc_cli.sweep.report import sketch
+    from neuroloc_cli.sweep.run import PointResult
+    from neuroloc_cli.sweep.space import parse_grid
+
+    assert parse_grid("weight=[0.1, 0.7],[0.3, 0.5],0.2").values == ([0.1, 0.7], [0.3, 0.5], 0.2)
+    points = [PointResult(i, {"w": w}, float(w), {}, 0.0) for i, w in enumerate([10, 0.5, 2, 1])]
+    assert [line.split("█")[0].replace(" ", "") for line in sketch(points, ["w"])] == ["w=0.5", "w=1", "w=2", "w=10"]
+
+
+def test_best_recipe_makes_file_parameters_absolute(tmp_path):
+    from neuroloc_cli.recipe.overrides import with_absolute_paths
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f.safetensors").write_bytes(b"")
+    doc = {"models": [{"model": "./a", "parameters": {"fisher": "./a/f.safetensors", "weight": 1.0}}]}
+    out = with_absolute_paths(doc, tmp_path, extra_keys={"fisher"})
+    assert out["models"][0]["parameters"]["fisher"] == str((tmp_path / "a" / "f.safetensors").resolve())
+    assert out["models"][0]["model"] == str((tmp_path / "a").resolve())
+    assert with_absolute_paths(doc, tmp_path)["models"][0]["parameters"]["fisher"] == "./a/f.safetensors"

@@ -441,18 +441,23 @@ def sweep(ctx: Context) -> Experiment:
             plot="sweep/maet/objective.png",
         )
     )
-    best = max(rows, key=lambda r: (r[2] is not None, r[2] or 0.0))
-    paper = next((r for r in rows if r[0] == 0.2 and r[1] == 0.8), None)
+    scored = [r for r in rows if r[2] is not None]  # a point whose accuracy is undefined has no objective
+    if not scored:
+        exp.note = "No point of the grid has an objective (every accuracy undefined)."
+        exp.commands = ctx.commands[start:]
+        return exp
+    best = max(scored, key=lambda r: r[2])
+    paper = next((r for r in scored if r[0] == 0.2 and r[1] == 0.8), None)
     exp.note = f"Best of the grid: γ {best[0]:g}, k2 {best[1]:g}, mean held-out accuracy {best[2]:.3f}" + (
         f"; the paper's γ 0.2, k2 0.8: {paper[2]:.3f}." if paper else "."
     )
-    if len({r[2] for r in rows}) > 1 and paper:
+    if len({r[2] for r in scored}) > 1 and paper:
         exp.claims.append(
             Claim(
                 "MAET's hand-picked coefficients for math (γ 0.2, k2 0.8) transfer the ability well; the paper leaves "
                 "searching them to future work.",
                 f"γ 0.2, k2 0.8: {paper[2]:.3f}; the grid's best (γ {best[0]:g}, k2 {best[1]:g}): {best[2]:.3f}; "
-                f"its worst: {min(r[2] for r in rows):.3f}",
+                f"its worst: {min(r[2] for r in scored):.3f}",
                 paper[2] >= best[2],
             )
         )

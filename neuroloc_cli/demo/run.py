@@ -91,8 +91,20 @@ def cache_key(settings: Settings, seed: int) -> str:
         "lr_pretrain",
         "threads",
     )
-    doc = {"seed": seed, **{k: s[k] for k in keys}, "versions": versions()}
+    doc = {"seed": seed, **{k: s[k] for k in keys}, "versions": versions(), "code": _code_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _code_digest() -> str:
+    """The sources the world and the base model come from (the world generator, the
+    checkpoint builder, the trainer): a change to them, within one version, is a new cache."""
+    import neuroloc_cli
+
+    root = Path(neuroloc_cli.__file__).parent
+    h = hashlib.sha256()
+    for file in sorted([root / "demo" / "world.py", root / "synthetic.py", *(root / "train").glob("*.py")]):
+        h.update(file.name.encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()
 
 
 @contextmanager

@@ -60,11 +60,16 @@ def statistics_pass(plan: MergePlan, memo: dict[tuple, float] | None = None) -> 
     steps = [s for s in plan.steps if s.merge]
     resolved = {s.name: plan.resolver.at(s.name, s.t) for s in steps}
     sums = BlockSums()
-    inputs = repr([(s.role, [str(p) for p in s.input_paths()]) for s in plan.sources])  # the memo's values are of these inputs
+    # a memoised value is of these inputs, read in this dtype, by this method
+    inputs = repr((method.name, str(plan.compute_dtype), [(s.role, [str(p) for p in s.input_paths()]) for s in plan.sources]))
     for step, rows, (base, tensors, _) in stream_inputs(plan, steps, blocks=True):
         whole, per_model = resolved[step.name]
         for stat in method.statistics:
-            key = (inputs, step.name, rows, stat.name, _read_parameters(stat.fn, whole, per_model)) if memo is not None else None
+            key = (
+                (inputs, step.name, step.present, rows, stat.name, _read_parameters(stat.fn, whole, per_model))
+                if memo is not None
+                else None
+            )
             if key is not None and key in memo:
                 value = memo[key]
             else:

@@ -198,9 +198,11 @@ def read_recipe_source(path: Path) -> RecipeSource:
 _PATH_KEYS = frozenset({"model", "base_model", "language_model", "mask", "tokenizer_source", "source"})
 
 
-def with_absolute_paths(doc: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """A copy of `doc` whose relative paths (models, adapters, masks, tokenizer sources that
-    exist relative to `folder`) are absolute, so the recipe runs from any folder."""
+def with_absolute_paths(doc: dict[str, Any], folder: Path, extra_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """A copy of `doc` whose relative paths (models, adapters, masks, tokenizer sources, and
+    the values of `extra_keys`, a method's file parameters, that exist relative to `folder`)
+    are absolute, so the recipe runs from any folder."""
+    keys = _PATH_KEYS | set(extra_keys)
 
     def absolute(p: str) -> str:
         return str((folder / p).resolve()) if not Path(p).is_absolute() and (folder / p).exists() else p
@@ -216,7 +218,7 @@ def with_absolute_paths(doc: dict[str, Any], folder: Path) -> dict[str, Any]:
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: fix(v) if k in _PATH_KEYS and isinstance(v, str) else walk(v) for k, v in node.items()}
+            return {k: fix(v) if k in keys and isinstance(v, str) else walk(v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
         return node

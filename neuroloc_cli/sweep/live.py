@@ -28,15 +28,25 @@ class CachedCheckpoint:
 
     def __init__(self, inner: Checkpoint):
         self._inner = inner
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict[tuple, torch.Tensor] = {}
+        # A stored tensor widened to the compute dtype is exact, so one copy as stored serves
+        # every dtype and block of rows; a model+LoRA view computes W + scale·BA for the rows
+        # and in the dtype asked for (a block's product may round unlike the whole one's), so
+        # it is kept as read.
+        self._as_read = getattr(inner, "adapter", None) is not None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        stored = self._tensors.get(name)
-        if stored is None:  # kept as stored: a conversion to the compute dtype is exact either way
-            stored = self._tensors[name] = self._inner.read(name)
+        if self._as_read:
+            key: tuple = (name, rows, dtype)
+            if key not in self._tensors:
+                self._tensors[key] = self._inner.read(name, rows, dtype)
+            return self._tensors[key].clone()
+        stored = self._tensors.get((name,))
+        if stored is None:
+            stored = self._tensors[(name,)] = self._inner.read(name)
         part = stored if rows is None else stored[rows[0] : rows[1]]
         return part.to(dtype or part.dtype, copy=True)
 

@@ -36,6 +36,11 @@ def _numeric(ranked: list[PointResult], key: str) -> bool:
     return all(isinstance(r.values.get(key), (int, float)) and not isinstance(r.values.get(key), bool) for r in ranked)
 
 
+def _order(ranked: list[PointResult], key: str):
+    """A sort key for the values of `key`: by number when all are numbers, else by text."""
+    return (lambda v: float(v)) if _numeric(ranked, key) else (lambda v: str(v))
+
+
 def plot_png(path: Path, ranked: list[PointResult], keys: list[str], objective: str) -> bool:
     """The objective over the first one or two swept keys (a line, or a heatmap for a full
     grid, else a scatter coloured by the objective). Returns False when there is nothing to
@@ -54,14 +59,15 @@ def plot_png(path: Path, ranked: list[PointResult], keys: list[str], objective: 
     label = "\n".join(textwrap.wrap(objective, 48, break_on_hyphens=False)) or objective  # a long weighted sum wraps
     x = keys[0]
     if len(keys) == 1 or not _numeric(finite, keys[1]):
-        pts = sorted(finite, key=lambda r: (str(type(r.values[x])), r.values[x]))
+        order = _order(finite, x)
+        pts = sorted(finite, key=lambda r: order(r.values[x]))
         xs = [r.values[x] if _numeric(finite, x) else str(r.values[x]) for r in pts]
         ax.plot(xs, [r.objective for r in pts], marker="o")
         ax.set_xlabel(x)
         ax.set_ylabel(label, fontsize=8 if "\n" in label else None)
     else:
         y = keys[1]
-        xv = sorted({r.values[x] for r in finite}, key=str if not _numeric(finite, x) else float)
+        xv = sorted({r.values[x] for r in finite}, key=_order(finite, x))
         yv = sorted({r.values[y] for r in finite}, key=float)
         cells = {(r.values[x], r.values[y]): r.objective for r in finite}
         if len(cells) == len(xv) * len(yv) and len(finite) == len(cells):  # a full grid
@@ -103,12 +109,13 @@ def sketch(ranked: list[PointResult], keys: list[str], minimize: bool = False) -
 
     x = keys[0]
     if len(keys) == 1:
-        pts = sorted(finite, key=lambda r: (str(type(r.values[x])), r.values[x]))
+        order = _order(finite, x)
+        pts = sorted(finite, key=lambda r: order(r.values[x]))
         width = max(len(str(r.values[x])) for r in pts)
         return [f"{x}={str(r.values[x]).rjust(width)} {'█' * (1 + round(29 * goodness(r.objective))):<30} {r.objective:.4g}" for r in pts]
     y = keys[1]
-    xv = list(dict.fromkeys(sorted((r.values[x] for r in finite), key=str)))
-    yv = list(dict.fromkeys(sorted((r.values[y] for r in finite), key=str)))
+    xv = list(dict.fromkeys(sorted((r.values[x] for r in finite), key=_order(finite, x))))
+    yv = list(dict.fromkeys(sorted((r.values[y] for r in finite), key=_order(finite, y))))
     best: dict[tuple, float] = {}
     for r in finite:  # other keys: the best value at each cell
         cell = (r.values[x], r.values[y])

@@ -101,12 +101,15 @@ class PointResult:
     objective: float
     metrics: dict[str, dict[str, float | None]]
     seconds: float
+    objective_text: str = ""
+    """The objective as resolved (the default's metric is known only once a point is scored)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "values": self.values,
             "objective": _finite(self.objective),
+            "objective_text": self.objective_text,
             "metrics": self.metrics,
             "seconds": round(self.seconds, 3),
         }
@@ -114,7 +117,8 @@ class PointResult:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> PointResult:
         objective = doc["objective"]
-        return cls(doc["index"], doc["values"], math.nan if objective is None else float(objective), doc["metrics"], float(doc["seconds"]))
+        value = math.nan if objective is None else float(objective)
+        return cls(doc["index"], doc["values"], value, doc["metrics"], float(doc["seconds"]), doc.get("objective_text", ""))
 
 
 @dataclass
@@ -248,6 +252,15 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         raise UsageError("the swept keys change the reference model (the base or first model); sweep parameters, not inputs")
     request = build_request([first.reference.checkpoint.path], **spec.eval_options)
     check_request(request)
+    dtypes = {load_dtype(p, request.dtype) for p in plans}
+    if len(dtypes) > 1:  # one live model serves every point
+        raise UsageError(
+            "the swept keys change the dtype the merged model is evaluated in "
+            f"({', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))})",
+            hint="sweep one output dtype at a time, or fix it with --eval dtype=…",
+        )
+    if spec.minimize and spec.objective is None:
+        raise UsageError("--minimize needs --objective", hint="the default objective is already oriented so that higher is better")
     tasks = [t.name for t in request.tasks.local] + list(request.tasks.named)
     if request.translation is not None:
         tasks.append(request.translation.task_name)
@@ -367,8 +380,10 @@ def run_sweep(
     objective_text = spec.objective
     objective: Objective | None = None
     results = list(finished)
-    if finished and objective_text is None:
-        objective_text = resolve_default(default_objective(plan.objective_tasks, _ppl_tasks(plan.request)), _metrics_as_tasks(finished[0]))
+    if finished and objective_text is None:  # the one the first run resolved (metrics are saved sorted)
+        objective_text = finished[0].objective_text or resolve_default(
+            default_objective(plan.objective_tasks, _ppl_tasks(plan.request)), _metrics_as_tasks(finished[0])
+        )
     if objective_text is not None:
         objective = parse_objective(objective_text, plan.objective_tasks)
     for i in range(total):
@@ -401,7 +416,7 @@ def run_sweep(
             objective_text = resolve_default(default_objective(plan.objective_tasks, _ppl_tasks(plan.request)), scored.tasks)
             objective = parse_objective(objective_text, plan.objective_tasks)
         metrics = {task: {m: v.get("value") for m, v in ms.items()} for task, ms in scored.tasks.items()}
-        result = PointResult(i, point, objective.value(scored.tasks), metrics, time.perf_counter() - start)
+        result = PointResult(i, point, objective.value(scored.tasks), metrics, time.perf_counter() - start, objective_text)
         _append(folder / RESULTS_FILE, result)
         results.append(result)
         if on_point is not None:
@@ -441,7 +456,12 @@ def best_recipe_text(spec: SweepSpec, best: PointResult, objective: str) -> str:
     """The winning point's recipe as YAML that `neuroloc merge` runs from any folder."""
     import yaml
 
-    doc = with_absolute_paths(apply_assignments(spec.recipe.document, spec.assignments(best.values), spec.recipe.name), spec.recipe.folder)
+    from neuroloc_cli.methods import METHODS
+
+    doc = apply_assignments(spec.recipe.document, spec.assignments(best.values), spec.recipe.name)
+    method = METHODS.get(doc["merge_method"])  # the sweep's plans checked the name
+    files = {p.name for p in method.params if p.file is not None}
+    doc = with_absolute_paths(doc, spec.recipe.folder, extra_keys=files)
     head = [
         f"# The best point of a neuroloc sweep of {spec.recipe.name}: {_describe(best.values)}",
         f"# objective {objective} = {best.objective:.6g} ({'lower' if spec.minimize else 'higher'} is better)",

@@ -64,7 +64,7 @@ def parse_grid(text: str) -> GridAxis:
     """
     key, values = _split(text, "--grid", "KEY=V1,V2,…, e.g. gamma=0.2,0.5,1.0")
     parsed = []
-    for raw in values.split(","):
+    for raw in _top_level(values):
         if not raw.strip():
             raise UsageError(f"--grid {text!r}: empty value in the list")
         try:
@@ -74,6 +74,19 @@ def parse_grid(text: str) -> GridAxis:
     if len({repr(v) for v in parsed}) != len(parsed):
         raise UsageError(f"--grid {text!r}: a value is listed twice")
     return GridAxis(key, tuple(parsed))
+
+
+def _top_level(values: str) -> list[str]:
+    """`0.1,[0.2, 0.3],x` → ['0.1', '[0.2, 0.3]', 'x']: commas inside brackets or braces stay."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(values):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(values[start:i])
+            start = i + 1
+    out.append(values[start:])
+    return out
 
 
 def parse_search(text: str) -> SearchRange:
