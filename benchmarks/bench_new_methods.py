@@ -56,6 +56,36 @@ def _child_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def time_jobs(cmds: dict, out: Path, runs: int) -> dict[str, dict]:
+    """Run every job `runs` times, round by round, each into `out` (emptied first): per job the
+    seconds, median wall and CPU seconds and peak private MiB, and its ratios to
+    `task_arithmetic` (time, CPU) and to `floor` (memory). `bench_vocab.py` times its jobs so too."""
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cmds}
+    for run in range(runs):
+        for name, cmd in cmds.items():
+            shutil.rmtree(out, ignore_errors=True)
+            before = _child_cpu()
+            seconds, peak = measure(cmd(out))
+            results[name].append((seconds, peak, _child_cpu() - before))
+            print(f"run {run + 1} {name:16s} {seconds:7.2f} s  {results[name][-1][2]:7.2f} cpu s  {peak / 2**20:8.0f} MiB", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    summary = {
+        name: {
+            "seconds": [round(t, 2) for t, _, _ in r],
+            "median_seconds": statistics.median(t for t, _, _ in r),
+            "median_cpu_seconds": statistics.median(c for _, _, c in r),
+            "peak_private_mib": max(m for _, m, _ in r) / 2**20,
+        }
+        for name, r in results.items()
+    }
+    ta, floor = summary["task_arithmetic"], summary["floor"]["peak_private_mib"]
+    for s in summary.values():
+        s["time_vs_task_arithmetic"] = round(s["median_seconds"] / ta["median_seconds"], 2)
+        s["cpu_vs_task_arithmetic"] = round(s["median_cpu_seconds"] / ta["median_cpu_seconds"], 2)
+        s["memory_vs_floor"] = round(s["peak_private_mib"] / floor, 2)
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="125m", choices=["tiny", "125m", "1.1b"])
@@ -78,30 +108,7 @@ def main() -> None:
         body = RECIPES[m].format(base=base, ft1=ft1, ft2=ft2)
         recipe.write_text(f"merge_method: {m}\n{body}dtype: float32\nout_dtype: bfloat16\n")
         cmds[m] = lambda out, r=recipe: [sys.executable, "-m", "neuroloc_cli", "merge", str(r), "-o", str(out)]
-    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cmds}
-    out = folder / "out"
-    for run in range(args.runs):
-        for name, cmd in cmds.items():
-            shutil.rmtree(out, ignore_errors=True)
-            before = _child_cpu()
-            seconds, peak = measure(cmd(out))
-            results[name].append((seconds, peak, _child_cpu() - before))
-            print(f"run {run + 1} {name:16s} {seconds:7.2f} s  {results[name][-1][2]:7.2f} cpu s  {peak / 2**20:8.0f} MiB", file=sys.stderr)
-    shutil.rmtree(out, ignore_errors=True)
-    summary = {
-        name: {
-            "seconds": [round(t, 2) for t, _, _ in r],
-            "median_seconds": statistics.median(t for t, _, _ in r),
-            "median_cpu_seconds": statistics.median(c for _, _, c in r),
-            "peak_private_mib": max(m for _, m, _ in r) / 2**20,
-        }
-        for name, r in results.items()
-    }
-    ta, floor = summary["task_arithmetic"], summary["floor"]["peak_private_mib"]
-    for s in summary.values():
-        s["time_vs_task_arithmetic"] = round(s["median_seconds"] / ta["median_seconds"], 2)
-        s["cpu_vs_task_arithmetic"] = round(s["median_cpu_seconds"] / ta["median_cpu_seconds"], 2)
-        s["memory_vs_floor"] = round(s["peak_private_mib"] / floor, 2)
+    summary = time_jobs(cmds, folder / "out", args.runs)
     print(json.dumps({"preset": args.preset, "runs": args.runs, **summary}, indent=2))
 
 

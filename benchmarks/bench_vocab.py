@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from bench_merge import measure
+from bench_new_methods import time_jobs
 from common import INPUT_SHARD, ROOT, build_family, reference_merge
 
 REPLACED = 1000  # ordinary tokens of ft2v that the base lacks
@@ -110,13 +107,6 @@ def build_inputs(folder: Path, preset: str) -> tuple[Path, Path, Path, Path]:
     return base, ft1, ft2, ft2v
 
 
-def _child_cpu() -> float:
-    """User and system CPU seconds of the finished child processes: on a shared machine a
-    steadier measure of the work than wall time."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="125m", choices=["tiny", "125m", "1.1b"])
@@ -137,30 +127,7 @@ def main() -> None:
         recipe = folder / f"{name}.yaml"
         recipe.write_text(RECIPE.format(base=base, ft1=ft1, ft2=second) + extra)
         cmds[name] = lambda out, r=recipe: [sys.executable, "-m", "neuroloc_cli", "merge", str(r), "-o", str(out)]
-    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cmds}
-    out = folder / "out"
-    for run in range(args.runs):
-        for name, cmd in cmds.items():
-            shutil.rmtree(out, ignore_errors=True)
-            before = _child_cpu()
-            seconds, peak = measure(cmd(out))
-            results[name].append((seconds, peak, _child_cpu() - before))
-            print(f"run {run + 1} {name:16s} {seconds:7.2f} s  {results[name][-1][2]:7.2f} cpu s  {peak / 2**20:8.0f} MiB", file=sys.stderr)
-    shutil.rmtree(out, ignore_errors=True)
-    summary = {
-        name: {
-            "seconds": [round(t, 2) for t, _, _ in r],
-            "median_seconds": statistics.median(t for t, _, _ in r),
-            "median_cpu_seconds": statistics.median(c for _, _, c in r),
-            "peak_private_mib": max(m for _, m, _ in r) / 2**20,
-        }
-        for name, r in results.items()
-    }
-    ta, floor = summary["task_arithmetic"], summary["floor"]["peak_private_mib"]
-    for s in summary.values():
-        s["time_vs_task_arithmetic"] = round(s["median_seconds"] / ta["median_seconds"], 2)
-        s["cpu_vs_task_arithmetic"] = round(s["median_cpu_seconds"] / ta["median_cpu_seconds"], 2)
-        s["memory_vs_floor"] = round(s["peak_private_mib"] / floor, 2)
+    summary = time_jobs(cmds, folder / "out", args.runs)
     print(json.dumps({"preset": args.preset, "runs": args.runs, **summary}, indent=2))
 
 
