@@ -209,6 +209,26 @@ def test_ctrl_c_mid_merge_leaves_nothing(zoo, cli, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+def test_ctrl_c_after_the_output_is_in_place_names_it(zoo, cli, tmp_path, monkeypatch):
+    # "nothing was written" would be false once the merged folder is in place.
+    from neuroloc_cli.io import commit
+
+    fam = zoo.get("llama")
+    real_note = commit.note_written
+
+    def noted_then_ctrl_c(path):
+        real_note(path)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(commit, "note_written", noted_then_ctrl_c)
+    monkeypatch.setattr("neuroloc_cli.io.output.note_written", noted_then_ctrl_c)
+    out = tmp_path / "out"
+    r = cli("merge", write_recipe(tmp_path, _ta(fam)), "-o", out)
+    assert r.exit_code == 130 and r.stderr == f"neuroloc: interrupted; already written, each whole: {out}\n"
+    assert (out / "neuroloc.json").is_file() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+
+
 def test_kill_9_mid_merge_leaves_nothing_at_target(zoo, tmp_path):
     """A merge killed with SIGKILL part-way: the target never appears."""
     fam = zoo.get("llama")

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+import time
 
 import pytest
 import torch
@@ -175,6 +176,51 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
     assert not stale.exists()
     assert live.exists() and elsewhere.exists() and older.exists() and other.exists()
     assert (tmp_path / "out" / "x").read_text() == "done"
+
+
+def test_a_signal_during_the_commit_is_held_until_the_output_is_in_place(tmp_path, monkeypatch):
+    # Ctrl-C between moving the old output aside and renaming the new one in would leave
+    # neither at the target; the renames are one step, and the signal is raised after them.
+    import signal
+
+    from neuroloc_cli.io import commit
+    from neuroloc_cli.io import output as output_mod
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "x").write_text("old")
+    real_replace = os.replace
+
+    def replace_then_ctrl_c(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # lands after the first of the renames
+
+    monkeypatch.setattr(output_mod.os, "replace", replace_then_ctrl_c)
+    mark = commit.written_count()
+    with pytest.raises(KeyboardInterrupt):
+        with output_mod.atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "x").write_text("new")
+    assert (target / "x").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the old nor the temporary folder
+    assert commit.written(since=mark) == [target]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_signals_held_raises_each_signal_once_after_the_block():
+    import signal
+
+    from neuroloc_cli.io.commit import signals_held
+
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a signal not held would have raised by now
+            reached = True
+    assert reached
+    with signals_held():  # nothing pending is raised again, and nothing is raised without a signal
+        pass
 
 
 # -- malformed safetensors headers: one InputError naming the file and tensor -----------------

@@ -117,6 +117,24 @@ def test_a_killed_sweep_resumes_to_the_same_table(world, tmp_path):
     assert {json.loads(x)["objective_text"] for x in lines} == {"-ppl_es.token_perplexity"}  # what a resumed run sorts by
 
 
+def test_ctrl_c_after_a_point_names_the_results_kept_for_resume(world, cli, tmp_path, monkeypatch):
+    from neuroloc_cli.sweep import run as run_mod
+
+    fam, recipe, data = world
+    real_append = run_mod._append
+
+    def append_then_ctrl_c(path, result):
+        real_append(path, result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "_append", append_then_ctrl_c)
+    r = cli("sweep", recipe, "--grid", "weight=0.0,1.0", "--eval", f"ppl={data}:es", "-o", tmp_path / "sw")
+    assert r.exit_code == 130
+    assert r.stderr.startswith("neuroloc: interrupted; already written, each whole: ") and r.stderr.count("\n") == 1
+    assert str(tmp_path / "sw" / run_mod.RESULTS_FILE) in r.stderr
+    assert len((tmp_path / "sw" / run_mod.RESULTS_FILE).read_text().splitlines()) == 1
+
+
 def test_a_seeded_search_is_reproducible_and_resumable(world, tmp_path):
     from neuroloc_cli.recipe.overrides import read_recipe_source
     from neuroloc_cli.sweep.run import SweepSpec, parse_eval_options, plan_sweep, run_sweep

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -29,6 +30,7 @@ from neuroloc_cli.cli import (
     train_cmd,
 )
 from neuroloc_cli.errors import WRITE_ERRNOS, NeurolocError, RecipeError
+from neuroloc_cli.io import commit
 
 # Exceptions through which the command-line layer itself reports: `--help` and `--version`
 # (Exit), usage errors of the command line (a missing argument, an unknown option, `--seed
@@ -63,13 +65,14 @@ class _Group(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
+        mark = commit.written_count()
         try:
             return super().invoke(ctx)
         except _CLI_SIGNALS:
             raise
         except KeyboardInterrupt as e:
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
-            _fail(ctx, f"neuroloc: {what}; nothing was written", 143 if isinstance(e, Terminated) else 130)
+            _fail(ctx, f"neuroloc: {what}; {_what_was_written(commit.written(since=mark))}", 143 if isinstance(e, Terminated) else 130)
         except NeurolocError as e:
             if _debug(ctx):
                 traceback.print_exc()
@@ -80,6 +83,14 @@ class _Group(TyperGroup):
             _fail(ctx, f"error: {e.filename or 'output'}: cannot write ({os.strerror(e.errno)})", 4)
         except Exception as e:  # a bug: say so briefly, show the traceback on request
             _bug(ctx, e)
+
+
+def _what_was_written(paths: list[Path]) -> str:
+    """ "nothing was written", or the outputs already in place, each whole (at most three named)."""
+    if not paths:
+        return "nothing was written"
+    named = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return f"already written, each whole: {named}"
 
 
 def _fail(ctx: Any, lines: str | list[str], code: int) -> None:
@@ -148,4 +159,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.exit(app(prog_name="neuroloc"))
+    try:
+        app(prog_name="neuroloc")  # exits through SystemExit with the command's code
+    finally:
+        # The command is over: its outputs are in place, its message printed and its exit code
+        # decided. What remains is the interpreter's teardown (freeing tensors, joining reader
+        # threads), which can take most of a second; a signal there would only turn a finished
+        # command into a silent death by signal. SIGKILL still ends a teardown that hangs.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -4,6 +4,9 @@ Everything is written into a hidden temporary folder beside the target and renam
 place at the very end, so an error, Ctrl-C or `kill -9` leaves nothing at the target path.
 A killed run leaves its `.NAME.neuroloc-tmp-HOST-PID-*` folder beside it; the next run for
 that target on the same machine deletes the ones whose process is gone.
+
+The renames that put an output in place are one step that Ctrl-C and SIGTERM cannot split,
+and each output put in place is noted (see `neuroloc_cli.io.commit`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from neuroloc_cli.errors import WRITE_ERRNOS, OutputError
 from neuroloc_cli.io.checkpoint import KIND_KEY, PROVENANCE_FILE, Kind
+from neuroloc_cli.io.commit import note_written, signals_held
 from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 
 # Files of a HF checkpoint that are not weights and that a merged model needs to load.
@@ -105,13 +109,15 @@ def atomic_output_dir(target: Path, inputs: Sequence[Path] = (), overwrite: bool
         raise OutputError(f"{target}: cannot create output folder ({e.strerror})") from None
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.neuroloc-old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with signals_held():
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.neuroloc-old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            note_written(target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_write_error(e, tmp):
@@ -142,7 +148,9 @@ def atomic_file(target: Path, what: str = "file") -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        os.replace(tmp, target)
+        with signals_held():
+            os.replace(tmp, target)
+            note_written(target)
     except OSError as e:
         raise OutputError(f"{target}: cannot write {what} ({e.strerror or e})") from None
     finally:

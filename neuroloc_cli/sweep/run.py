@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroloc_cli.errors import OutputError, UsageError
+from neuroloc_cli.io.commit import note_written
 from neuroloc_cli.io.output import atomic_file
 from neuroloc_cli.recipe.overrides import Assignment, RecipeSource, apply_assignments, with_absolute_paths
 from neuroloc_cli.sweep.objective import Objective, default_objective, parse_objective, resolve_default
@@ -339,6 +340,7 @@ def _append(path: Path, result: PointResult) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    note_written(path)
 
 
 # --- running ----------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from neuroloc_cli.io.commit import note_written
+
 
 class _Event:
     """The log form shared by every event."""
@@ -118,6 +120,7 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **event.to_dict()}, default=str) + "\n")
+        note_written(self.path)
         self.on_event(event)
 
     def rewind(self, step: int) -> list[Event]:
