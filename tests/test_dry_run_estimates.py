@@ -22,6 +22,7 @@ from neuroloc_cli.merge import stream
 from neuroloc_cli.merge.estimate import merge_memory
 from neuroloc_cli.merge.plan import build_plan
 from neuroloc_cli.merge.run import run_merge
+from neuroloc_cli.ops import sums
 from neuroloc_cli.recipe.schema import parse_recipe
 from tests.conftest import write_recipe
 
@@ -82,12 +83,16 @@ def _measured_peak(plan, out: Path, monkeypatch) -> int:
 RECIPES = {
     "linear": "models:\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\ndtype: float32\n",
     "ties": "base_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: ties\ndtype: float32\n",
+    # methods that read their inputs in pieces
+    "sce": "base_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nmerge_method: sce\nparameters: {{select_topk: 0.5}}\ndtype: float32\nout_dtype: bfloat16\n",
+    "karcher": "models:\n  - model: {ft1}\n  - model: {ft2}\nmerge_method: karcher\ndtype: float32\n",
 }
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_merge_memory_bounds_the_tracked_peak(zoo, tmp_path, monkeypatch, method):
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 4096)  # so that the tiny model's large tensors go in blocks
+    monkeypatch.setattr(sums, "PIECE", 4 * sums.BLOCK)  # or in pieces
     fam = zoo.get("llama")
     path = write_recipe(tmp_path, RECIPES[method].format(base=fam.base, ft1=fam.ft1, ft2=fam.ft2))
     plan = build_plan(parse_recipe(path.read_text(), str(path)), tmp_path, str(path))

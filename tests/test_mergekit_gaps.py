@@ -333,6 +333,36 @@ def test_sce_variance_is_torchs_to_the_bit():
         assert torch.equal(_variance([a, b]), expected)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "selected"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sce_loops_give_the_floats_of_the_pytorch_formulation(dtype, masked):
+    """`ops.kernels.sce_variance2` and `sce_mix` against `_variance` and `_mix`, bit for bit:
+    zero task vectors, sums that cancel exactly, a NaN and an infinity included."""
+    import numpy as np
+
+    from neuroloc_cli.methods.sce import WEIGHT_EPS, _mix, _variance
+    from neuroloc_cli.ops import kernels
+
+    g = torch.Generator().manual_seed(6)
+    n = 50_000
+    base = torch.randn(n, generator=g, dtype=dtype)
+    tuned = [base + 0.01 * torch.randn(n, generator=g, dtype=dtype) for _ in range(3)]
+    tuned[0][::5] = base[::5]  # unchanged
+    tuned[1][::7] = 2 * base[::7] - tuned[2][::7]  # δ_1 = −δ_2
+    tuned[2][3], tuned[1][11] = float("nan"), float("inf")
+    keep = torch.rand(n, generator=g) < 0.6
+    dt = np.float32 if dtype == torch.float32 else np.float64
+    var = torch.empty(n, dtype=dtype)
+    kernels.sce_variance2(base.numpy(), tuned[0].numpy(), tuned[1].numpy(), var.numpy())
+    torch.testing.assert_close(var, _variance([tuned[0] - base, tuned[1] - base]), rtol=0, atol=0, equal_nan=True)
+    weights = [0.2, 0.5, 0.3]
+    deltas = [(t - base) * keep if masked else t - base for t in tuned]
+    out = torch.empty(n, dtype=dtype)
+    mask = keep.numpy() if masked else np.empty(0, np.bool_)
+    kernels.sce_mix(base.numpy(), torch.stack(tuned).numpy(), mask, masked, np.array(weights, dt), dt(WEIGHT_EPS), out.numpy())
+    torch.testing.assert_close(out, _mix(base, deltas, weights), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("share", [0.01, 0.3, 0.97])
 def test_sce_selection_equals_a_stable_sort(share):
     """The k-th value selection keeps what a stable descending sort of the variances keeps,
@@ -348,3 +378,59 @@ def test_sce_selection_equals_a_stable_sort(share):
     expected[torch.sort(var, descending=True, stable=True).indices[:k]] = True
     got = select_mask(base, tensors, share)
     assert int(got.sum()) == k and torch.equal(got, expected)
+
+
+# -- the whole-tensor methods in a merge: inputs read piece by piece from the checkpoints ------
+
+IN_PIECES = {
+    "sce": "base_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\nparameters: {{select_topk: 0.4}}\n",
+    "ramplus_tl": "base_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\n",
+    "nuslerp": "base_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 0.3}}}}, {{model: {ft2}, parameters: {{weight: 0.7}}}}]\n",
+    "multislerp": "base_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 0.6}}}}, {{model: {ft2}, parameters: {{weight: 0.4}}}}]\n",
+    "karcher": "base_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\n",
+    "arcee_fusion": "base_model: {base}\nmodels: [{{model: {ft1}}}]\n",
+}
+
+
+@pytest.fixture(scope="module")
+def odd_rows(tmp_path_factory):
+    """A bf16 Llama whose rows (48 and 96 elements) do not divide the pieces of these tests."""
+    root = tmp_path_factory.mktemp("odd")
+    base = build_checkpoint(tiny_config("llama", hidden=48, vocab=300), root / "base", dtype=torch.bfloat16, tokenizer=False)
+    return base, derive_finetune(base, root / "ft1", seed=1), derive_finetune(base, root / "ft2", seed=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtypes"),
+    [(m, "dtype: float32\nout_dtype: bfloat16\n") for m in IN_PIECES] + [("karcher", "dtype: bfloat16\naccumulate: float32\n")],
+)
+def test_inputs_read_in_pieces_give_the_bytes_of_whole_inputs(odd_rows, cli, tmp_path, monkeypatch, name, dtypes):
+    """The engine hands these methods inputs that read the rows holding each piece; the merge
+    equals one whose inputs are read whole, and no merged tensor is ever read whole."""
+    from neuroloc_cli.io.checkpoint import Checkpoint
+    from neuroloc_cli.merge import run as run_mod
+    from neuroloc_cli.merge import stream
+    from neuroloc_cli.ops import sums
+
+    base, ft1, ft2 = odd_rows
+    monkeypatch.setattr(sums, "PIECE", 2 * sums.BLOCK)  # 8192 elements: pieces end mid-row
+    recipe = write_recipe(tmp_path, f"merge_method: {name}\n" + IN_PIECES[name].format(base=base, ft1=ft1, ft2=ft2) + dtypes)
+    reads: list[tuple[str, object]] = []
+    real_read = Checkpoint.read
+
+    def counted(self, tensor, rows=None, dtype=None):
+        reads.append((tensor, rows))
+        return real_read(self, tensor, rows, dtype)
+
+    monkeypatch.setattr(Checkpoint, "read", counted)
+    r = cli("merge", recipe, "-o", tmp_path / "pieces")
+    assert r.exit_code == 0, r.stderr
+    merged = {t for t, rows in reads if rows is not None}
+    assert "model.embed_tokens.weight" in merged and not merged & {t for t, rows in reads if rows is None}
+    for module in (stream, run_mod):
+        monkeypatch.setattr(module, "reads_in_pieces", lambda plan, step: False)
+    r = cli("merge", recipe, "-o", tmp_path / "whole")
+    assert r.exit_code == 0, r.stderr
+    a, b = load_all(tmp_path / "pieces"), load_all(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], load_all(base)[k]) for k in a)  # the merge did something

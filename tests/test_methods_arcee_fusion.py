@@ -72,6 +72,22 @@ def test_large_tensor_threshold_is_exact_not_sampled():
     assert fusion_threshold(scores) == fusion_threshold(scores.flip(0))
 
 
+@pytest.mark.parametrize(("grid", "negative"), [(0, False), (64, False), (64, True)], ids=["distinct", "ties", "partitioned"])
+def test_large_tensor_quartiles_equal_a_sort(grid, negative):
+    # 300,000 scores, distinct or on a coarse grid (many ties): by `magnitude_cut` when none is
+    # negative, by a partition when one is (a KL rounded below zero); either way a sort's values
+    scores = torch.rand(300_000, generator=torch.Generator().manual_seed(1))
+    if grid:
+        scores = (scores * grid).round() / grid
+    if negative:
+        scores[::1000] = -1e-12
+    before = scores.clone()
+    ordered = np.sort(scores.numpy())
+    q1, median, q3 = (ordered[quantile_index(q, ordered.size)] for q in (0.25, 0.5, 0.75))
+    assert fusion_threshold(scores) == float(np.float32(median) + np.float32(1.5) * (np.float32(q3) - np.float32(q1)))
+    assert torch.equal(scores, before)  # left as it was
+
+
 def test_recipe_takes_a_base_and_one_model():
     m = METHODS.get("arcee_fusion")
     assert m.needs_base and m.max_models == 1 and not m.params and not m.random

@@ -235,3 +235,47 @@ def test_tokenizer_block_errors_name_the_key(pair, cli, tmp_path, entry, message
     r = cli("merge", write_recipe(tmp_path, text), "-o", tmp_path / "out")
     assert r.exit_code == 2, r.stderr
     assert message.format(a=a) in r.stderr
+
+
+@pytest.mark.parametrize("method", ["linear", "karcher"])
+def test_token_rows_are_read_a_block_at_a_time(tmp_path, cli, monkeypatch, method):
+    """The embedding and head are read onto the output vocabulary a unit at a time (linear:
+    blocks of 64 rows; karcher: pieces of 2048 elements), never whole, and the merge equals
+    one whose token-indexed inputs are remapped whole; `pad_to_multiple_of` included."""
+    from neuroloc_cli.io.checkpoint import Checkpoint
+    from neuroloc_cli.merge import run as run_mod
+    from neuroloc_cli.merge import stream, vocab
+    from neuroloc_cli.ops import sums
+
+    a, b = _build(tmp_path / "models", tie=False)
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: {method}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+        + ("parameters: {weight: 0.5}\n" if method == "linear" else "")
+        + "dtype: float32\n"
+        f"tokenizer:\n  source: union\n  tokens:\n    <tool>:\n      source: {{kind: zero}}\n  pad_to_multiple_of: {PAD}\n",
+    )
+    monkeypatch.setattr(vocab, "_ROW_BLOCK", 64)  # the padding row's mean, too
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 64 * 64)  # rows of 64 elements: 64 rows a block
+    monkeypatch.setattr(sums, "PIECE", 2048)
+    reads: list[tuple[str, object]] = []
+    real_read = Checkpoint.read
+
+    def counted(self, tensor, rows=None, dtype=None):
+        reads.append((tensor, rows))
+        return real_read(self, tensor, rows, dtype)
+
+    monkeypatch.setattr(Checkpoint, "read", counted)
+    r = cli("merge", recipe, "-o", tmp_path / "blocks")
+    assert r.exit_code == 0, r.stderr
+    token_reads = [rows for t, rows in reads if t in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert token_reads and all(rows is not None and rows[1] - rows[0] <= 64 for rows in token_reads)
+    monkeypatch.setattr(Checkpoint, "read", real_read)
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 2**30)  # whole tensors, remapped whole
+    for module in (stream, run_mod):
+        monkeypatch.setattr(module, "reads_in_pieces", lambda plan, step: False)
+    r = cli("merge", recipe, "-o", tmp_path / "whole")
+    assert r.exit_code == 0, r.stderr
+    x, y = _tensors(tmp_path / "blocks"), _tensors(tmp_path / "whole")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert x["model.embed_tokens.weight"].shape[0] % PAD == 0

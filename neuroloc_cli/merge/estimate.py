@@ -10,15 +10,20 @@ the engine (`merge.run`, `merge.stream`), unit of work by unit of work:
   base as stored as well; each file parameter's tensor per model in float32 (`fisher:`,
   `gram:`). A tensor copied unchanged is read as stored.
 - While a unit is computed, the reader thread holds the next unit's inputs, unless one of
-  the two is a whole tensor larger than a block (`merge.stream.is_large_unit`): those are
+  the two is a whole tensor larger than a block, or read in pieces (`merge.stream.read_alone`): those are
   read one after the other. A unit's inputs and result are released before the next unit is
   handed over.
+- A method that reads its inputs in pieces (`merge.stream.reads_in_pieces`) holds a piece of
+  each input instead, and its result in the output dtype beside at most one buffer of the
+  tensor's size and one boolean mask (`_in_pieces`).
 - The computation: the method's result and one scratch buffer in the compute dtype (the
   engine's bound for its methods; a method's short-lived temporaries of a few elements per
   row are not counted), float32 copies of the inputs under `accumulate: float32`, the
   result's copy in the output dtype, and for masks the boolean selections, the base in the
-  output dtype and the selected result; a `tokenizer_source` merge's inputs remapped onto the
-  output vocabulary.
+  output dtype and the selected result.
+- A token-indexed tensor of a `tokenizer_source` merge is read onto the output vocabulary unit
+  by unit (`merge.vocab.MappedRows`): its inputs are the unit's output rows, plus one run of
+  rows as read and the rows of the tokens some input lacks.
 - Held all run: the loaded masks (a byte per unit, or a bit per element).
 
 Page-cache memory of the memory-mapped input shards is the operating system's and is not
@@ -37,7 +42,8 @@ import torch
 from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.merge.run import CHECK_ELEMENTS
-from neuroloc_cli.merge.stream import is_large_unit, row_blocks
+from neuroloc_cli.merge.stream import read_alone, reads_in_pieces, row_blocks
+from neuroloc_cli.ops import sums
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def merge_memory(plan: MergePlan) -> MergeMemory:
         return MergeMemory(0, 0, 0, masks, "", None)
     candidates = []
     for i, u in enumerate(units):
-        ahead = i + 1 < len(units) and not (is_large_unit(u.step, u.rows) or is_large_unit(units[i + 1].step, units[i + 1].rows))
+        ahead = i + 1 < len(units) and not (read_alone(plan, u.step, u.rows) or read_alone(plan, units[i + 1].step, units[i + 1].rows))
         candidates.append(MergeMemory(u.inputs, units[i + 1].inputs if ahead else 0, u.work, masks, u.step.name, u.rows))
     peak = max(candidates, key=lambda m: m.total)
     stats = _statistics_peak(plan)
@@ -102,7 +108,7 @@ def merge_memory(plan: MergePlan) -> MergeMemory:
 def _units(plan: MergePlan, *, blocks: bool | None = None, steps: list[Step] | None = None) -> Iterator[_Unit]:
     blocks = plan.method.elementwise if blocks is None else blocks
     for step in plan.steps if steps is None else steps:
-        for rows in row_blocks(step.out.shape) if blocks and step.merge and not step.vocab else [None]:
+        for rows in row_blocks(step.out.shape) if blocks and step.merge and not (step.vocab and plan.side) else [None]:
             yield _unit(plan, step, rows)
 
 
@@ -114,15 +120,18 @@ def _unit(plan: MergePlan, step: Step, rows: Rows) -> _Unit:
         return _Unit(step, rows, n * stored.itemsize, 0, n * stored.itemsize)
     c = plan.compute_dtype.itemsize
     read = [_source_elements(plan, step, i, rows) for i in range(_inputs_of(plan, step))]
+    if rows is None and reads_in_pieces(plan, step):
+        return _in_pieces(plan, step, len(read), n, out)
     inputs = c * sum(read)
     masked = plan.masks is not None and plan.base is not None and step.origin is None
     if masked:
         inputs += read[0] * plan.base.checkpoint.tensors[step.name].torch_dtype.itemsize
     inputs += 4 * n * sum(1 for files in plan.side.values() for f in files if step.name in f.shapes)
+    if step.vocab:  # one run of an input's rows as read, and the rows of the tokens some input lacks
+        assert plan.vocabulary is not None
+        inputs += c * n + c * len(plan.vocabulary.fill_tokens) * math.prod(step.out.shape[1:])
     work = 2 * c * n  # the method's result and one scratch buffer
-    if step.vocab:  # every input remapped onto the output vocabulary
-        work += c * n * len(read)
-    if plan.recipe.accumulate == "float32" and plan.compute_dtype in (torch.bfloat16, torch.float16):
+    if plan.widen:
         work += 4 * n * len(read) + (4 - c) * 2 * n  # float32 inputs; result and scratch in float32
     if step.out.dtype != plan.compute_dtype:
         work += out
@@ -137,6 +146,22 @@ def _unit(plan: MergePlan, step: Step, rows: Rows) -> _Unit:
     return _Unit(step, rows, inputs, work, out)
 
 
+def _in_pieces(plan: MergePlan, step: Step, count: int, n: int, out: int) -> _Unit:
+    """A unit whose method reads it in pieces (`merge.stream.CheckpointFlat`): the piece each
+    input keeps (the rows that hold `PIECE` elements, in the compute dtype, then float32 under
+    `accumulate: float32`); the result, assembled in the output dtype; one buffer of the
+    tensor's size in the compute dtype and one boolean mask (sce's variances and selection,
+    arcee_fusion's scores: the most a method of this kind keeps); and a piece's temporaries:
+    a float64 copy of each input's piece and five more float64 pieces (a product and its
+    padded copy in `ops.sums.fixed_gram`; sce's variance, Welford's update in float64)."""
+    c = plan.compute_dtype.itemsize
+    row = math.prod(step.out.shape[1:]) if step.out.shape else 1
+    piece = min(n, sums.PIECE + 2 * row)
+    inputs = (c + (4 if plan.widen else 0)) * piece * count
+    work = out + c * n + n + 8 * (count + 5) * min(n, sums.PIECE)
+    return _Unit(step, None, inputs, work, out)
+
+
 def _inputs_of(plan: MergePlan, step: Step) -> int:
     """How many tensors a merged unit reads: one for layer stacking, else base and models."""
     if step.origin is not None:
@@ -145,12 +170,9 @@ def _inputs_of(plan: MergePlan, step: Step) -> int:
 
 
 def _source_elements(plan: MergePlan, step: Step, i: int, rows: Rows) -> int:
-    """Elements of input i's read of `step` (the base first, when there is one)."""
-    if not step.vocab:
-        return _elements(step.out.shape, rows)
-    sources = plan.sources
-    info = sources[i].checkpoint.tensors.get(step.name)
-    return _elements(info.shape if info is not None else step.out.shape, None)
+    """Elements of input i's read of `step` (the base first, when there is one): a
+    token-indexed tensor is read onto the output vocabulary's rows."""
+    return _elements(step.out.shape, rows)
 
 
 def _stored(plan: MergePlan, step: Step) -> torch.dtype:
@@ -180,7 +202,7 @@ def _statistics_peak(plan: MergePlan) -> MergeMemory | None:
     units = [u for u in _units(plan, blocks=True, steps=[s for s in plan.steps if s.merge])]
     best = None
     for i, u in enumerate(units):
-        ahead = i + 1 < len(units) and not (is_large_unit(u.step, u.rows) or is_large_unit(units[i + 1].step, units[i + 1].rows))
+        ahead = i + 1 < len(units) and not (read_alone(plan, u.step, u.rows) or read_alone(plan, units[i + 1].step, units[i + 1].rows))
         following = units[i + 1].inputs if ahead else 0
         work = 2 * plan.compute_dtype.itemsize * _elements(u.step.out.shape, u.rows)
         if best is None or u.inputs + following + work > best.total:

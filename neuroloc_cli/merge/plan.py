@@ -134,6 +134,12 @@ class MergePlan:
         """Each model's role as the method sees it (`recipe.schema.role_name`)."""
         return [role_name(s.role) for s in self.models]
 
+    @property
+    def widen(self) -> bool:
+        """Whether the recipe asks for float32 arithmetic (`accumulate: float32`) on inputs
+        rounded to a narrower compute dtype."""
+        return self.recipe.accumulate == "float32" and self.compute_dtype in (torch.bfloat16, torch.float16)
+
     def input_paths(self) -> list[Path]:
         """Every input folder, LoRA adapters included (an output must not land in one)."""
         return [p for s in self.sources for p in s.input_paths()]

@@ -30,7 +30,7 @@ from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES
 from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.merge.stats import statistics_pass
-from neuroloc_cli.merge.stream import Inputs, stream_inputs
+from neuroloc_cli.merge.stream import Inputs, reads_in_pieces, stream_inputs
 from neuroloc_cli.merge.vocab import save_tokenizer
 from neuroloc_cli.methods.base import Prepared
 
@@ -197,13 +197,10 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
     if not step.merge:
         assert base is not None
         return base
-    if step.vocab:
-        assert plan.vocabulary is not None
-        base, tensors = _on_vocabulary(plan, step, base, tensors)
     if plan.masks is not None:
         assert base is not None
         tensors = plan.masks.restrict_inputs(step.name, base, tensors, rows)
-    if _widen(plan):  # `accumulate: float32`: float32 arithmetic on the inputs as rounded to `dtype`
+    if plan.widen and not reads_in_pieces(plan, step):  # float32 arithmetic on the inputs as rounded to `dtype`
         base, tensors = (None if base is None else base.float()), [t.float() for t in tensors]
     whole, per_model = plan.resolver.at(step.name, step.t)
     if step.origin is not None:
@@ -214,22 +211,7 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
     if "name" in plan.method.context:  # a method that needs the tensor's name (its layout)
         context = {**(context or {}), "name": step.name}
     generator = _generator(seed, step.name) if plan.method.random else None
-    return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles)
-
-
-def _on_vocabulary(plan: MergePlan, step: Step, base: torch.Tensor | None, tensors: list[torch.Tensor]):
-    """The inputs with their rows on the output vocabulary; a model that lacks the tensor
-    (`on_missing: base`) stands in with the base's tensor, so with the base's rows."""
-    assert plan.vocabulary is not None
-    first = 1 if base is not None else 0
-    owners = ([0] if base is not None else []) + [first + i if present else 0 for i, present in enumerate(step.present)]
-    mapped = plan.vocabulary.remap(([base] if base is not None else []) + tensors, owners)
-    return (mapped[0], mapped[1:]) if base is not None else (None, mapped)
-
-
-def _widen(plan: MergePlan) -> bool:
-    """Whether the recipe asks for float32 arithmetic on a compute dtype narrower than that."""
-    return plan.recipe.accumulate == "float32" and plan.compute_dtype in (torch.bfloat16, torch.float16)
+    return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles, out_dtype=step.out.dtype)
 
 
 def _generator(seed: int | None, tensor_name: str) -> torch.Generator:
@@ -250,6 +232,6 @@ def _provenance(plan: MergePlan, seed: int | None, command: str) -> dict:
         "seed": seed,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         # the dtype the arithmetic runs in: `dtype`, or float32 by `accumulate: float32`
-        "accumulate": "float32" if _widen(plan) else str(plan.compute_dtype).removeprefix("torch."),
+        "accumulate": "float32" if plan.widen else str(plan.compute_dtype).removeprefix("torch."),
         "inputs": [s.provenance() for s in plan.sources],
     }

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,7 +44,7 @@ from neuroloc_cli.recipe.schema import TokenEmbedding, TokenRow, ZeroRow
 # Tensors indexed by token along their first axis (embeddings and output heads).
 _VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
 KEYWORDS = ("base", "union")
-_ROW_BLOCK = 4096  # rows copied at a time by `Vocabulary.remap`
+_ROW_BLOCK = 1024  # rows summed at a time for a padding row (`mean_row`)
 
 
 @dataclass(frozen=True)
@@ -69,31 +70,36 @@ class Vocabulary:
     forced: torch.Tensor
     rows: int
 
-    def remap(self, tensors: list[torch.Tensor], owners: list[int]) -> list[torch.Tensor]:
-        """Each input's tensor with its rows on the output vocabulary.
+    def mapped(self, readers: list[RowReader], owners: list[int], row_shape: tuple[int, ...], dtype: torch.dtype) -> list[MappedRows]:
+        """Each input's tensor with its rows on the output vocabulary, read a block of rows at a
+        time (see `MappedRows`).
 
         Args:
-            tensors: one tensor per input, its first axis the input's own vocabulary.
+            readers: one per input: `reader(a, b)` gives rows `[a, b)` of the input's tensor,
+                its first axis the input's own vocabulary, in `dtype`.
+            row_shape: the shape of one row (the tensor's trailing dimensions).
             owners: the input whose vocabulary each tensor follows (a tensor a model lacks
                 stands in from the base, with the base's rows).
-
-        Rows are copied in blocks (`_ROW_BLOCK`), so that besides the outputs only one
-        block's rows and the filled tokens' rows are held at a time.
         """
-        sources = {o: t for o, t in zip(owners, tensors)}
-        filled = self._filled_tokens
-        default = self._defaults(sources, tensors[0])
-        out = []
-        for t, owner in zip(tensors, owners):
-            dst, src = self._kept_rows[owner]
-            mapped = t.new_empty((self.rows, *t.shape[1:]))
-            mapped.index_copy_(0, filled, default)  # every row not copied below is one of these
-            for a in range(0, dst.numel(), _ROW_BLOCK):
-                mapped.index_copy_(0, dst[a : a + _ROW_BLOCK], t.index_select(0, src[a : a + _ROW_BLOCK]))
-            if self.rows > self.size:  # padding: the input's mean row, as mergekit pads
-                mapped[self.size :] = torch.mean(mapped[: self.size], dim=0)
-            out.append(mapped)
+        sources = {o: _Rows(r) for o, r in zip(owners, readers)}
+        defaults = self._defaults(sources, torch.Size(row_shape), dtype)
+        out = [MappedRows(self, owner, reader, defaults) for reader, owner in zip(readers, owners)]
+        if self.rows > self.size:  # padding: the input's mean row, as mergekit pads
+            for m in out:
+                m.pad = mean_row(m, self.size, dtype)
         return out
+
+    def remap(self, tensors: list[torch.Tensor], owners: list[int]) -> list[torch.Tensor]:
+        """Each input's tensor with its rows on the output vocabulary, whole (`mapped` of
+        tensors in memory)."""
+        readers = [lambda a, b, t=t: t[a:b] for t in tensors]
+        return [m(0, self.rows) for m in self.mapped(readers, owners, tuple(tensors[0].shape[1:]), tensors[0].dtype)]
+
+    @cached_property
+    def fill_tokens(self) -> list[int]:
+        """The output tokens some input lacks (or that are forced): each input's row of them is
+        a default (`fill`)."""
+        return self._filled_tokens.tolist()
 
     @cached_property
     def _filled_tokens(self) -> torch.Tensor:
@@ -113,27 +119,88 @@ class Vocabulary:
             out.append((dst, rows[dst]))
         return out
 
-    def _defaults(self, sources: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def _defaults(self, sources: dict[int, _Rows], row_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """The rows of `_filled_tokens`, in that order."""
         tokens = self._filled_tokens.tolist()
-        default = like.new_zeros((len(tokens), *like.shape[1:]))
+        default = torch.zeros((len(tokens), *row_shape), dtype=dtype)
         for k, token in enumerate(tokens):
             how = self.fill[token]
             assert how is not None
             if how[0] == "zero":
                 continue
             if how[0] == "model":
-                default[k] = sources[how[1]][self.maps[how[1]][token]]
+                default[k] = sources[how[1]][int(self.maps[how[1]][token])]
                 continue
             if how[0] == "row":
                 default[k] = sources[how[1]][how[2]]
                 continue
             present = [i for i in sorted(sources) if self.maps[i][token] >= 0]
-            acc = like.new_zeros(like.shape[1:])
+            acc = torch.zeros(row_shape, dtype=dtype)
             for i in present:  # in input order, one add at a time, as mergekit sums them
-                acc = acc + sources[i][self.maps[i][token]]
+                acc = acc + sources[i][int(self.maps[i][token])]
             default[k] = acc / len(present)
         return default
+
+
+RowReader = Callable[[int, int], torch.Tensor]
+"""`reader(a, b)`: rows `[a, b)` of one input's token-indexed tensor, on its own vocabulary."""
+
+
+class _Rows:
+    """One row of an input by index (`rows[r]`), read through its `RowReader`."""
+
+    def __init__(self, reader: RowReader):
+        self.reader = reader
+
+    def __getitem__(self, r: int) -> torch.Tensor:
+        return self.reader(r, r + 1)[0]
+
+
+class MappedRows:
+    """One input's token-indexed tensor on the output vocabulary: `mapped(a, b)` gives output
+    rows `[a, b)`, read a block at a time, so that no whole copy of the tensor is made.
+
+    The rows of tokens the input has are read through its `RowReader`, a run of consecutive
+    rows at a time; the rows of tokens it lacks (or that are forced) are the vocabulary's
+    defaults, worked out once from the rows they name; padding rows are the input's mean row.
+    """
+
+    def __init__(self, vocab: Vocabulary, owner: int, reader: RowReader, defaults: torch.Tensor):
+        self.vocab, self.reader, self.defaults = vocab, reader, defaults
+        self.dst, self.src = vocab._kept_rows[owner]
+        self.pad: torch.Tensor | None = None
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        vocab = self.vocab
+        out = self.defaults.new_empty((b - a, *self.defaults.shape[1:]))
+        span = torch.tensor([a, min(b, vocab.size)])
+        filled = vocab._filled_tokens  # first: a token this input has keeps its own row, below
+        lo, hi = (int(i) for i in torch.searchsorted(filled, span))
+        if hi > lo:
+            out[filled[lo:hi] - a] = self.defaults[lo:hi]
+        lo, hi = (int(i) for i in torch.searchsorted(self.dst, span))
+        dst, src = self.dst[lo:hi], self.src[lo:hi]
+        if dst.numel():  # runs of rows consecutive in both vocabularies, one read each
+            breaks = ((dst[1:] - dst[:-1]) != 1) | ((src[1:] - src[:-1]) != 1)
+            edges = [0, *(breaks.nonzero().reshape(-1) + 1).tolist(), dst.numel()]
+            for i, j in zip(edges[:-1], edges[1:]):
+                first, length = int(src[i]), j - i
+                out[int(dst[i]) - a : int(dst[i]) - a + length] = self.reader(first, first + length)
+        if b > vocab.size:
+            assert self.pad is not None, "padding rows are read before the mean row is known"
+            out[max(a, vocab.size) - a :] = self.pad
+        return out
+
+
+def mean_row(rows: MappedRows, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of output rows `[0, size)`: summed in float64 a block of rows at a time, in
+    order, then divided and rounded to `dtype` (the same floats whichever way the rows are read)."""
+    total = None
+    for a in range(0, size, _ROW_BLOCK):
+        part = rows(a, min(a + _ROW_BLOCK, size)).double().sum(dim=0)
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total.div_(size).to(dtype)
 
 
 def is_vocab_tensor(name: str, shape: tuple[int, ...], rows: int | None) -> bool:

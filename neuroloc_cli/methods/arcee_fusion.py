@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.blockwise import magnitude_cut
+from neuroloc_cli.ops.flat import Input, flat
 from neuroloc_cli.ops.sums import pieces
 
 PROB_EPS = 1e-8  # added to both softmax distributions before the KL divergence (mergekit's)
 QUARTILES = (0.25, 0.5, 0.75)
+_SELECT_FROM = 1 << 17  # scores: from this many on, quartiles by `magnitude_cut` rather than a partition
 IQR_FACTOR = 1.5  # threshold = median + 1.5 · (q3 − q1), an outlier fence (mergekit's)
 
 
@@ -35,17 +38,24 @@ def quantile_index(q: float, n: int) -> int:
 
 def fusion_threshold(scores: torch.Tensor) -> float:
     """`median + 1.5 · (q3 − q1)` of all the scores, each quartile the exact order statistic
-    at `quantile_index` (a k-th value selection on the flattened tensor, no sampling): one
-    `np.partition` at the three positions (one copy of the scores), or `torch.kthvalue` where
-    a score is NaN or the dtype is not NumPy's."""
+    at `quantile_index` (no sampling, no interpolation), `scores` left as they are.
+
+    For a large float32/float64 tensor of non-negative scores (the usual case: |δ| · KL), each
+    quartile is a k-th largest found by `ops.blockwise.magnitude_cut` (a sample brackets it, one
+    pass collects the few candidates, a selection among them): linear time and no copy. Smaller
+    tensors, and ones with a negative score (a KL rounded below zero), take one NumPy partition
+    of a copy; ones with a NaN or of another dtype, `torch.kthvalue`."""
     flat = scores.reshape(-1)
-    at = [quantile_index(q, flat.numel()) for q in QUARTILES]
-    if flat.dtype in (torch.float32, torch.float64) and not bool(flat.isnan().any()):
-        part = np.partition(flat.numpy(), sorted(set(at)))
-        q1, median, q3 = (float(part[i]) for i in at)
-        del part
-    else:
+    n = flat.numel()
+    at = [quantile_index(q, n) for q in QUARTILES]
+    if flat.dtype not in (torch.float32, torch.float64) or bool(flat.isnan().any()):
         q1, median, q3 = (float(torch.kthvalue(flat, i + 1).values) for i in at)
+    elif n >= _SELECT_FROM and float(flat.min()) >= 0:
+        # the i-th smallest is the (n − i)-th largest, and |s| = s
+        q1, median, q3 = (magnitude_cut(None, flat, n - i).value for i in at)
+    else:
+        values = np.partition(flat.numpy(), sorted(set(at)))
+        q1, median, q3 = (float(values[i]) for i in at)
     # the fence is computed in the scores' dtype, as the sorted values are subtracted there
     fence = torch.tensor([median, q3, q1], dtype=scores.dtype)
     return float(fence[0] + IQR_FACTOR * (fence[1] - fence[2]))
@@ -56,8 +66,9 @@ def fusion_threshold(scores: torch.Tensor) -> float:
     needs_base=True,
     max_models=1,
     paper="Arcee AI, Arcee Fusion (arcee.ai; mergekit's arcee_fusion)",
+    reads_in_pieces=True,
 )
-def arcee_fusion(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def arcee_fusion(base: Input, tensors: Sequence[Input]) -> Iterator[torch.Tensor]:
     """Take the other model's elements whose importance reaches an outlier fence, the base's elsewhere.
 
     `s = |θ_1 − θ_0| · KL(softmax(θ_1) ‖ softmax(θ_0))` per element (the divergence one value
@@ -70,18 +81,18 @@ def arcee_fusion(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.T
     neuroloc always takes the exact values, so it agrees with mergekit on tensors of up to a
     million elements and is deterministic on all.
     """
-    # row blocks (`ops.sums.pieces` of rows): each row's divergence is its own, so the scores
-    # and the result are the same floats as whole-tensor ones, without their temporaries
-    other = tensors[0]
-    b2 = base.reshape(-1, base.shape[-1]) if base.dim() else base.reshape(1, 1)
-    o2 = other.reshape(b2.shape)
-    blocks = [slice(c.start // b2.shape[1], c.stop // b2.shape[1]) for c in pieces(b2.numel(), b2.shape[1])] if b2.shape[1] else []
-    scores = torch.empty_like(b2)
-    for r in blocks:
-        scores[r] = importance(b2[r], o2[r])
-    keep = scores >= fusion_threshold(scores)
-    del scores
-    out = torch.empty_like(b2)
-    for r in blocks:
-        out[r] = (o2[r] - b2[r]).mul_(keep[r]).add_(b2[r])
-    return out.view(base.shape)
+    # pieces of whole rows (`ops.sums.pieces`): each row's divergence is its own, so the scores
+    # are the same floats as whole-tensor ones; the scores are the only tensor of the tensor's size
+    fb, fo = flat(base), flat(tensors[0])
+    n = fb.numel()
+    if n == 0:
+        yield torch.empty(0, dtype=base.dtype)
+        return
+    cols = base.shape[-1] if len(base.shape) else 1
+    rows = list(pieces(n, cols))
+    scores = torch.empty(n, dtype=base.dtype)
+    for c in rows:
+        scores[c] = importance(fb[c].view(-1, cols), fo[c].view(-1, cols)).reshape(-1)
+    fence = fusion_threshold(scores)
+    for c in rows:
+        yield (fo[c] - fb[c]).mul_(scores[c] >= fence).add_(fb[c])

@@ -16,6 +16,13 @@ and `languages:`) declare `roles`; the function then takes each role's tensor by
 per-model parameter arrives as one value per entry of the list role (`weight` of each
 language).
 
+Methods whose output at one element depends on the whole tensor (a norm, an angle, a
+selection) declare `reads_in_pieces`: the function reads its inputs a flat piece at a time
+(`ops.flat`: the engine hands it inputs read from the checkpoints piece by piece, tests hand
+it tensors) and yields its result in consecutive flat pieces, so that neither its inputs nor
+a float copy of its result are ever whole in memory. Called as a `MergeMethod`, it returns
+the assembled tensor like any other method.
+
 Methods that need numbers of the whole model before merging any tensor (MAET ranks every
 tensor first) declare `statistics`: per-tensor `Statistic`s that the engine computes in a
 first streaming pass (`merge.stats`), and a `select` that turns them into extra keyword
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +104,8 @@ class MergeMethod:
             the per-tensor `context` arguments (`select(TensorStatistics) -> Prepared`).
         context: names of the per-tensor arguments `select` provides.
         check: extra recipe checks, `check(recipe) -> list of problems`, or None.
+        reads_in_pieces: whether the function reads its inputs by flat pieces and yields its
+            result in pieces (see the module docstring).
         check_values: a check of the parameters as resolved at one tensor,
             `check_values(whole, per_model) -> problem or None`; the planner runs it at every
             merged tensor, so that values the method cannot use (weights summing to zero
@@ -120,6 +129,7 @@ class MergeMethod:
     context: tuple[str, ...] = ()
     check: Callable[..., list[str]] | None = None
     check_values: Callable[[dict[str, Scalar], Sequence[dict[str, Scalar]]], str | None] | None = None
+    reads_in_pieces: bool = False
 
     @property
     def summary(self) -> str:
@@ -136,12 +146,17 @@ class MergeMethod:
         context: dict[str, Any] | None = None,
         roles: Sequence[str] = (),
         fn: MethodFn | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Call the method (or, as `fn`, one of its statistics) with parameters resolved for
         one tensor and `select`'s context.
 
         Args:
+            tensors: tensors, or for a method that `reads_in_pieces`, tensors or `ops.flat.Flat`s.
             roles: the role of each of `tensors` (`MergePlan.roles`); used by role methods.
+            out_dtype: for a method that `reads_in_pieces`, the dtype its pieces are assembled
+                in (each converted as it comes, as `.to(out_dtype)` of the whole would); by
+                default the inputs'. Other methods return the compute dtype.
         """
         kwargs: dict[str, Any] = {_pyname(k): v for k, v in whole.items()}
         per_model_params = [p for p in self.params if p.per_model]
@@ -155,7 +170,23 @@ class MergeMethod:
             kwargs["generator"] = generator
         kwargs.update(context or {})
         call = fn or self.fn
-        return call(base, **kwargs) if self.roles else call(base, tensors, **kwargs)
+        result = call(base, **kwargs) if self.roles else call(base, tensors, **kwargs)
+        if self.reads_in_pieces and fn is None:
+            like = base if base is not None else tensors[0]
+            return _assemble(result, like.shape, out_dtype or like.dtype)
+        return result
+
+
+def _assemble(pieces: Iterator[torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of `shape` and `dtype` from consecutive flat pieces."""
+    out = torch.empty(shape, dtype=dtype)
+    flat, at = out.view(-1), 0
+    for piece in pieces:
+        flat[at : at + piece.numel()] = piece.reshape(-1)
+        at += piece.numel()
+    if at != flat.numel():
+        raise RuntimeError(f"a method yielded {at} elements for a tensor of {flat.numel()}")
+    return out
 
 
 # Roles that name one model; any other role (`languages`) is a list of models.
@@ -196,6 +227,7 @@ def merge_method(
     context: Sequence[str] = (),
     check: Callable[..., list[str]] | None = None,
     check_values: Callable[[dict[str, Scalar], Sequence[dict[str, Scalar]]], str | None] | None = None,
+    reads_in_pieces: bool = False,
 ) -> Callable[[MethodFn], MergeMethod]:
     """Register a tensor function as the merge method `name`.
 
@@ -225,6 +257,7 @@ def merge_method(
             tuple(context),
             check,
             check_values,
+            reads_in_pieces,
         )
 
     return METHODS.decorator(name, wrap)

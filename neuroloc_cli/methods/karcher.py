@@ -3,74 +3,66 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.methods.nuslerp import base_not_listed
-from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
+from neuroloc_cli.ops.flat import Input, flat
+from neuroloc_cli.ops.sums import fixed_gram, gram_product, gram_quadratic, pieces
 from neuroloc_cli.recipe.params import Param
 
 
-def _norm(v: torch.Tensor) -> float:
-    return math.sqrt(fixed_dot(v, v))
-
-
-def karcher_mean(vectors: Sequence[torch.Tensor], alphas: Sequence[float], max_iter: int, tol: float) -> torch.Tensor:
-    """The weighted Karcher mean of `vectors`' directions, times `Σ α_i ‖v_i‖`.
+def karcher_coefficients(gram: Sequence[Sequence[float]], alphas: Sequence[float], max_iter: int, tol: float) -> list[float]:
+    """The weighted Karcher mean of vectors' directions, times `Σ α_i ‖v_i‖`, as coefficients
+    `c_i` of the vectors (the mean is `Σ c_i v_i`), from their Gram matrix.
 
     Vectors with norm ≤ `tol` take no part in the direction (their α do in the scale).
     Iterates `m ← cos‖τ‖ m + sin‖τ‖ τ/‖τ‖`, `τ = Σ α̂_i θ_i/sin θ_i (u_i − cos θ_i m)`, up to
     `max_iter` times, until ‖τ‖ < `tol`; inputs within angle `tol` of `m` add nothing to `τ`.
+    Every iterate is a combination of the unit vectors `u_i`, so each is kept as its
+    coefficients and every norm and angle is read off the Gram matrix, in float64.
     """
-    # piece by piece (`ops.sums.pieces`), the unit vectors recomputed from the inputs in each
-    # pass, so that the mean and the tangent are the only full-size tensors made (the same floats)
-    flat = [v.reshape(-1) for v in vectors]
-    norms = [_norm(v) for v in flat]
-    valid = [i for i, n in enumerate(norms) if n > tol]
+    count = len(gram)
+    norms = [math.sqrt(gram[i][i]) for i in range(count)]
+    valid = [i for i, x in enumerate(norms) if x > tol]
     if not valid:
-        return torch.zeros_like(vectors[0])
+        return [0.0] * count
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
+    units = [[gram[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]  # ⟨u_i, u_j⟩, a valid norm is > tol >= 0
+    k = len(valid)
 
-    def units(c: slice) -> list[torch.Tensor]:
-        return [flat[i][c] / norms[i] for i in valid]  # a valid norm is > tol >= 0
+    def length(a: list[float]) -> float:
+        return math.sqrt(max(gram_quadratic(units, a), 0.0))
 
-    mean = torch.zeros_like(flat[0])
-    for c in pieces(mean.numel()):
-        for a, u in zip(weights, units(c)):
-            mean[c].add_(u, alpha=a)
-    mean_norm = _norm(mean)
-    if mean_norm < tol:
-        mean = flat[valid[0]] / norms[valid[0]]
-    else:
-        mean /= mean_norm
-    tangent = torch.empty_like(mean)
+    start = length(weights)  # of the weighted mean of the unit vectors
+    mean = [1.0] + [0.0] * (k - 1) if start < tol else [a / start for a in weights]
     for _ in range(int(max_iter)):
-        blocks: list[list[float]] = [[] for _ in valid]
-        for c in pieces(mean.numel()):
-            for part, u in zip(blocks, units(c)):
-                part += dot_blocks(mean[c], u)
-        steps = []
-        for a, part in zip(weights, blocks):
-            cos = max(-1.0, min(1.0, math.fsum(part)))
+        tangent = [0.0] * k
+        along = 0.0  # the tangent's part along m: Σ step_i cos θ_i
+        for i, (a, cos) in enumerate(zip(weights, gram_product(units, mean))):
+            cos = max(-1.0, min(1.0, cos))
             theta = math.acos(cos)
-            steps.append(None if theta < tol else (cos, a * theta / math.sin(theta)))
-        tangent.zero_()
-        for c in pieces(mean.numel()):
-            for step, u in zip(steps, units(c)):
-                if step is not None:
-                    tangent[c].add_(u - mean[c] * step[0], alpha=step[1])
-        tangent_norm = _norm(tangent)
+            if theta >= tol:
+                step = a * theta / math.sin(theta)
+                tangent[i] += step
+                along += step * cos
+        tangent = [t - along * m for t, m in zip(tangent, mean)]
+        tangent_norm = length(tangent)
         if tangent_norm < tol:
             break
-        for c in pieces(mean.numel()):
-            mean[c] = mean[c] * math.cos(tangent_norm) + tangent[c] * (math.sin(tangent_norm) / tangent_norm)
-        unit_norm = _norm(mean)
-        if unit_norm > tol:
-            mean /= unit_norm
-    return mean.mul_(sum(a * n for a, n in zip(alphas, norms))).view(vectors[0].shape)
+        cos, sinc = math.cos(tangent_norm), math.sin(tangent_norm) / tangent_norm
+        mean = [m * cos + t * sinc for m, t in zip(mean, tangent)]
+        unit = length(mean)
+        if unit > tol:
+            mean = [m / unit for m in mean]
+    scale = math.fsum(a * x for a, x in zip(alphas, norms))
+    out = [0.0] * count
+    for i, m in zip(valid, mean):
+        out[i] = scale * m / norms[i]
+    return out
 
 
 @merge_method(
@@ -83,8 +75,9 @@ def karcher_mean(vectors: Sequence[torch.Tensor], alphas: Sequence[float], max_i
     ),
     paper="Karcher mean merging (arXiv:2603.04972); Karcher 1977, Riemannian center of mass; as in mergekit",
     check=base_not_listed,
+    reads_in_pieces=True,
 )
-def karcher(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, max_iter: float, tol: float) -> torch.Tensor:
+def karcher(base: Input | None, tensors: Sequence[Input], *, max_iter: float, tol: float) -> Iterator[torch.Tensor]:
     """Equal-weight Karcher (Fréchet) mean of the models' directions, scaled by their mean norm.
 
     `u_i = θ_i / ‖θ_i‖`; `m = argmin Σ d(m, u_i)²` on the unit sphere (iterated from the
@@ -92,9 +85,20 @@ def karcher(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, max_i
 
     As in mergekit 0.1.5: every input counts, the base model too when `base_model` is given
     (first); one input is returned unchanged; the whole tensor is one vector; `max_iter` (10)
-    and `tol` (1e-5) as there. Whole-tensor sums are in float64.
+    and `tol` (1e-5) as there. Two passes over the inputs: their Gram matrix (float64,
+    `ops.sums.fixed_gram`), from which the mean is iterated (`karcher_coefficients`), then the
+    result `Σ c_i θ_i`.
     """
-    inputs = ([base] if base is not None else []) + list(tensors)
+    inputs = [flat(x) for x in ([base] if base is not None else []) + list(tensors)]
+    n = inputs[0].numel()
     if len(inputs) == 1:
-        return inputs[0].clone()
-    return karcher_mean(inputs, [1.0 / len(inputs)] * len(inputs), int(max_iter), float(tol))
+        yield from (inputs[0][c] for c in pieces(n))
+        return
+    gram = fixed_gram(n, len(inputs), lambda c: [x[c] for x in inputs])
+    coefficients = karcher_coefficients(gram, [1.0 / len(inputs)] * len(inputs), int(max_iter), float(tol))
+    for c in pieces(n):
+        out = torch.zeros_like(inputs[0][c])
+        for x, k in zip(inputs, coefficients):
+            if k:
+                out.add_(x[c], alpha=k)
+        yield out

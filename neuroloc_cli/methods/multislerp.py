@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from neuroloc_cli.errors import InputError
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.methods.nuslerp import base_not_listed
-from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
+from neuroloc_cli.ops.flat import Input, flat
+from neuroloc_cli.ops.sums import fixed_gram, gram_product, gram_quadratic, pieces
 from neuroloc_cli.recipe.params import Param, Scalar
-
-
-def _norm(v: torch.Tensor) -> float:
-    return math.sqrt(fixed_dot(v, v))
 
 
 def summable(whole: Mapping[str, Scalar], per_model: Sequence[Mapping[str, Scalar]]) -> str | None:
@@ -37,10 +34,11 @@ def summable(whole: Mapping[str, Scalar], per_model: Sequence[Mapping[str, Scala
     paper="Goddard 2025, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea); as in mergekit",
     check=base_not_listed,
     check_values=summable,
+    reads_in_pieces=True,
 )
 def multislerp(
-    base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize_weights: bool, eps: float
-) -> torch.Tensor:
+    base: Input | None, tensors: Sequence[Input], *, weight: Sequence[float], normalize_weights: bool, eps: float
+) -> Iterator[torch.Tensor]:
     """Weighted mean of several models on a hypersphere, through the tangent space at their mean.
 
     `v_i = θ_i` (or `θ_i − θ_0` with a base), `u_i = v_i / (‖v_i‖ + ε)`, `m = Σ w_i u_i / ‖Σ w_i u_i‖`,
@@ -49,60 +47,48 @@ def multislerp(
 
     As in mergekit 0.1.5: the whole tensor is one vector; one model gives that model unchanged;
     where the weighted mean of the unit vectors is ~0 (‖·‖ < ε), two models are mixed linearly,
-    `w_1 v_1 + w_2 v_2` (plus `θ_0`), and more are an error. Whole-tensor sums are in float64.
+    `w_1 v_1 + w_2 v_2` (plus `θ_0`), and more are an error.
+
+    Every vector above is a combination of the `v_i`, so the method works on coefficients: one
+    pass takes the Gram matrix `⟨v_i, v_j⟩` (float64, `ops.sums.fixed_gram`), the mean and the
+    tangent are worked out from it in float64, and a second pass writes `Σ c_i v_i`.
     """
-    if len(tensors) == 1:
-        return tensors[0].clone()
-    # piece by piece (`ops.sums.pieces`), the vectors and unit vectors recomputed in each pass,
-    # so that the mean and the tangent are the only full-size tensors made (the same floats)
-    flat, fb = [t.reshape(-1) for t in tensors], None if base is None else base.reshape(-1)
+    flats, fb = [flat(t) for t in tensors], None if base is None else flat(base)
+    n = flats[0].numel()
+    if len(flats) == 1:
+        yield from (flats[0][c] for c in pieces(n))
+        return
     w = [float(x) for x in weight]
     if normalize_weights:
         total = sum(w)
         w = [x / total for x in w]
 
     def vectors(c: slice) -> list[torch.Tensor]:
-        return [t[c] for t in flat] if fb is None else [t[c] - fb[c] for t in flat]
+        return [t[c] for t in flats] if fb is None else [t[c] - fb[c] for t in flats]
 
-    def units(c: slice) -> list[torch.Tensor]:
-        return [v / (n + eps) for v, n in zip(vectors(c), norms)]
-
-    norms = [math.sqrt(math.fsum(part)) for part in _blocks(flat[0].numel(), lambda c: [(v, v) for v in vectors(c)], len(flat))]
-    mean = torch.empty_like(flat[0])
-    for c in pieces(mean.numel()):
-        us = units(c)
-        mean[c] = sum((u * wi for u, wi in zip(us[1:], w[1:])), us[0] * w[0])
-    mean_norm = _norm(mean)
+    gram = fixed_gram(n, len(flats), vectors)
+    norms = [math.sqrt(gram[i][i]) for i in range(len(flats))]
+    inv = [1.0 / (x + eps) for x in norms]  # u_i = inv_i · v_i
+    units = [[g * inv[i] * inv[j] for j, g in enumerate(row)] for i, row in enumerate(gram)]  # ⟨u_i, u_j⟩
+    mean_norm = math.sqrt(max(gram_quadratic(units, w), 0.0))
     if mean_norm < eps:
-        if len(flat) != 2:
+        if len(flats) != 2:
             raise InputError(
                 "multislerp: the weighted sum of the models' unit vectors is zero at this tensor",
                 hint="antipodal models with balancing weights; change a weight",
             )
-        for c in pieces(mean.numel()):
-            v0, v1 = vectors(c)
-            mean[c] = v0 * w[0] + v1 * w[1] if fb is None else (v0 * w[0] + v1 * w[1]).add_(fb[c])
-        return mean.view(tensors[0].shape)
-    mean /= mean_norm
-    dots = [math.fsum(part) for part in _blocks(mean.numel(), lambda c: [(u, mean[c]) for u in units(c)], len(flat))]
-    tangent = torch.zeros_like(mean)
-    for c in pieces(mean.numel()):
-        for u, wi, dot in zip(units(c), w, dots):
-            tangent[c].add_(u - mean[c] * dot, alpha=wi)
-    tangent_norm = _norm(tangent) + eps
-    scale = sum(n * wi for n, wi in zip(norms, w))
-    for c in pieces(mean.numel()):  # the result over the mean, which is the method's own
-        out = mean[c] * math.cos(tangent_norm) + tangent[c] * (math.sin(tangent_norm) / tangent_norm)
-        out *= scale
-        mean[c] = out if fb is None else out.add_(fb[c])
-    return mean.view(tensors[0].shape)
-
-
-def _blocks(n: int, pairs, count: int) -> list[list[float]]:
-    """`count` float64 dot products, piece by piece: `pairs(c)` gives the count pairs of
-    vectors at piece `c`; the block sums of each (`ops.sums.dot_blocks`), for `math.fsum`."""
-    out: list[list[float]] = [[] for _ in range(count)]
+        coefficients = w
+    else:
+        mean = [x / mean_norm for x in w]  # m = Σ mean_i u_i
+        along = math.fsum(wi * d for wi, d in zip(w, gram_product(units, mean)))  # Σ w_i ⟨u_i, m⟩
+        tangent = [wi - along * mi for wi, mi in zip(w, mean)]  # τ = Σ tangent_i u_i
+        tangent_norm = math.sqrt(max(gram_quadratic(units, tangent), 0.0)) + eps
+        scale = math.fsum(x * wi for x, wi in zip(norms, w))
+        cos, sinc = math.cos(tangent_norm), math.sin(tangent_norm) / tangent_norm
+        coefficients = [scale * (mi * cos + ti * sinc) * inv_i for mi, ti, inv_i in zip(mean, tangent, inv)]
     for c in pieces(n):
-        for part, (a, b) in zip(out, pairs(c)):
-            part += dot_blocks(a, b)
-    return out
+        vs = vectors(c)
+        out = vs[0] * coefficients[0]
+        for v, k in zip(vs[1:], coefficients[1:]):
+            out.add_(v, alpha=k)
+        yield out if fb is None else out.add_(fb[c])

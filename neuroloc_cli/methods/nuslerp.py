@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.flat import Input, flat, whole
 from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
 from neuroloc_cli.recipe.params import Param
 
@@ -37,17 +38,15 @@ def interpolation_t(weight: Sequence[float]) -> float:
     return 0.5 if abs(total) < WEIGHT_EPS else weight[1] / total
 
 
-def _rows(v: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
-    """The vectors that are interpolated, one per row of the result."""
-    if flatten:
-        return v.reshape(1, -1)
+def _rows(v: torch.Tensor, row_wise: bool) -> torch.Tensor:
+    """The vectors that are interpolated without `nuslerp_flatten`, one per row of the result."""
     if row_wise:  # mergekit's `dim=0`: the vectors run along the first dimension
         v = v.transpose(0, -1).contiguous()
     return v.reshape(-1, v.shape[-1]) if v.dim() else v.reshape(1, 1)
 
 
-def _unrows(out: torch.Tensor, like: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
-    if flatten or not row_wise or like.dim() < 2:
+def _unrows(out: torch.Tensor, like: torch.Tensor, row_wise: bool) -> torch.Tensor:
+    if not row_wise or like.dim() < 2:
         return out.reshape(like.shape)
     shape = list(like.transpose(0, -1).shape)
     return out.reshape(shape).transpose(0, -1).contiguous()
@@ -93,15 +92,16 @@ def slerp_scales(dots: torch.Tensor, t: float, dtype: torch.dtype) -> tuple[torc
     ),
     paper="mergekit's NuSLERP (arcee-ai/mergekit); Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
     check=base_not_listed,
+    reads_in_pieces=True,
 )
 def nuslerp(
-    base: torch.Tensor | None,
-    tensors: Sequence[torch.Tensor],
+    base: Input | None,
+    tensors: Sequence[Input],
     *,
     weight: Sequence[float],
     nuslerp_row_wise: bool,
     nuslerp_flatten: bool,
-) -> torch.Tensor:
+) -> Iterator[torch.Tensor]:
     """Spherical interpolation of two models by their weights, or of their task vectors from a base.
 
     `t = w_2 / (w_1 + w_2)`; `slerp(v_1, v_2, t) = (sin((1−t)Ω) v_1 + sin(tΩ) v_2) / sin Ω`, with
@@ -111,24 +111,28 @@ def nuslerp(
     without it each row is (the last dimension), or with `nuslerp_row_wise` each column (the
     first dimension). Norms are clamped at 1e-7, colinear vectors (`1 − cos² ≤ 1e-16`) are
     interpolated linearly, and weights summing to ~0 (|Σ| < 1e-6) give t = 0.5.
+
+    The flattened interpolation reads its inputs piece by piece (two passes: the dot products,
+    then the result); the row and column modes take the tensors whole.
     """
     t = interpolation_t(weight)
-    v0, v1 = tensors
-    row_wise, flatten = bool(nuslerp_row_wise), bool(nuslerp_flatten)
-    if flatten:
-        return _slerp_flat(base, v0, v1, t)
-    if base is not None:
-        v0, v1 = v0 - base, v1 - base
-    out = _unrows(slerp_rows(_rows(v0, row_wise, flatten), _rows(v1, row_wise, flatten), t), v0, row_wise, flatten)
-    return out if base is None else out.add_(base)
+    if nuslerp_flatten:
+        yield from _slerp_flat(base, tensors[0], tensors[1], t)
+        return
+    row_wise = bool(nuslerp_row_wise)
+    b, v0, v1 = None if base is None else whole(base), whole(tensors[0]), whole(tensors[1])
+    if b is not None:
+        v0, v1 = v0 - b, v1 - b
+    out = _unrows(slerp_rows(_rows(v0, row_wise), _rows(v1, row_wise), t), v0, row_wise)
+    yield out if b is None else out.add_(b)
 
 
-def _slerp_flat(base: torch.Tensor | None, x0: torch.Tensor, x1: torch.Tensor, t: float) -> torch.Tensor:
+def _slerp_flat(base: Input | None, x0: Input, x1: Input, t: float) -> Iterator[torch.Tensor]:
     """`slerp_rows` of the whole flattened tensors (task vectors when `base` is given), plus
     the base: the same floats, worked out piece by piece (`ops.sums.pieces`), the task vectors
-    recomputed in each of the two passes, so that the result is the only full-size tensor made."""
-    f0, f1 = x0.reshape(-1), x1.reshape(-1)
-    fb = None if base is None else base.reshape(-1)
+    recomputed in each of the two passes."""
+    f0, f1 = flat(x0), flat(x1)
+    fb = None if base is None else flat(base)
 
     def vectors(c: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return (f0[c], f1[c]) if fb is None else (f0[c] - fb[c], f1[c] - fb[c])
@@ -140,8 +144,7 @@ def _slerp_flat(base: torch.Tensor | None, x0: torch.Tensor, x1: torch.Tensor, t
         blocks[1].extend(dot_blocks(b, b))
         blocks[2].extend(dot_blocks(a, b))
     s0, s1 = slerp_scales(torch.tensor([[math.fsum(part) for part in blocks]], dtype=torch.float64), t, x0.dtype)
-    out = torch.empty_like(f0)
     for c in pieces(f0.numel()):
         a, b = vectors(c)
-        out[c] = (a * s0 + b * s1).reshape(-1) if fb is None else (a * s0 + b * s1).reshape(-1).add_(fb[c])
-    return out.view(x0.shape)
+        out = (a * s0 + b * s1).reshape(-1)
+        yield out if fb is None else out.add_(fb[c])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
+from neuroloc_cli.ops.flat import Input, flat
 from neuroloc_cli.ops.sums import pieces
 from neuroloc_cli.recipe.params import Param
 
@@ -51,8 +52,9 @@ def ram(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, epsilon: float) 
         EPSILON,
     ),
     paper=PAPER,
+    reads_in_pieces=True,
 )
-def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
+def ramplus_tl(base: Input, tensors: Sequence[Input], *, r: float, alpha: float, epsilon: float) -> Iterator[torch.Tensor]:
     """RAM with each model's unique changes scaled up by how much it shares, per tensor (RAM+).
 
     `λ_i = 1 + r · clamp(ρ_i, 0, α)`, `ρ_i = S_i / max(U_i, ε)`, where `S_i` and `U_i` count the
@@ -62,22 +64,22 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float,
     As in mergekit 0.1.5 (`r` 0.1, `alpha` 0.2, `epsilon` 1e-5): the counts are per tensor
     ("tensor-local"), not over the whole model.
     """
-    # two passes, piece by piece: the counts S_i and U_i, then the result (the method's own
-    # tensor); the task vectors are recomputed in each
+    # two passes, piece by piece: the counts S_i and U_i, then the result; the task vectors are
+    # recomputed in each
     eps = float(epsilon)
-    flat_base, flat = base.reshape(-1), [t.reshape(-1) for t in tensors]
-    shared_n, unique_n = [0] * len(flat), [0] * len(flat)
-    for c in pieces(flat_base.numel()):
-        changed = [(t[c] - flat_base[c]).abs_() > eps for t in flat]
+    flat_base, flats = flat(base), [flat(t) for t in tensors]
+    n = flat_base.numel()
+    shared_n, unique_n = [0] * len(flats), [0] * len(flats)
+    for c in pieces(n):
+        changed = [(t[c] - flat_base[c]).abs_() > eps for t in flats]
         shared = _count(changed, torch.int32) > 1
         for i, ch in enumerate(changed):
             both = int(torch.count_nonzero(ch & shared))
             shared_n[i] += both
             unique_n[i] += int(torch.count_nonzero(ch)) - both  # a changed element is shared or unique
     scales = [1 + float(r) * min(max(s / max(u, eps), 0.0), float(alpha)) for s, u in zip(shared_n, unique_n)]
-    out = torch.empty_like(flat_base)
-    for c in pieces(flat_base.numel()):
-        deltas = [t[c] - flat_base[c] for t in flat]
+    for c in pieces(n):
+        deltas = [t[c] - flat_base[c] for t in flats]
         changed = [d.abs() > eps for d in deltas]
         for d, ch in zip(deltas, changed):
             d.masked_fill_(~ch, 0)
@@ -87,8 +89,7 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float,
         total = torch.zeros_like(deltas[0])
         for d, scale in zip(deltas, scales):
             total.add_(torch.where(unique, d * scale, d / divisor))
-        out[c] = total.add_(flat_base[c])
-    return out.view(base.shape)
+        yield total.add_(flat_base[c])
 
 
 def _count(changed: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

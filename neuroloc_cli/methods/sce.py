@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.ops.blockwise import magnitude_cut
+from neuroloc_cli.ops.flat import Input, flat
 from neuroloc_cli.ops.reference import top_k
 from neuroloc_cli.ops.sums import dot_blocks, pieces
 from neuroloc_cli.recipe.params import Param
@@ -23,25 +24,38 @@ def selected_count(nonzero: int, share: float) -> int:
     return int(np.float32(nonzero) * np.float32(share))
 
 
-def select_mask(base: torch.Tensor, tensors: Sequence[torch.Tensor], share: float) -> torch.Tensor:
+def select_mask(base: Input, tensors: Sequence[Input], share: float) -> torch.Tensor:
     """The elements (of the flat tensors) whose task-vector variance across models is among the
     largest `share` of the elements with non-zero variance (ties in position order).
 
     The variance is computed piece by piece into one buffer, and the k-th largest found by
     `ops.blockwise.magnitude_cut` (a sample, one pass, a selection among the candidates), not
     by a sort: the mask of `ops.reference.top_k`, which remains the path for variances with a
-    NaN (it ranks them) and for half precision.
+    NaN (it ranks them) and for half precision. The mask is built piece by piece, so the
+    variance and the mask are the only tensors of the tensor's size.
     """
-    var = torch.empty_like(base)
-    for c in pieces(base.numel()):
-        var[c] = _variance([t[c] - base[c] for t in tensors])
+    n = base.numel()
+    var = torch.empty(n, dtype=base.dtype)
+    fused = len(tensors) == 2 and base.dtype in (torch.float32, torch.float64)
+    if fused:
+        from neuroloc_cli.ops import kernels as loops  # Numba, imported only when used
+    for c in pieces(n):
+        if fused:  # `_variance`'s floats in one loop (`ops.kernels.sce_variance2`)
+            loops.sce_variance2(base[c].numpy(), tensors[0][c].numpy(), tensors[1][c].numpy(), var[c].numpy())
+        else:
+            var[c] = _variance([t[c] - base[c] for t in tensors])
     k = selected_count(int(torch.count_nonzero(var)), share) if share > 0 else 0
     if var.dtype not in (torch.float32, torch.float64) or bool(var.isnan().any()):
         return top_k(var.abs(), k)
-    cut = magnitude_cut(torch.zeros_like(var), var, k)  # |var − 0| = var: it is never negative
-    keep = var > cut.value
-    end = var.numel() if cut.last_tie is None else cut.last_tie + 1
-    keep[:end] |= var[:end] == cut.value
+    cut = magnitude_cut(None, var, k)  # |var| = var: it is never negative
+    keep = torch.empty(n, dtype=torch.bool)
+    last = n - 1 if cut.last_tie is None else cut.last_tie
+    for c in pieces(n):
+        piece = var[c]
+        keep[c] = piece > cut.value
+        if c.start <= last:
+            ties = piece[: last + 1 - c.start] == cut.value
+            keep[c][: ties.numel()] |= ties
     return keep
 
 
@@ -63,8 +77,9 @@ def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
     needs_base=True,
     params=(Param("select_topk", default=1.0, low=0.0, high=1.0, help="share of elements kept, by variance across models"),),
     paper="Wan et al. 2024, FuseChat: Knowledge fusion of chat models, SCE (arXiv:2408.07990)",
+    reads_in_pieces=True,
 )
-def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float) -> torch.Tensor:
+def sce(base: Input, tensors: Sequence[Input], *, select_topk: float) -> Iterator[torch.Tensor]:
     """Keep the task-vector elements that vary most across models, weight models by their
     mean squared task vector, and average the ones agreeing with the elected sign.
 
@@ -79,32 +94,47 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     The task vectors are recomputed piece by piece (`ops.sums.pieces`) in each pass: the
     variance, the weights, the result; whole-tensor sums in float64 in a fixed order.
     """
-    flat_base, flat = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    flat_base, flats = flat(base), [flat(t) for t in tensors]
     n, share = flat_base.numel(), float(select_topk)
-    drop = select_mask(flat_base, flat, share).logical_not_() if share < 1 else None
+    keep = select_mask(flat_base, flats, share) if share < 1 else None
 
     def deltas(c: slice) -> list[torch.Tensor]:
-        ds = [t[c] - flat_base[c] for t in flat]
-        return ds if drop is None else [d.masked_fill_(drop[c], 0) for d in ds]
+        ds = [t[c] - flat_base[c] for t in flats]
+        return ds if keep is None else [d.mul_(keep[c]) for d in ds]  # mergekit's `δ · mask`
 
-    blocks: list[list[float]] = [[] for _ in flat]
+    blocks: list[list[float]] = [[] for _ in flats]
     for c in pieces(n):
         for part, d in zip(blocks, deltas(c)):
             part += dot_blocks(d, d)
     energy = [math.fsum(part) / max(n, 1) for part in blocks]
     total = sum(energy)
-    weights = [1.0 / len(flat)] * len(flat) if abs(total) < WEIGHT_EPS else [e / total for e in energy]
-    out = torch.empty_like(flat_base)
+    weights = [1.0 / len(flats)] * len(flats) if abs(total) < WEIGHT_EPS else [e / total for e in energy]
+    if base.dtype in (torch.float32, torch.float64):  # `_mix`'s floats in one loop (`ops.kernels.sce_mix`)
+        from neuroloc_cli.ops import kernels as loops
+
+        dt = np.float32 if base.dtype == torch.float32 else np.float64
+        w, eps, no_keep = np.array(weights, dt), dt(WEIGHT_EPS), np.empty(0, np.bool_)
+        for c in pieces(n):
+            out = torch.empty(c.stop - c.start, dtype=base.dtype)
+            tuned = torch.stack([t[c] for t in flats]).numpy()
+            mask = no_keep if keep is None else keep[c].numpy()
+            loops.sce_mix(flat_base[c].numpy(), tuned, mask, keep is not None, w, eps, out.numpy())
+            yield out
+        return
     for c in pieces(n):
-        ds = deltas(c)
-        mass = ds[0].clone()
-        for d in ds[1:]:
-            mass.add_(d)
-        elected = torch.where(mass >= 0, 1.0, -1.0).to(base.dtype)
-        merged, divisor = torch.zeros_like(mass), torch.zeros_like(mass)
-        for d, w in zip(ds, weights):
-            agree = (torch.sign(d) == elected).to(base.dtype) * w
-            merged.add_(d * agree)
-            divisor.add_(agree)
-        out[c] = merged.div_(divisor.clamp(min=WEIGHT_EPS)).add_(flat_base[c])
-    return out.view(base.shape)
+        yield _mix(flat_base[c], deltas(c), weights)
+
+
+def _mix(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The erase-and-mix of one piece: the elected sign of the summed task vectors, and `base
+    + Σ w_i a_i δ_i / max(Σ w_i a_i, 1e-6)` over the vectors that agree with it."""
+    mass = deltas[0].clone()
+    for d in deltas[1:]:
+        mass.add_(d)
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(base.dtype)
+    merged, divisor = torch.zeros_like(mass), torch.zeros_like(mass)
+    for d, w in zip(deltas, weights):
+        agree = (torch.sign(d) == elected).to(base.dtype) * w
+        merged.add_(d * agree)
+        divisor.add_(agree)
+    return merged.div_(divisor.clamp(min=WEIGHT_EPS)).add_(base)

@@ -110,9 +110,10 @@ KEEP_ALL = Cut(-math.inf, last_tie=-1)  # every |δ| > -inf
 KEEP_NONE = Cut(math.inf, last_tie=-1)  # no |δ| > inf, no tie kept
 
 
-def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
+def magnitude_cut(base: torch.Tensor | None, tuned: torch.Tensor, k: int) -> Cut:
     """The `Cut` that keeps the `k` largest |tuned − base| (flat float32/float64 tensors),
-    equal magnitudes by position.
+    equal magnitudes by position; with `base` None, the `k` largest |tuned| (a zero base is
+    read, not made).
 
     A sample of 16384 magnitudes brackets the k-th largest; one pass counts what lies above
     the bracket and collects what lies inside it (with positions), and a k-th value
@@ -120,13 +121,15 @@ def magnitude_cut(base: torch.Tensor, tuned: torch.Tensor, k: int) -> Cut:
     and the last tie kept. If the bracket misses (skewed data), the selection runs on the
     whole tensor instead: the result is the same, only slower.
     """
-    n = base.numel()
-    _check_sizes(base, tuned)
+    n = tuned.numel()
+    if base is not None:
+        _check_sizes(base, tuned)
     if k >= n:
         return KEEP_ALL
     if k <= 0:
         return KEEP_NONE
-    b, t = _np(base), _np(tuned)
+    t = _np(tuned)
+    b = _np(base) if base is not None else np.broadcast_to(np.zeros(1, t.dtype), t.shape)
     if n < _EXACT_BELOW:
         return _exact_cut(b, t, k)
     lo, hi = _bracket(b, t, k)

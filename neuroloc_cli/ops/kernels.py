@@ -333,3 +333,56 @@ def row_ranks(keys, m, out):
         base = r * m
         for p in range(m):
             out[base + idx[p]] = p
+
+
+@_jit
+def sce_variance2(base, a, b, out):
+    """out[i] = the population variance of the two task vectors `a[i] − base[i]` and `b[i] −
+    base[i]` (flat views of one float dtype), as PyTorch's CPU kernel computes `torch.var` of
+    their stack: Welford's update in float64 (`δ = x_1 − x_0`, `mean = x_0 + δ / 2`, `m2 =
+    δ · (x_1 − mean)`, divided by 2), rounded to the dtype of `out` (`methods.sce._variance`)."""
+    for i in range(base.size):
+        x0 = np.float64(a[i] - base[i])
+        x1 = np.float64(b[i] - base[i])
+        d = x1 - x0
+        mean = x0 + d / 2.0
+        out[i] = (x1 - mean) * d / 2.0
+
+
+@_jit
+def sce_mix(base, tuned, keep, masked, weights, eps, out):
+    """SCE's erase-and-mix over a piece (`methods.sce._mix`): per element the task vectors
+    `δ_j = tuned[j] − base` (times `keep` where `masked`), the elected sign of their sum (+1
+    where it is >= 0), and `out = base + Σ w_j a_j δ_j / max(Σ w_j a_j, eps)` with `a_j` whether
+    δ_j has that sign; every operation in the dtype of `base`, in the order of the PyTorch
+    formulation (models summed first to last), so that the floats are the same. Worked through
+    in blocks of `BLOCK` elements, model by model, so that the inner loops are branch-free."""
+    dt = base.dtype.type
+    m = tuned.shape[0]
+    factor = np.empty(BLOCK, base.dtype)
+    mass = np.empty(BLOCK, base.dtype)
+    merged = np.empty(BLOCK, base.dtype)
+    divisor = np.empty(BLOCK, base.dtype)
+    for start in range(0, base.size, BLOCK):
+        n = min(BLOCK, base.size - start)
+        b = base[start : start + n]
+        for i in range(n):
+            factor[i] = dt(keep[start + i]) if masked else dt(1)
+            mass[i] = dt(0)
+            merged[i] = dt(0)
+            divisor[i] = dt(0)
+        for j in range(m):
+            t = tuned[j, start : start + n]
+            for i in range(n):
+                mass[i] += (t[i] - b[i]) * factor[i]
+        for i in range(n):  # the elected sign, ±1: δ agrees where δ · sign > 0
+            mass[i] = dt(1) if mass[i] >= 0 else dt(-1)
+        for j in range(m):
+            t, w = tuned[j, start : start + n], weights[j]
+            for i in range(n):
+                d = (t[i] - b[i]) * factor[i]
+                agree = w * dt(d * mass[i] > 0)
+                merged[i] += d * agree
+                divisor[i] += agree
+        for i in range(n):
+            out[start + i] = merged[i] / max(divisor[i], eps) + b[i]

@@ -11,14 +11,14 @@ the result depends only on the values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 BLOCK = 4096
 CHUNK = 1 << 22  # elements converted to float64 at a time: no whole-tensor float64 copy
-PIECE = 1 << 20  # elements per piece of `pieces`: a whole number of BLOCKs
+PIECE = 1 << 18  # elements per piece of `pieces`: a whole number of BLOCKs, 1 MiB in float32 (few temporaries, cache-sized)
 
 
 def fixed_sum(values: torch.Tensor) -> float:
@@ -47,6 +47,31 @@ def dot_blocks(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """The float64 block sums of ⟨a, b⟩ (flat tensors of one size): `math.fsum` of the lists
     of the `pieces` of two tensors is their `fixed_dot`, the same float."""
     return [s for i in range(0, a.numel(), CHUNK) for s in _block_sums(a[i : i + CHUNK].double() * b[i : i + CHUNK].double())]
+
+
+def fixed_gram(n: int, count: int, vectors: Callable[[slice], Sequence[torch.Tensor]]) -> list[list[float]]:
+    """The Gram matrix `⟨v_i, v_j⟩` of `count` flat vectors of `n` elements, each entry the
+    float of their `fixed_dot`. `vectors(c)` gives the vectors' pieces at each slice `c` of
+    `pieces(n)`: one pass, each piece converted to float64 once."""
+    sums: dict[tuple[int, int], list[float]] = {(i, j): [] for i in range(count) for j in range(i, count)}
+    for c in pieces(n):
+        vs = [v.double() for v in vectors(c)]
+        for (i, j), part in sums.items():
+            part += _block_sums(vs[i] * vs[j])
+    gram = [[0.0] * count for _ in range(count)]
+    for (i, j), part in sums.items():
+        gram[i][j] = gram[j][i] = math.fsum(part)
+    return gram
+
+
+def gram_quadratic(gram: Sequence[Sequence[float]], a: Sequence[float]) -> float:
+    """`‖Σ a_i x_i‖²` from the Gram matrix of the `x_i`, summed exactly (`math.fsum`)."""
+    return math.fsum(a[i] * a[j] * g for i, row in enumerate(gram) for j, g in enumerate(row))
+
+
+def gram_product(gram: Sequence[Sequence[float]], a: Sequence[float]) -> list[float]:
+    """`⟨x_i, Σ a_j x_j⟩` for each i, from the Gram matrix of the `x_j`."""
+    return [math.fsum(g * aj for g, aj in zip(row, a)) for row in gram]
 
 
 def _block_sums(part: torch.Tensor) -> list[float]:
