@@ -363,6 +363,34 @@ def test_sce_loops_give_the_floats_of_the_pytorch_formulation(dtype, masked):
     torch.testing.assert_close(out, _mix(base, deltas, weights), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ramplus_loops_give_the_floats_of_the_pytorch_formulation(dtype, eps):
+    """`ops.kernels.ram_counts` and `ram_mix` against `_ramplus_counts` and `_ramplus_mix`, bit
+    for bit: changes at exactly ε (0.1 rounds up in float32, so ε is compared in the tensor's
+    dtype, as PyTorch compares), unchanged and shared elements, a NaN and an infinity."""
+    import numpy as np
+
+    from neuroloc_cli.methods.ram import _ramplus_counts, _ramplus_mix
+    from neuroloc_cli.ops import kernels
+
+    g = torch.Generator().manual_seed(7)
+    n = 40_000
+    base = torch.randn(n, generator=g, dtype=dtype)
+    tuned = [base + eps * torch.randn(n, generator=g, dtype=dtype) * 3 for _ in range(3)]
+    tuned[0][::5] = base[::5]
+    tuned[1][::9] = base[::9] + torch.tensor(eps, dtype=dtype)  # |δ| at ε itself, in the dtype
+    tuned[2][4], tuned[1][13] = float("nan"), float("inf")
+    dt = np.float32 if dtype == torch.float32 else np.float64
+    shared, unique = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    kernels.ram_counts(base.numpy(), torch.stack(tuned).numpy(), dt(eps), shared, unique)
+    assert (shared.tolist(), unique.tolist()) == _ramplus_counts(base, tuned, eps)
+    scales = [1.05, 1.2, 1.0]
+    out = torch.empty(n, dtype=dtype)
+    kernels.ram_mix(base.numpy(), torch.stack(tuned).numpy(), dt(eps), np.array(scales, dt), out.numpy())
+    torch.testing.assert_close(out, _ramplus_mix(base, tuned, eps, scales), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("share", [0.01, 0.3, 0.97])
 def test_sce_selection_equals_a_stable_sort(share):
     """The k-th value selection keeps what a stable descending sort of the variances keeps,

@@ -129,7 +129,13 @@ def test_two_process_lape_counts_equal_one_process_exactly(zoo, tmp_path):
 
 def test_two_process_landermt_run_equals_one_process(zoo, tmp_path):
     """The same global batches (one process × 2 rows, or two × 1 row): the same trained neurons,
-    up to float summation order; the never-active language's neurons bit for bit."""
+    up to float summation order; the never-active language's neurons bit for bit.
+
+    The updates are compared as tensors, not element by element: AdamW moves an element by
+    about the learning rate whatever the size of its gradient, so one whose gradient nearly
+    cancels can move differently on a different summation order (seen: 2.7e-5 on a few of
+    8192 elements, lr 1e-2). Gradients that were not averaged across the processes would
+    change most elements' updates, by far more than the tolerance."""
     from tests.test_train_landermt import _pairs, _routing
 
     base = zoo.get("llama", dtype=torch.float32).base
@@ -142,7 +148,11 @@ def test_two_process_landermt_run_equals_one_process(zoo, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     one, two, before = load_all(tmp_path / "one"), load_all(tmp_path / "two"), load_all(base)
     for n in before:
-        torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
+        step_one, step_two = one[n] - before[n], two[n] - before[n]
+        if not step_one.any():  # not trained: untouched in both
+            assert torch.equal(two[n], before[n]), n
+            continue
+        assert float((step_two - step_one).norm() / step_one.norm()) < 1e-3, n
     for key, (_, specific) in sets.items():
         for part, axis in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             name = f"{key}.{part}.weight"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from neuroloc_cli.methods.base import merge_method
@@ -65,31 +66,58 @@ def ramplus_tl(base: Input, tensors: Sequence[Input], *, r: float, alpha: float,
     ("tensor-local"), not over the whole model.
     """
     # two passes, piece by piece: the counts S_i and U_i, then the result; the task vectors are
-    # recomputed in each
+    # recomputed in each. float32 and float64 run compiled loops with the floats of
+    # `_ramplus_counts` and `_ramplus_mix` (`ops.kernels.ram_counts`, `ram_mix`)
     eps = float(epsilon)
     flat_base, flats = flat(base), [flat(t) for t in tensors]
-    n = flat_base.numel()
-    shared_n, unique_n = [0] * len(flats), [0] * len(flats)
-    for c in pieces(n):
-        changed = [(t[c] - flat_base[c]).abs_() > eps for t in flats]
-        shared = _count(changed, torch.int32) > 1
-        for i, ch in enumerate(changed):
-            both = int(torch.count_nonzero(ch & shared))
-            shared_n[i] += both
-            unique_n[i] += int(torch.count_nonzero(ch)) - both  # a changed element is shared or unique
+    n, m = flat_base.numel(), len(flats)
+    fused = base.dtype in (torch.float32, torch.float64)
+    if fused:
+        from neuroloc_cli.ops import kernels as loops  # Numba, imported only when used
+
+        dt = np.float32 if base.dtype == torch.float32 else np.float64
+        shared, unique = np.zeros(m, np.int64), np.zeros(m, np.int64)
+        for c in pieces(n):
+            loops.ram_counts(flat_base[c].numpy(), torch.stack([t[c] for t in flats]).numpy(), dt(eps), shared, unique)
+        shared_n, unique_n = shared.tolist(), unique.tolist()
+    else:
+        shared_n, unique_n = [0] * m, [0] * m
+        for c in pieces(n):
+            s, u = _ramplus_counts(flat_base[c], [t[c] for t in flats], eps)
+            shared_n, unique_n = [a + b for a, b in zip(shared_n, s)], [a + b for a, b in zip(unique_n, u)]
     scales = [1 + float(r) * min(max(s / max(u, eps), 0.0), float(alpha)) for s, u in zip(shared_n, unique_n)]
     for c in pieces(n):
-        deltas = [t[c] - flat_base[c] for t in flats]
-        changed = [d.abs() > eps for d in deltas]
-        for d, ch in zip(deltas, changed):
-            d.masked_fill_(~ch, 0)
-        counts = _count(changed, base.dtype)  # small whole numbers: exact in any float dtype
-        unique = counts == 1
-        divisor = counts.clamp_(min=1)
-        total = torch.zeros_like(deltas[0])
-        for d, scale in zip(deltas, scales):
-            total.add_(torch.where(unique, d * scale, d / divisor))
-        yield total.add_(flat_base[c])
+        if fused:
+            out = torch.empty(c.stop - c.start, dtype=base.dtype)
+            loops.ram_mix(flat_base[c].numpy(), torch.stack([t[c] for t in flats]).numpy(), dt(eps), np.array(scales, dt), out.numpy())
+            yield out
+        else:
+            yield _ramplus_mix(flat_base[c], [t[c] for t in flats], eps, scales)
+
+
+def _ramplus_counts(base: torch.Tensor, tuned: Sequence[torch.Tensor], eps: float) -> tuple[list[int], list[int]]:
+    """Per model, the elements of one piece it changes (`|δ| > ε`) together with another
+    model, and those it changes alone."""
+    changed = [(t - base).abs_() > eps for t in tuned]
+    shared = _count(changed, torch.int32) > 1
+    both = [int(torch.count_nonzero(ch & shared)) for ch in changed]
+    return both, [int(torch.count_nonzero(ch)) - b for ch, b in zip(changed, both)]  # a change is shared or unique
+
+
+def _ramplus_mix(base: torch.Tensor, tuned: Sequence[torch.Tensor], eps: float, scales: Sequence[float]) -> torch.Tensor:
+    """One piece of RAM+'s result: unique changes times their model's scale, shared ones
+    averaged over the models that made them, plus the base."""
+    deltas = [t - base for t in tuned]
+    changed = [d.abs() > eps for d in deltas]
+    for d, ch in zip(deltas, changed):
+        d.masked_fill_(~ch, 0)
+    counts = _count(changed, base.dtype)  # small whole numbers: exact in any float dtype
+    unique = counts == 1
+    divisor = counts.clamp_(min=1)
+    total = torch.zeros_like(deltas[0])
+    for d, scale in zip(deltas, scales):
+        total.add_(torch.where(unique, d * scale, d / divisor))
+    return total.add_(base)
 
 
 def _count(changed: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

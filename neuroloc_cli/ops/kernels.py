@@ -1,4 +1,5 @@
-"""Fused loops of the sparsify-and-mix family (ties, dare, breadcrumbs, della), compiled by Numba.
+"""Fused loops of the sparsify-and-mix family (ties, dare, breadcrumbs, della), and of sce's and
+ramplus_tl's passes, compiled by Numba.
 
 In PyTorch the family costs ~15 passes over tensor-sized temporaries per model, or, done in
 cache-sized blocks, ~50 small calls per block: either way several times a plain task
@@ -386,3 +387,62 @@ def sce_mix(base, tuned, keep, masked, weights, eps, out):
                 divisor[i] += agree
         for i in range(n):
             out[start + i] = merged[i] / max(divisor[i], eps) + b[i]
+
+
+@_jit
+def ram_counts(base, tuned, eps, shared, unique):
+    """RAM+'s counts over a piece (`methods.ram.ramplus_tl`): per model j, `shared[j] +=` the
+    elements it changes (`|tuned[j] − base| > eps`, in the dtype of `base`) together with
+    another model, `unique[j] +=` those it changes alone."""
+    m = tuned.shape[0]
+    count = np.empty(BLOCK, np.int64)
+    for start in range(0, base.size, BLOCK):
+        n = min(BLOCK, base.size - start)
+        b = base[start : start + n]
+        for i in range(n):
+            count[i] = 0
+        for j in range(m):
+            t = tuned[j, start : start + n]
+            for i in range(n):
+                count[i] += abs(t[i] - b[i]) > eps
+        for j in range(m):
+            t = tuned[j, start : start + n]
+            s = 0
+            u = 0
+            for i in range(n):
+                changed = abs(t[i] - b[i]) > eps
+                s += changed & (count[i] > 1)
+                u += changed & (count[i] == 1)
+            shared[j] += s
+            unique[j] += u
+
+
+@_jit
+def ram_mix(base, tuned, eps, scales, out):
+    """RAM+'s result over a piece (`methods.ram.ramplus_tl`): each model's changed task-vector
+    elements (`|δ_j| > eps`), the ones it alone changed times `scales[j]`, the shared ones
+    divided by how many models changed them, summed first model to last, plus the base; every
+    operation in the dtype of `base`, as in the PyTorch formulation, so that the floats are
+    the same."""
+    dt = base.dtype.type
+    m = tuned.shape[0]
+    count = np.empty(BLOCK, base.dtype)
+    total = np.empty(BLOCK, base.dtype)
+    for start in range(0, base.size, BLOCK):
+        n = min(BLOCK, base.size - start)
+        b = base[start : start + n]
+        for i in range(n):
+            count[i] = dt(0)
+            total[i] = dt(0)
+        for j in range(m):
+            t = tuned[j, start : start + n]
+            for i in range(n):
+                count[i] += dt(abs(t[i] - b[i]) > eps)
+        for j in range(m):
+            t, scale = tuned[j, start : start + n], scales[j]
+            for i in range(n):
+                d = t[i] - b[i]
+                d = d if abs(d) > eps else dt(0)
+                total[i] += d * scale if count[i] == 1 else d / max(count[i], dt(1))
+        for i in range(n):
+            out[start + i] = total[i] + b[i]
