@@ -86,7 +86,8 @@ class _Group(TyperGroup):
 
 
 def _what_was_written(paths: list[Path]) -> str:
-    """ "nothing was written", or the outputs already in place, each whole (at most three named)."""
+    """The end of an interrupted command's message: nothing was written, or which outputs are
+    already in place, each whole (at most three named)."""
     if not paths:
         return "nothing was written"
     named = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")

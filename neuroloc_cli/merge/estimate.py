@@ -10,8 +10,8 @@ the engine (`merge.run`, `merge.stream`), unit of work by unit of work:
   base as stored as well; each file parameter's tensor per model in float32 (`fisher:`,
   `gram:`). A tensor copied unchanged is read as stored.
 - While a unit is computed, the reader thread holds the next unit's inputs, unless one of
-  the two is a whole tensor larger than a block, or read in pieces (`merge.stream.read_alone`): those are
-  read one after the other. A unit's inputs and result are released before the next unit is
+  the two is a whole tensor larger than a block or is read in pieces
+  (`merge.stream.read_alone`): those are read one after the other. A unit's inputs and result are released before the next unit is
   handed over.
 - A method that reads its inputs in pieces (`merge.stream.reads_in_pieces`) holds a piece of
   each input instead, and its result in the output dtype beside at most one buffer of the
@@ -129,7 +129,7 @@ def _unit(plan: MergePlan, step: Step, rows: Rows) -> _Unit:
     inputs += 4 * n * sum(1 for files in plan.side.values() for f in files if step.name in f.shapes)
     if step.vocab:  # one run of an input's rows as read, and the rows of the tokens some input lacks
         assert plan.vocabulary is not None
-        inputs += c * n + c * len(plan.vocabulary.fill_tokens) * math.prod(step.out.shape[1:])
+        inputs += c * n + c * plan.vocabulary.filled_tokens.numel() * math.prod(step.out.shape[1:])
     work = 2 * c * n  # the method's result and one scratch buffer
     if plan.widen:
         work += 4 * n * len(read) + (4 - c) * 2 * n  # float32 inputs; result and scratch in float32

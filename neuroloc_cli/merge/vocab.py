@@ -89,21 +89,10 @@ class Vocabulary:
                 m.pad = mean_row(m, self.size, dtype)
         return out
 
-    def remap(self, tensors: list[torch.Tensor], owners: list[int]) -> list[torch.Tensor]:
-        """Each input's tensor with its rows on the output vocabulary, whole (`mapped` of
-        tensors in memory)."""
-        readers = [lambda a, b, t=t: t[a:b] for t in tensors]
-        return [m(0, self.rows) for m in self.mapped(readers, owners, tuple(tensors[0].shape[1:]), tensors[0].dtype)]
-
     @cached_property
-    def fill_tokens(self) -> list[int]:
-        """The output tokens some input lacks (or that are forced): each input's row of them is
-        a default (`fill`)."""
-        return self._filled_tokens.tolist()
-
-    @cached_property
-    def _filled_tokens(self) -> torch.Tensor:
-        """The tokens some input lacks (or that are forced): those `fill` gives a row."""
+    def filled_tokens(self) -> torch.Tensor:
+        """The output tokens some input lacks (or that are forced), ascending: those `fill`
+        gives a row (each input's row of them is a default)."""
         return torch.tensor([token for token, how in enumerate(self.fill) if how is not None], dtype=torch.long)
 
     @cached_property
@@ -111,7 +100,7 @@ class Vocabulary:
         """Per input, (output rows, its own rows) of the tokens it has and that are not forced."""
         out = []
         filled = torch.zeros(self.size, dtype=torch.bool)
-        filled[self._filled_tokens] = True
+        filled[self.filled_tokens] = True
         for rows in self.maps:
             have = (rows >= 0) & ~self.forced
             assert bool((have | filled).all()), "a token neither copied nor filled"
@@ -120,8 +109,8 @@ class Vocabulary:
         return out
 
     def _defaults(self, sources: dict[int, _Rows], row_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """The rows of `_filled_tokens`, in that order."""
-        tokens = self._filled_tokens.tolist()
+        """The rows of `filled_tokens`, in that order."""
+        tokens = self.filled_tokens.tolist()
         default = torch.zeros((len(tokens), *row_shape), dtype=dtype)
         for k, token in enumerate(tokens):
             how = self.fill[token]
@@ -174,7 +163,7 @@ class MappedRows:
         vocab = self.vocab
         out = self.defaults.new_empty((b - a, *self.defaults.shape[1:]))
         span = torch.tensor([a, min(b, vocab.size)])
-        filled = vocab._filled_tokens  # first: a token this input has keeps its own row, below
+        filled = vocab.filled_tokens  # first: a token this input has keeps its own row, below
         lo, hi = (int(i) for i in torch.searchsorted(filled, span))
         if hi > lo:
             out[filled[lo:hi] - a] = self.defaults[lo:hi]
