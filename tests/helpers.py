@@ -29,3 +29,24 @@ def console_script() -> str | None:
 
     exe = Path(sys.executable).with_name("neuroloc")
     return str(exe) if exe.is_file() else None
+
+
+def record_reads(monkeypatch) -> list[tuple[str, tuple[int, int] | None]]:
+    """Every `Checkpoint.read` from now on, as (tensor name, rows or None for the whole tensor)."""
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    real_read = Checkpoint.read
+
+    def recorded(self, tensor, rows=None, dtype=None):
+        reads.append((tensor, rows))
+        return real_read(self, tensor, rows, dtype)
+
+    monkeypatch.setattr(Checkpoint, "read", recorded)
+    return reads
+
+
+def read_inputs_whole(monkeypatch) -> None:
+    """Make the engine hand every method whole tensors, as it did before inputs were read in
+    pieces: the reference a merge read piece by piece is compared with."""
+    from neuroloc_cli.merge import stream
+
+    monkeypatch.setattr(stream, "reads_in_pieces", lambda plan, step: False)

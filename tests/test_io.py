@@ -206,7 +206,7 @@ def test_a_signal_during_the_commit_is_held_until_the_output_is_in_place(tmp_pat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_signals_held_raises_each_signal_once_after_the_block():
+def test_signals_held_raises_a_held_signal_after_the_block_and_nothing_without_one():
     import signal
 
     from neuroloc_cli.io.commit import signals_held

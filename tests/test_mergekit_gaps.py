@@ -14,7 +14,7 @@ import torch
 from neuroloc_cli.arch import layer_index
 from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, tiny_config, write_tokenizer
 from tests.conftest import write_recipe
-from tests.helpers import load_all
+from tests.helpers import load_all, read_inputs_whole, record_reads
 
 # -- the exaone chat template -------------------------------------------------------------------
 
@@ -435,28 +435,17 @@ def odd_rows(tmp_path_factory):
 def test_inputs_read_in_pieces_give_the_bytes_of_whole_inputs(odd_rows, cli, tmp_path, monkeypatch, name, dtypes):
     """The engine hands these methods inputs that read the rows holding each piece; the merge
     equals one whose inputs are read whole, and no merged tensor is ever read whole."""
-    from neuroloc_cli.io.checkpoint import Checkpoint
-    from neuroloc_cli.merge import run as run_mod
-    from neuroloc_cli.merge import stream
     from neuroloc_cli.ops import sums
 
     base, ft1, ft2 = odd_rows
     monkeypatch.setattr(sums, "PIECE", 2 * sums.BLOCK)  # 8192 elements: pieces end mid-row
     recipe = write_recipe(tmp_path, f"merge_method: {name}\n" + IN_PIECES[name].format(base=base, ft1=ft1, ft2=ft2) + dtypes)
-    reads: list[tuple[str, object]] = []
-    real_read = Checkpoint.read
-
-    def counted(self, tensor, rows=None, dtype=None):
-        reads.append((tensor, rows))
-        return real_read(self, tensor, rows, dtype)
-
-    monkeypatch.setattr(Checkpoint, "read", counted)
+    reads = record_reads(monkeypatch)
     r = cli("merge", recipe, "-o", tmp_path / "pieces")
     assert r.exit_code == 0, r.stderr
     merged = {t for t, rows in reads if rows is not None}
     assert "model.embed_tokens.weight" in merged and not merged & {t for t, rows in reads if rows is None}
-    for module in (stream, run_mod):
-        monkeypatch.setattr(module, "reads_in_pieces", lambda plan, step: False)
+    read_inputs_whole(monkeypatch)
     r = cli("merge", recipe, "-o", tmp_path / "whole")
     assert r.exit_code == 0, r.stderr
     a, b = load_all(tmp_path / "pieces"), load_all(tmp_path / "whole")

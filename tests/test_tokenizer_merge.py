@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from neuroloc_cli.synthetic import build_checkpoint, tiny_config, write_tokenizer
 from tests.conftest import write_recipe
+from tests.helpers import read_inputs_whole, record_reads
 
 EXTRA = ["<tool>", "<lang_xx>"]
 EXTRA_SPECIAL = ["<extra_sp>"]
@@ -242,8 +243,6 @@ def test_token_rows_are_read_a_block_at_a_time(tmp_path, cli, monkeypatch, metho
     """The embedding and head are read onto the output vocabulary a unit at a time (linear:
     blocks of 64 rows; karcher: pieces of 2048 elements), never whole, and the merge equals
     one whose token-indexed inputs are remapped whole; `pad_to_multiple_of` included."""
-    from neuroloc_cli.io.checkpoint import Checkpoint
-    from neuroloc_cli.merge import run as run_mod
     from neuroloc_cli.merge import stream, vocab
     from neuroloc_cli.ops import sums
 
@@ -258,22 +257,13 @@ def test_token_rows_are_read_a_block_at_a_time(tmp_path, cli, monkeypatch, metho
     monkeypatch.setattr(vocab, "_ROW_BLOCK", 64)  # the padding row's mean, too
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 64 * 64)  # rows of 64 elements: 64 rows a block
     monkeypatch.setattr(sums, "PIECE", 2048)
-    reads: list[tuple[str, object]] = []
-    real_read = Checkpoint.read
-
-    def counted(self, tensor, rows=None, dtype=None):
-        reads.append((tensor, rows))
-        return real_read(self, tensor, rows, dtype)
-
-    monkeypatch.setattr(Checkpoint, "read", counted)
+    reads = record_reads(monkeypatch)
     r = cli("merge", recipe, "-o", tmp_path / "blocks")
     assert r.exit_code == 0, r.stderr
     token_reads = [rows for t, rows in reads if t in ("model.embed_tokens.weight", "lm_head.weight")]
     assert token_reads and all(rows is not None and rows[1] - rows[0] <= 64 for rows in token_reads)
-    monkeypatch.setattr(Checkpoint, "read", real_read)
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 2**30)  # whole tensors, remapped whole
-    for module in (stream, run_mod):
-        monkeypatch.setattr(module, "reads_in_pieces", lambda plan, step: False)
+    read_inputs_whole(monkeypatch)
     r = cli("merge", recipe, "-o", tmp_path / "whole")
     assert r.exit_code == 0, r.stderr
     x, y = _tensors(tmp_path / "blocks"), _tensors(tmp_path / "whole")

@@ -38,8 +38,9 @@ def written_count() -> int:
 @contextmanager
 def signals_held() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM over a few system calls that must not be split (an old output
-    moved aside and the new one not yet in its place); a signal that came meanwhile is raised
-    as the block ends. Only the main thread receives signals, so elsewhere this does nothing."""
+    moved aside and the new one not yet in its place); the first signal that came meanwhile is
+    raised as the block ends. Only the main thread receives signals, so elsewhere this does
+    nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -51,5 +52,5 @@ def signals_held() -> Iterator[None]:
     finally:
         for s, handler in before.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+        if caught:  # the first: its exception ends the command, as a second one would
+            signal.raise_signal(caught[0])

@@ -30,9 +30,10 @@ from neuroloc_cli.io.writer import DEFAULT_MAX_SHARD_BYTES
 from neuroloc_cli.merge.masks import Rows
 from neuroloc_cli.merge.plan import MergePlan, Step
 from neuroloc_cli.merge.stats import statistics_pass
-from neuroloc_cli.merge.stream import Inputs, reads_in_pieces, stream_inputs
+from neuroloc_cli.merge.stream import Inputs, stream_inputs
 from neuroloc_cli.merge.vocab import save_tokenizer
 from neuroloc_cli.methods.base import Prepared
+from neuroloc_cli.ops.flat import Flat, Input
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,8 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
     if plan.masks is not None:
         assert base is not None
         tensors = plan.masks.restrict_inputs(step.name, base, tensors, rows)
-    if plan.widen and not reads_in_pieces(plan, step):  # float32 arithmetic on the inputs as rounded to `dtype`
-        base, tensors = (None if base is None else base.float()), [t.float() for t in tensors]
+    if plan.widen:  # float32 arithmetic on the inputs as rounded to `dtype` (inputs read in pieces are read so)
+        base, tensors = (None if base is None else _widened(base)), [_widened(t) for t in tensors]
     whole, per_model = plan.resolver.at(step.name, step.t)
     if step.origin is not None:
         per_model = [per_model[step.origin[0]]]
@@ -212,6 +213,11 @@ def _compute(plan: MergePlan, step: Step, rows: Rows, inputs: Inputs, seed: int 
         context = {**(context or {}), "name": step.name}
     generator = _generator(seed, step.name) if plan.method.random else None
     return plan.method(base, tensors, whole, per_model, generator, context, roles=plan.roles, out_dtype=step.out.dtype)
+
+
+def _widened(x: Input) -> Input:
+    """A tensor in float32; a `Flat` as it is (it reads its pieces in float32 already)."""
+    return x if isinstance(x, Flat) else x.float()
 
 
 def _generator(seed: int | None, tensor_name: str) -> torch.Generator:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.ops.flat import Input, flat, whole
-from neuroloc_cli.ops.sums import dot_blocks, fixed_dot, pieces
+from neuroloc_cli.ops.sums import fixed_dot, fixed_gram, pieces
 from neuroloc_cli.recipe.params import Param
 
 NORM_EPS = 1e-7  # norms are clamped below at this before normalizing (mergekit's)
@@ -137,13 +136,9 @@ def _slerp_flat(base: Input | None, x0: Input, x1: Input, t: float) -> Iterator[
     def vectors(c: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return (f0[c], f1[c]) if fb is None else (f0[c] - fb[c], f1[c] - fb[c])
 
-    blocks: tuple[list[float], list[float], list[float]] = ([], [], [])
-    for c in pieces(f0.numel()):
-        a, b = vectors(c)
-        blocks[0].extend(dot_blocks(a, a))
-        blocks[1].extend(dot_blocks(b, b))
-        blocks[2].extend(dot_blocks(a, b))
-    s0, s1 = slerp_scales(torch.tensor([[math.fsum(part) for part in blocks]], dtype=torch.float64), t, x0.dtype)
+    gram = fixed_gram(f0.numel(), 2, vectors)
+    dots = torch.tensor([[gram[0][0], gram[1][1], gram[0][1]]], dtype=torch.float64)
+    s0, s1 = slerp_scales(dots, t, x0.dtype)
     for c in pieces(f0.numel()):
         a, b = vectors(c)
         out = (a * s0 + b * s1).reshape(-1)
