@@ -8,6 +8,7 @@ mistral, qwen2, gpt2. Tests must treat these folders as read-only.
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from neuroloc_cli.cli.app import app
 from neuroloc_cli.synthetic import build_checkpoint, derive_finetune, tiny_config
 
-SHARD_BYTES = 60_000
+SHARD_BYTES = 60_000  # small enough that every tiny model is split into several shards
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,9 +28,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # collects; a run of the suite writes nothing into the checkout.
     from hypothesis.configuration import set_hypothesis_home_dir
 
-    set_hypothesis_home_dir(
-        tempfile.mkdtemp(prefix="neuroloc-hypothesis-")
-    )  # small enough that every tiny model is split into several shards
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="neuroloc-hypothesis-"))
+    # Let Ctrl-C reach the tests that send it. A shell starts a background job (`cmd &`) with
+    # SIGINT ignored, and Python then installs no handler for it, in this process or in the
+    # `neuroloc` processes the fault tests start: every SIGINT they send would be lost.
+    # Catching it here also gives those children the default disposition back (exec resets a
+    # caught signal).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)
