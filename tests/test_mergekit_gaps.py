@@ -335,13 +335,16 @@ def test_sce_variance_is_torchs_to_the_bit():
 
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "selected"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sce_loops_give_the_floats_of_the_pytorch_formulation(dtype, masked):
-    """`ops.kernels.sce_variance2` and `sce_mix` against `_variance` and `_mix`, bit for bit:
-    zero task vectors, sums that cancel exactly, a NaN and an infinity included."""
+def test_sce_loops_give_the_floats_of_the_pytorch_formulation(monkeypatch, dtype, masked):
+    """`ops.kernels.sce_variance2`, `sce_squares` and `sce_mix` against `_variance`,
+    `dot_blocks` and `_mix`, bit for bit, the variance's counts against PyTorch's, and the
+    model energies against `fixed_dot`: zero task vectors, sums that cancel exactly, a NaN and
+    an infinity included."""
     import numpy as np
 
-    from neuroloc_cli.methods.sce import WEIGHT_EPS, _mix, _variance
-    from neuroloc_cli.ops import kernels
+    from neuroloc_cli.methods.sce import WEIGHT_EPS, _energies, _mix, _variance
+    from neuroloc_cli.ops import kernels, sums
+    from neuroloc_cli.ops.sums import dot_blocks, product_blocks
 
     g = torch.Generator().manual_seed(6)
     n = 50_000
@@ -349,16 +352,32 @@ def test_sce_loops_give_the_floats_of_the_pytorch_formulation(dtype, masked):
     tuned = [base + 0.01 * torch.randn(n, generator=g, dtype=dtype) for _ in range(3)]
     tuned[0][::5] = base[::5]  # unchanged
     tuned[1][::7] = 2 * base[::7] - tuned[2][::7]  # δ_1 = −δ_2
+    tuned[1][::13] = tuned[0][::13]  # δ_0 = δ_1: no variance
     tuned[2][3], tuned[1][11] = float("nan"), float("inf")
+    tuned[0][17] = float("nan")  # a NaN variance
     keep = torch.rand(n, generator=g) < 0.6
     dt = np.float32 if dtype == torch.float32 else np.float64
     var = torch.empty(n, dtype=dtype)
-    kernels.sce_variance2(base.numpy(), tuned[0].numpy(), tuned[1].numpy(), var.numpy())
-    torch.testing.assert_close(var, _variance([tuned[0] - base, tuned[1] - base]), rtol=0, atol=0, equal_nan=True)
+    counts = kernels.sce_variance2(base.numpy(), tuned[0].numpy(), tuned[1].numpy(), var.numpy())
+    expected = _variance([tuned[0] - base, tuned[1] - base])
+    torch.testing.assert_close(var, expected, rtol=0, atol=0, equal_nan=True)
+    assert counts == (int(torch.count_nonzero(expected)), int(expected.isnan().sum()))
+    assert counts[1] > 0 and counts[0] < n  # both counts are exercised
     weights = [0.2, 0.5, 0.3]
     deltas = [(t - base) * keep if masked else t - base for t in tuned]
-    out = torch.empty(n, dtype=dtype)
     mask = keep.numpy() if masked else np.empty(0, np.bool_)
+    squares = torch.empty(n, dtype=torch.float64)
+    for t, d in zip(tuned, deltas):
+        kernels.sce_squares(base.numpy(), t.numpy(), mask, masked, squares.numpy())
+        blocks = torch.tensor([product_blocks(squares), dot_blocks(d, d)], dtype=torch.float64)
+        torch.testing.assert_close(blocks[0], blocks[1], rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setattr(sums, "PIECE", 4 * sums.BLOCK)  # several pieces, the last one shorter
+    energies = _energies(base, tuned, keep if masked else None, lambda c: [d[c] for d in deltas])
+    expected = [sums.fixed_dot(d, d) for d in deltas]
+    torch.testing.assert_close(
+        torch.tensor(energies, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0, equal_nan=True
+    )
+    out = torch.empty(n, dtype=dtype)
     kernels.sce_mix(base.numpy(), torch.stack(tuned).numpy(), mask, masked, np.array(weights, dt), dt(WEIGHT_EPS), out.numpy())
     torch.testing.assert_close(out, _mix(base, deltas, weights), rtol=0, atol=0, equal_nan=True)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuroloc_cli.methods import METHODS
-from neuroloc_cli.methods.arcee_fusion import fusion_threshold, quantile_index
+from neuroloc_cli.methods.arcee_fusion import PROB_EPS, fusion_threshold, importance, quantile_index
 from neuroloc_cli.recipe.schema import parse_recipe
 
 
@@ -41,6 +41,24 @@ def test_matches_the_formula(shape):
     out = call(base, other)
     np.testing.assert_array_equal(out, expected)  # each element is one input's, bit for bit
     assert 0 < (out != base).sum() < base.size  # the fence keeps some changes, not all
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_scores_in_reused_buffers_are_the_plain_formulas_floats(dtype):
+    """`importance` writing into given buffers, reused across pieces of different lengths
+    (the method's way), gives the floats of the plain PyTorch formula, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 96, generator=g).to(dtype)
+    other = (base.float() + 0.1 * torch.randn(40, 96, generator=g)).to(dtype)
+    p = torch.softmax(other, dim=-1) + PROB_EPS
+    q = torch.softmax(base, dim=-1) + PROB_EPS
+    expected = (other - base).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    out, work = torch.full_like(base, float("nan")), torch.full((2, 25, 96), float("nan"), dtype=dtype)
+    for rows in (slice(0, 25), slice(25, 40)):  # a shorter last piece in the longer buffers
+        size = rows.stop - rows.start
+        importance(base[rows], other[rows], out[rows], (work[0, :size], work[1, :size]))
+    assert torch.equal(out, expected)
+    assert torch.equal(importance(base, other), expected)  # fresh buffers
 
 
 def test_by_hand_one_row():

@@ -18,16 +18,23 @@ _SELECT_FROM = 1 << 17  # scores: from this many on, quartiles by `magnitude_cut
 IQR_FACTOR = 1.5  # threshold = median + 1.5 · (q3 − q1), an outlier fence (mergekit's)
 
 
-def importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def importance(
+    base: torch.Tensor, other: torch.Tensor, out: torch.Tensor | None = None, work: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """`|θ_1 − θ_0| · KL(softmax(θ_1) ‖ softmax(θ_0))`, the divergence taken along the last
     dimension (one value per row, a 1-D tensor being one row), with 1e-8 added to both
     distributions. Each row is summed by one thread, so the values do not depend on the
-    thread count."""
-    p = torch.softmax(other, dim=-1).add_(PROB_EPS)
-    q = torch.softmax(base, dim=-1).add_(PROB_EPS)
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    del p, q
-    return (other - base).abs_().mul_(kl)
+    thread count.
+
+    `out` receives the scores and `work` (two tensors of `base`'s shape and dtype) holds the
+    distributions; fresh ones are made where they are not given. A caller scoring many pieces
+    passes the same ones: a fresh megabyte temporary costs more than the arithmetic on it
+    (the allocator hands pages back to the system and faults them in again), 5x in all."""
+    p, q = work if work is not None else (torch.empty_like(base), torch.empty_like(base))
+    torch.softmax(other, dim=-1, out=p).add_(PROB_EPS)
+    torch.softmax(base, dim=-1, out=q).add_(PROB_EPS)
+    kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)  # Σ p · log(p / q)
+    return torch.sub(other, base, out=torch.empty_like(base) if out is None else out).abs_().mul_(kl)
 
 
 def quantile_index(q: float, n: int) -> int:
@@ -91,8 +98,10 @@ def arcee_fusion(base: Input, tensors: Sequence[Input]) -> Iterator[torch.Tensor
     cols = base.shape[-1] if len(base.shape) else 1
     rows = list(pieces(n, cols))
     scores = torch.empty(n, dtype=base.dtype)
+    work = torch.empty(2, rows[0].stop - rows[0].start, dtype=base.dtype)  # the first piece is the longest
     for c in rows:
-        scores[c] = importance(fb[c].view(-1, cols), fo[c].view(-1, cols)).reshape(-1)
+        p, q = (w[: c.stop - c.start].view(-1, cols) for w in work)
+        importance(fb[c].view(-1, cols), fo[c].view(-1, cols), scores[c].view(-1, cols), (p, q))
     fence = fusion_threshold(scores)
     for c in rows:
         yield (fo[c] - fb[c]).mul_(scores[c] >= fence).add_(fb[c])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from neuroloc_cli.methods.base import merge_method
 from neuroloc_cli.ops.blockwise import magnitude_cut
 from neuroloc_cli.ops.flat import Input, flat
 from neuroloc_cli.ops.reference import top_k
-from neuroloc_cli.ops.sums import dot_blocks, pieces
+from neuroloc_cli.ops.sums import dot_blocks, pieces, product_blocks
 from neuroloc_cli.recipe.params import Param
 
 WEIGHT_EPS = 1e-6  # model weights summing to less give equal weights; the divisor's floor (mergekit's)
@@ -36,16 +36,20 @@ def select_mask(base: Input, tensors: Sequence[Input], share: float) -> torch.Te
     """
     n = base.numel()
     var = torch.empty(n, dtype=base.dtype)
-    fused = len(tensors) == 2 and base.dtype in (torch.float32, torch.float64)
-    if fused:
+    if len(tensors) == 2 and base.dtype in (torch.float32, torch.float64):
         from neuroloc_cli.ops import kernels as loops  # Numba, imported only when used
-    for c in pieces(n):
-        if fused:  # `_variance`'s floats in one loop (`ops.kernels.sce_variance2`)
-            loops.sce_variance2(base[c].numpy(), tensors[0][c].numpy(), tensors[1][c].numpy(), var[c].numpy())
-        else:
+
+        nonzero = nans = 0
+        for c in pieces(n):  # `_variance`'s floats in one loop, which counts as it goes
+            counts = loops.sce_variance2(base[c].numpy(), tensors[0][c].numpy(), tensors[1][c].numpy(), var[c].numpy())
+            nonzero, nans = nonzero + counts[0], nans + counts[1]
+    else:
+        for c in pieces(n):
             var[c] = _variance([t[c] - base[c] for t in tensors])
-    k = selected_count(int(torch.count_nonzero(var)), share) if share > 0 else 0
-    if var.dtype not in (torch.float32, torch.float64) or bool(var.isnan().any()):
+        nonzero = int(torch.count_nonzero(var))
+        nans = int(var.isnan().sum()) if var.dtype in (torch.float32, torch.float64) else 0
+    k = selected_count(nonzero, share) if share > 0 else 0
+    if var.dtype not in (torch.float32, torch.float64) or nans:
         return top_k(var.abs(), k)
     cut = magnitude_cut(None, var, k)  # |var| = var: it is never negative
     keep = torch.empty(n, dtype=torch.bool)
@@ -102,27 +106,52 @@ def sce(base: Input, tensors: Sequence[Input], *, select_topk: float) -> Iterato
         ds = [t[c] - flat_base[c] for t in flats]
         return ds if keep is None else [d.mul_(keep[c]) for d in ds]  # mergekit's `δ · mask`
 
-    blocks: list[list[float]] = [[] for _ in flats]
-    for c in pieces(n):
-        for part, d in zip(blocks, deltas(c)):
-            part += dot_blocks(d, d)
-    energy = [math.fsum(part) / max(n, 1) for part in blocks]
+    energy = [e / max(n, 1) for e in _energies(flat_base, flats, keep, deltas)]
     total = sum(energy)
     weights = [1.0 / len(flats)] * len(flats) if abs(total) < WEIGHT_EPS else [e / total for e in energy]
     if base.dtype in (torch.float32, torch.float64):  # `_mix`'s floats in one loop (`ops.kernels.sce_mix`)
         from neuroloc_cli.ops import kernels as loops
 
         dt = np.float32 if base.dtype == torch.float32 else np.float64
-        w, eps, no_keep = np.array(weights, dt), dt(WEIGHT_EPS), np.empty(0, np.bool_)
+        w, eps = np.array(weights, dt), dt(WEIGHT_EPS)
         for c in pieces(n):
             out = torch.empty(c.stop - c.start, dtype=base.dtype)
             tuned = torch.stack([t[c] for t in flats]).numpy()
-            mask = no_keep if keep is None else keep[c].numpy()
-            loops.sce_mix(flat_base[c].numpy(), tuned, mask, keep is not None, w, eps, out.numpy())
+            loops.sce_mix(flat_base[c].numpy(), tuned, _mask(keep, c), keep is not None, w, eps, out.numpy())
             yield out
         return
     for c in pieces(n):
         yield _mix(flat_base[c], deltas(c), weights)
+
+
+def _energies(
+    base: Input, tensors: Sequence[Input], keep: torch.Tensor | None, deltas: Callable[[slice], list[torch.Tensor]]
+) -> list[float]:
+    """`‖δ_i‖²` of each model's (selected) task vector, as `ops.sums.fixed_dot(δ_i, δ_i)`
+    gives it; for float32 and float64, the float64 squares are made by a compiled loop
+    (`ops.kernels.sce_squares`) and summed as `dot_blocks` sums its products."""
+    blocks: list[list[float]] = [[] for _ in tensors]
+    if base.dtype not in (torch.float32, torch.float64):
+        for c in pieces(base.numel()):
+            for part, d in zip(blocks, deltas(c)):
+                part += dot_blocks(d, d)
+        return [math.fsum(part) for part in blocks]
+    from neuroloc_cli.ops import kernels as loops
+
+    squares = None  # one float64 piece, reused
+    for c in pieces(base.numel()):
+        if squares is None:
+            squares = torch.empty(c.stop - c.start, dtype=torch.float64)  # the first piece is the longest
+        sq = squares[: c.stop - c.start]
+        for part, t in zip(blocks, tensors):
+            loops.sce_squares(base[c].numpy(), t[c].numpy(), _mask(keep, c), keep is not None, sq.numpy())
+            part += product_blocks(sq)
+    return [math.fsum(part) for part in blocks]
+
+
+def _mask(keep: torch.Tensor | None, c: slice) -> np.ndarray:
+    """The compiled loops' view of the selection at piece `c` (an empty array when all is kept)."""
+    return np.empty(0, np.bool_) if keep is None else keep[c].numpy()
 
 
 def _mix(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

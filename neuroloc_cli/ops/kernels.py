@@ -341,13 +341,36 @@ def sce_variance2(base, a, b, out):
     """out[i] = the population variance of the two task vectors `a[i] − base[i]` and `b[i] −
     base[i]` (flat views of one float dtype), as PyTorch's CPU kernel computes `torch.var` of
     their stack: Welford's update in float64 (`δ = x_1 − x_0`, `mean = x_0 + δ / 2`, `m2 =
-    δ · (x_1 − mean)`, divided by 2), rounded to the dtype of `out` (`methods.sce._variance`)."""
+    δ · (x_1 − mean)`, divided by 2), rounded to the dtype of `out` (`methods.sce._variance`).
+    Returns how many of the variances are not zero (NaN included, as `torch.count_nonzero`
+    counts) and how many are NaN."""
+    nonzero = 0
+    nans = 0
     for i in range(base.size):
         x0 = np.float64(a[i] - base[i])
         x1 = np.float64(b[i] - base[i])
         d = x1 - x0
         mean = x0 + d / 2.0
         out[i] = (x1 - mean) * d / 2.0
+        v = out[i]
+        nonzero += v != 0
+        nans += v != v
+    return nonzero, nans
+
+
+@_jit
+def sce_squares(base, tuned, keep, masked, out):
+    """out[i] = `δ[i]²` in float64, `δ = (tuned − base)` in the dtype of `base` (times `keep`
+    where `masked`): the products of `ops.sums.dot_blocks(δ, δ)`, for SCE's model weights."""
+    dt = base.dtype.type
+    if masked:
+        for i in range(base.size):
+            d = np.float64((tuned[i] - base[i]) * dt(keep[i]))
+            out[i] = d * d
+    else:
+        for i in range(base.size):
+            d = np.float64(tuned[i] - base[i])
+            out[i] = d * d
 
 
 @_jit
@@ -357,18 +380,22 @@ def sce_mix(base, tuned, keep, masked, weights, eps, out):
     where it is >= 0), and `out = base + Σ w_j a_j δ_j / max(Σ w_j a_j, eps)` with `a_j` whether
     δ_j has that sign; every operation in the dtype of `base`, in the order of the PyTorch
     formulation (models summed first to last), so that the floats are the same. Worked through
-    in blocks of `BLOCK` elements, model by model, so that the inner loops are branch-free."""
+    in blocks of `BLOCK` elements, model by model; the inner loops have no branch (a
+    comparison becomes a 0 or 1 factor), so that they vectorize."""
     dt = base.dtype.type
     m = tuned.shape[0]
-    factor = np.empty(BLOCK, base.dtype)
+    factor = np.ones(BLOCK, base.dtype)
     mass = np.empty(BLOCK, base.dtype)
     merged = np.empty(BLOCK, base.dtype)
     divisor = np.empty(BLOCK, base.dtype)
     for start in range(0, base.size, BLOCK):
         n = min(BLOCK, base.size - start)
         b = base[start : start + n]
+        if masked:
+            k = keep[start : start + n]
+            for i in range(n):
+                factor[i] = dt(k[i])
         for i in range(n):
-            factor[i] = dt(keep[start + i]) if masked else dt(1)
             mass[i] = dt(0)
             merged[i] = dt(0)
             divisor[i] = dt(0)
@@ -376,17 +403,18 @@ def sce_mix(base, tuned, keep, masked, weights, eps, out):
             t = tuned[j, start : start + n]
             for i in range(n):
                 mass[i] += (t[i] - b[i]) * factor[i]
-        for i in range(n):  # the elected sign, ±1: δ agrees where δ · sign > 0
-            mass[i] = dt(1) if mass[i] >= 0 else dt(-1)
+        for i in range(n):  # the elected sign, ±1 (a NaN sum elects −1, as `torch.where` does)
+            mass[i] = dt(2) * dt(mass[i] >= 0) - dt(1)
         for j in range(m):
             t, w = tuned[j, start : start + n], weights[j]
             for i in range(n):
                 d = (t[i] - b[i]) * factor[i]
-                agree = w * dt(d * mass[i] > 0)
+                agree = w * dt(d * mass[i] > 0)  # δ agrees where δ · sign > 0
                 merged[i] += d * agree
                 divisor[i] += agree
         for i in range(n):
-            out[start + i] = merged[i] / max(divisor[i], eps) + b[i]
+            d = divisor[i]
+            out[start + i] = merged[i] / (eps if d < eps else d) + b[i]  # `clamp(min=eps)`: NaN stays
 
 
 @_jit

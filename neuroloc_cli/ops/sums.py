@@ -49,6 +49,12 @@ def dot_blocks(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [s for i in range(0, a.numel(), CHUNK) for s in _block_sums(a[i : i + CHUNK].double() * b[i : i + CHUNK].double())]
 
 
+def product_blocks(products: torch.Tensor) -> list[float]:
+    """The block sums of a flat float64 tensor of products made elsewhere (by a compiled loop):
+    `dot_blocks(a, b)` when `products` is `a.double() * b.double()`, the same floats."""
+    return _block_sums(products)
+
+
 def fixed_gram(n: int, count: int, vectors: Callable[[slice], Sequence[torch.Tensor]]) -> list[list[float]]:
     """The Gram matrix `⟨v_i, v_j⟩` of `count` flat vectors of `n` elements, each entry the
     float of their `fixed_dot`. `vectors(c)` gives the vectors' pieces at each slice `c` of
