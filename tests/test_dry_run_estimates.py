@@ -92,7 +92,7 @@ RECIPES = {
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_merge_memory_bounds_the_tracked_peak(zoo, tmp_path, monkeypatch, method):
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 4096)  # so that the tiny model's large tensors go in blocks
-    monkeypatch.setattr(sums, "PIECE", 4 * sums.BLOCK)  # or in pieces
+    monkeypatch.setattr(sums, "PIECE", sums.BLOCK)  # or in pieces, small beside the tensor (as on a real model)
     fam = zoo.get("llama")
     path = write_recipe(tmp_path, RECIPES[method].format(base=fam.base, ft1=fam.ft1, ft2=fam.ft2))
     plan = build_plan(parse_recipe(path.read_text(), str(path)), tmp_path, str(path))

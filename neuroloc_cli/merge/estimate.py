@@ -153,7 +153,10 @@ def _in_pieces(plan: MergePlan, step: Step, count: int, n: int, out: int) -> _Un
     tensor's size in the compute dtype and one boolean mask (sce's variances and selection,
     arcee_fusion's scores: the most a method of this kind keeps); and a piece's temporaries:
     a float64 copy of each input's piece and five more float64 pieces (a product and its
-    padded copy in `ops.sums.fixed_gram`; sce's variance, Welford's update in float64)."""
+    padded copy in `ops.sums.fixed_gram`; sce's variance and energies in PyTorch, Welford's
+    update and the squares in float64). That is the most of these methods' PyTorch passes;
+    sce's compiled loops (float32 and float64, two models) hold one float64 piece, so the
+    figure is high by a few such pieces, a few MiB beside a real model's tensors."""
     c = plan.compute_dtype.itemsize
     row = math.prod(step.out.shape[1:]) if step.out.shape else 1
     piece = min(n, sums.PIECE + 2 * row)
