@@ -157,6 +157,18 @@ def test_a_bad_fisher_file_is_one_line_and_exit_3(fishers, cli, tmp_path, which,
         assert not (tmp_path / "o").exists()
 
 
+def test_a_tokenizer_source_is_refused_naming_the_key(fishers, cli, tmp_path):
+    """A Fisher file is indexed by its model's own token rows, which a `tokenizer_source`
+    merge would move: refused up front, one line naming the key, nothing written."""
+    fam, folders = fishers
+    f1, f2 = folders["ft1"] / "importance" / "en.safetensors", folders["ft2"] / "importance" / "es.safetensors"
+    recipe = _recipe(tmp_path, fam, f1, f2, extra="tokenizer_source: base\n")
+    r = cli("merge", recipe, "-o", tmp_path / "o")
+    assert r.exit_code == 3, r.stderr
+    assert "tokenizer_source: not supported with fisher (its side files are indexed by the models' own rows)" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_listed_with_its_paper(cli):
     r = cli("methods", "--json")
     assert r.exit_code == 0, r.stderr
