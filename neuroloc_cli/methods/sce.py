@@ -46,8 +46,7 @@ def select_mask(base: Input, tensors: Sequence[Input], share: float) -> torch.Te
     else:
         for c in pieces(n):
             var[c] = _variance([t[c] - base[c] for t in tensors])
-        nonzero = int(torch.count_nonzero(var))
-        nans = int(var.isnan().sum()) if var.dtype in (torch.float32, torch.float64) else 0
+        nonzero, nans = int(torch.count_nonzero(var)), int(var.isnan().sum())
     k = selected_count(nonzero, share) if share > 0 else 0
     if var.dtype not in (torch.float32, torch.float64) or nans:
         return top_k(var.abs(), k)
@@ -138,10 +137,9 @@ def _energies(
         return [math.fsum(part) for part in blocks]
     from neuroloc_cli.ops import kernels as loops
 
-    squares = None  # one float64 piece, reused
-    for c in pieces(base.numel()):
-        if squares is None:
-            squares = torch.empty(c.stop - c.start, dtype=torch.float64)  # the first piece is the longest
+    cs = list(pieces(base.numel()))
+    squares = torch.empty(cs[0].stop if cs else 0, dtype=torch.float64)  # one piece, reused: the first is the longest
+    for c in cs:
         sq = squares[: c.stop - c.start]
         for part, t in zip(blocks, tensors):
             loops.sce_squares(base[c].numpy(), t[c].numpy(), _mask(keep, c), keep is not None, sq.numpy())
