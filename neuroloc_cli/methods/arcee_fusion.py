@@ -28,8 +28,9 @@ def importance(
 
     `out` receives the scores and `work` (two tensors of `base`'s shape and dtype) holds the
     distributions; fresh ones are made where they are not given. A caller scoring many pieces
-    passes the same ones: a fresh megabyte temporary costs more than the arithmetic on it
-    (the allocator hands pages back to the system and faults them in again), 5x in all."""
+    passes the same ones: fresh megabyte temporaries are handed back to the system and
+    faulted in again (scoring a 12M-element tensor piece by piece: 37 ms reused against 43 ms
+    fresh, 88 ms on a process's first pass)."""
     p, q = work if work is not None else (torch.empty_like(base), torch.empty_like(base))
     torch.softmax(other, dim=-1, out=p).add_(PROB_EPS)
     torch.softmax(base, dim=-1, out=q).add_(PROB_EPS)
